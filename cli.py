@@ -1,0 +1,3 @@
+def main():
+    import featstore.pipelines, featstore.trainers
+    print("cli ok", featstore.pipelines.__file__)

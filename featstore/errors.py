@@ -1,0 +1,56 @@
+"""Every error a user can cause, under one base class.
+
+The CLI catches `FeatstoreError` and prints its message as one line (no traceback unless
+`--debug`). Each subclass also inherits the matching built-in, so generic code that catches
+`FileNotFoundError` or `ValueError` keeps working.  Messages name the thing and say what to do.
+"""
+
+
+class FeatstoreError(Exception):
+    """Base class: a problem the user can fix; its message is one clear line."""
+
+
+class StoreNotFound(FeatstoreError, FileNotFoundError):
+    """The store path does not exist."""
+
+
+class NotAStore(FeatstoreError, ValueError):
+    """The path exists but is not a featstore store."""
+
+
+class FormatTooNew(FeatstoreError):
+    """The store was written by a newer featstore than this one."""
+
+
+class IdentityMismatch(FeatstoreError, ValueError):
+    """Writing or reading a feature set whose identity differs from the recorded one."""
+
+
+class UnknownFeatureSet(FeatstoreError, LookupError):
+    """A feature set (or pixels array, or column) that the store does not have."""
+
+
+class ConfigError(FeatstoreError, ValueError):
+    """A bad option, config key or value."""
+
+
+class SourceError(FeatstoreError, ValueError):
+    """A data source that cannot be read at all (as opposed to one bad sample in it)."""
+
+
+class BackboneError(FeatstoreError, ValueError):
+    """A backbone that cannot be found or loaded (unknown alias, no local copy offline, ...)."""
+
+
+class CheckpointError(FeatstoreError, ValueError):
+    """A checkpoint that is missing, incomplete or does not match the store."""
+
+
+class BadSample(FeatstoreError):
+    """One sample that cannot be used; never stops a job. `reason` is a short stable tag
+    (e.g. ``corrupt-image``) used to count failures; the message says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -1,0 +1,57 @@
+"""The store format (version 1): constants and the one rule for chunk sizes.
+
+See DESIGN.md, "The store format".  Everything here is plain data so a reader can check a
+store against it by eye.
+"""
+
+FORMAT_VERSION = 1
+DEFAULT_ROWS_PER_SHARD = 4096
+
+SAMPLES = "samples"
+FEATURES = "features"
+PIXELS = "pixels"
+PROMPTS = "prompts"
+PROGRESS = "_progress"
+MANIFEST_MARKER = f"{PROGRESS}/manifest.json"
+
+# The per-sample fields registered with the manifest.
+UID = "uid"
+CAPTION = "caption"
+LABEL = "label"
+SOURCE_REF = "source_ref"
+
+TARGET_CHUNK_BYTES = 2 << 20  # aim for ~2 MiB chunks (DESIGN: 1-4 MiB)
+MAX_CHUNK_BYTES = 4 << 20
+
+
+def chunk_rows(row_bytes: int, rows_per_shard: int, max_rows: int | None = None) -> int:
+    """The number of rows per chunk for an array whose rows take `row_bytes` bytes.
+
+    The result always divides `rows_per_shard` (so every shard holds whole chunks) and is
+    the largest divisor whose chunk stays within ~2 MiB (never above 4 MiB unless one row
+    alone is bigger).  `max_rows` caps it further (token arrays keep a few samples per chunk).
+    """
+    if rows_per_shard < 1:
+        raise ValueError("rows_per_shard must be >= 1")
+    limit = max(1, TARGET_CHUNK_BYTES // max(1, row_bytes))
+    if max_rows is not None:
+        limit = min(limit, max_rows)
+    best = 1
+    for d in range(1, rows_per_shard + 1):
+        if rows_per_shard % d == 0 and d <= limit:
+            best = d
+    return best
+
+
+def block_of(row: int, rows_per_shard: int) -> int:
+    return row // rows_per_shard
+
+
+def block_range(block: int, rows_per_shard: int, n_rows: int) -> tuple[int, int]:
+    """Rows [start, stop) of row block `block` in a store of `n_rows` rows."""
+    start = block * rows_per_shard
+    return start, min(start + rows_per_shard, n_rows)
+
+
+def n_blocks(n_rows: int, rows_per_shard: int) -> int:
+    return -(-n_rows // rows_per_shard)
