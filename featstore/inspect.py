@@ -1,0 +1,148 @@
+"""What is in a store: rows, blocks, feature sets, coverage, failures, bytes; and a plot of it."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+
+from . import format as fmt
+from .store import Store, _is_url
+
+
+def _bytes_on_disk(path: str) -> int | None:
+    if _is_url(path):
+        return None
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def summarize(store: Store, examples: int = 3) -> dict:
+    """A JSON-able description of the store (what `featstore inspect --json` prints)."""
+    n = store.n_rows
+    record = store.manifest_record()
+    out = {
+        "path": store.path,
+        "format": store.meta["format"],
+        "rows": n,
+        "rows_per_shard": store.rows_per_shard,
+        "blocks": store.n_blocks,
+        "bytes_on_disk": _bytes_on_disk(store.path),
+        "sample_fields": store.sample_fields(),
+        "duplicates_rejected": len(record["duplicates"]),
+        "duplicate_examples": record["duplicates"][:examples],
+        "feature_sets": {},
+        "pixels": {},
+    }
+    for name in store.feature_set_names():
+        fs = store.feature_set(name)
+        markers = fs.markers()
+        done = fs.done_blocks(markers)
+        complete = fs.complete_rows()
+        valid = np.asarray(fs.array("valid")[:n]) & complete if n else np.zeros(0, bool)
+        reasons = collections.Counter()
+        uids_by_reason = collections.defaultdict(list)
+        for b in done:
+            for f in markers[b]["failures"]:
+                reasons[f["reason"]] += 1
+                if len(uids_by_reason[f["reason"]]) < examples:
+                    uids_by_reason[f["reason"]].append(f.get("uid"))
+        arrays = {k: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
+                  for k, a in sorted(fs.group.arrays())}
+        out["feature_sets"][name] = {
+            "dim": fs.attrs.get("dim"),
+            "tokens": fs.attrs.get("tokens"),
+            "token_dtype": fs.attrs.get("token_dtype"),
+            "pixels": fs.pixels_name,
+            "arrays": arrays,
+            "blocks_done": len(done),
+            "blocks_missing": store.n_blocks - len(done),
+            "complete_rows": int(complete.sum()),
+            "coverage": float(complete.sum() / n) if n else 0.0,
+            "valid_rows": int(valid.sum()),
+            "invalid_rows": int(complete.sum() - valid.sum()),
+            "failures_by_reason": dict(reasons.most_common()),
+            "failure_examples": dict(uids_by_reason),
+            "bytes_on_disk": _bytes_on_disk(os.path.join(store.path, fmt.FEATURES, name)),
+            "identity": fs.identity,
+        }
+    for name in store.pixels_names():
+        arr = store.pixels(name)
+        out["pixels"][name] = {"shape": list(arr.shape), "feature_set": arr.attrs.get("feature_set"),
+                               "identity": dict(arr.attrs.get("identity", {}))}
+    return out
+
+
+def format_summary(s: dict) -> str:
+    """The human-readable form of `summarize`."""
+    mib = lambda b: "?" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    lines = [
+        f"store   {s['path']}  (format {s['format']}, {mib(s['bytes_on_disk'])})",
+        f"rows    {s['rows']:,} in {s['blocks']} blocks of {s['rows_per_shard']:,}; fields: {', '.join(s['sample_fields']) or '-'}",
+    ]
+    if s["duplicates_rejected"]:
+        ex = ", ".join(f"{d['uid']} ({d['source_ref']})" for d in s["duplicate_examples"])
+        lines.append(f"        {s['duplicates_rejected']} duplicate uids rejected, e.g. {ex}")
+    if not s["feature_sets"]:
+        lines.append("features: none yet")
+    for name, f in s["feature_sets"].items():
+        ident = f["identity"]
+        model = ident.get("model") or ident.get("model_id") or ident.get("path") or ident.get("name") or "?"
+        shape = f"pooled {f['dim']}" + (f", tokens {f['tokens'][0]}x{f['tokens'][1]} {f['token_dtype']}" if f["tokens"] else "")
+        lines.append(f"features/{name}  [{shape}]  from {model}  {mib(f['bytes_on_disk'])}")
+        lines.append(
+            f"        coverage {100 * f['coverage']:.1f}% ({f['blocks_done']}/{f['blocks_done'] + f['blocks_missing']} blocks), "
+            f"valid {f['valid_rows']:,}, invalid {f['invalid_rows']:,}" + (f", pixels/{f['pixels']}" if f["pixels"] else "")
+        )
+        for reason, count in list(f["failures_by_reason"].items())[:5]:
+            ex = ", ".join(str(u) for u in f["failure_examples"].get(reason, []))
+            lines.append(f"        {count:>6} {reason}  (e.g. {ex})")
+    return "\n".join(lines)
+
+
+def plot(store: Store, path: str, max_rows: int = 5000, seed: int = 0) -> str:
+    """PNG: per-feature-set histograms of pooled-feature L2 norms, and coverage per feature set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = store.feature_set_names()
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 3.4), squeeze=False)
+    axes = axes[0]
+    rng = np.random.default_rng(seed)
+    coverage, valid = [], []
+    for ax, name in zip(axes, names):
+        fs = store.feature_set(name)
+        rows = np.flatnonzero(fs.usable_rows())
+        if len(rows) > max_rows:  # read whole blocks, then sample: never per-row fancy indexing in zarr
+            rows = np.sort(rng.choice(rows, max_rows, replace=False))
+        if len(rows):
+            lo, hi = rows.min(), rows.max() + 1
+            x = np.asarray(fs.array("pooled")[lo:hi])[rows - lo].astype(np.float32)
+            ax.hist(np.linalg.norm(x, axis=1), bins=50, color="tab:blue")
+        ax.set_title(f"{name}: ‖pooled‖ (n={len(rows):,})", fontsize=9)
+        ax.set_xlabel("L2 norm")
+        n = max(store.n_rows, 1)
+        coverage.append(100 * fs.complete_rows().sum() / n)
+        valid.append(100 * fs.usable_rows().sum() / n)
+    ax = axes[-1]
+    y = np.arange(len(names))
+    ax.barh(y, coverage, color="lightgray", label="complete")
+    ax.barh(y, valid, color="tab:green", label="valid")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of rows")
+    ax.set_title(f"coverage of {store.n_rows:,} rows", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

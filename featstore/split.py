@@ -1,0 +1,30 @@
+"""The one train/validation split every trainer uses: by a hash of the uid.
+
+A sample's side depends only on its uid (and the salt), never on row order or on which other
+samples exist, so it stays on the same side when the store grows or is rebuilt from another
+source type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def uid_fraction(uids, salt: str = "featstore-split") -> np.ndarray:
+    """A number in [0, 1) per uid, uniform and stable across machines and runs."""
+    out = np.empty(len(uids), dtype=np.float64)
+    for i, uid in enumerate(uids):
+        digest = hashlib.blake2b(f"{salt}:{uid}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") / 2.0**64
+    return out
+
+
+def split_by_uid(uids, val_fraction: float = 0.1, salt: str = "featstore-split") -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, val) over `uids`; a uid is in val when its hash falls below
+    `val_fraction`."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError("val_fraction must be in [0, 1)")
+    val = uid_fraction(uids, salt) < val_fraction
+    return ~val, val
