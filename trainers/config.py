@@ -1,0 +1,174 @@
+"""The ShareLock head's configuration: one dataclass, a YAML file, and `--set KEY=VALUE` overrides.
+
+    cfg = load_config("configs/demo.yaml", ["steps=200", "lr=3e-4"])
+
+Defaults are ShareLock's published ones (Ruthardt et al., 2024): a 4-layer language MLP at width
+4096 with BatchNorm and dropout 0.2, identity vision head, symmetric InfoNCE at a fixed logit scale
+of 1/0.07, Adam (lr 1e-3, weight decay 1e-4), 150 warm-up steps then cosine, grad-norm clip 1.0,
+micro-batches of 1024 (negatives only within a micro-batch) accumulated 16 times, 5000 steps.
+Unknown keys and badly typed values are refused with one line that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+
+import yaml
+
+from featstore.errors import ConfigError
+
+
+@dataclass
+class Config:
+    # ---- the heads ----
+    num_layers: int = 4  # language head: num_layers-1 blocks of Linear-BN-ReLU-Dropout, then a Linear
+    hidden_dim: int = 4096
+    dropout: float = 0.2
+    vision_head: str = "identity"  # identity | mlp
+    vision_num_layers: int = 2  # used when vision_head is mlp
+    vision_hidden_dim: int = 4096
+    embed_dim: int | None = None  # the shared space; None = the vision feature width
+    logit_scale: float = 1 / 0.07
+    learnable_logit_scale: bool = False
+    # ---- optimisation ----
+    steps: int = 5000  # optimizer steps
+    batch_size: int = 1024  # one micro-batch: the negatives of each row are the rest of its micro-batch
+    accumulation_steps: int = 16  # micro-batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 150
+    max_warmup_fraction: float = 0.1  # warm-up never longer than this fraction of `steps`
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max grad norm; 0 turns clipping off
+    # ---- data ----
+    seed: int = 0  # model init, dropout and the data order
+    val_fraction: float = 0.1  # held out by uid hash (featstore.split), the same split for eval
+    cache: str | None = None  # None streams from the store; "ram" reads the train columns once
+    # ---- validation, early stopping, checkpoints ----
+    val_every: int | None = None  # None = steps // 10; never more than that
+    val_max_rows: int = 10000  # retrieval recall during training on at most this many val rows
+    patience: int | None = 5  # stop after this many validations without a better val loss; None = never
+    save_every: int = 500  # write the `last` checkpoint every this many steps (and at the end)
+    log_every: int = 10  # a metrics.jsonl line every this many steps (and on validation steps)
+
+    def validate(self) -> "Config":
+        def need(ok: bool, what: str):
+            if not ok:
+                raise ConfigError(f"bad config: {what}")
+
+        need(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
+        need(self.vision_num_layers >= 1, f"vision_num_layers must be >= 1, got {self.vision_num_layers}")
+        need(self.hidden_dim >= 1 and self.vision_hidden_dim >= 1, "hidden widths must be >= 1")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.vision_head in ("identity", "mlp"), f"vision_head must be identity or mlp, got {self.vision_head!r}")
+        need(self.embed_dim is None or self.embed_dim >= 1, f"embed_dim must be >= 1, got {self.embed_dim}")
+        need(self.logit_scale > 0, f"logit_scale must be > 0, got {self.logit_scale}")
+        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 2, f"batch_size must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}")
+        need(self.accumulation_steps >= 1, f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(0.0 <= self.max_warmup_fraction <= 1.0, "max_warmup_fraction must be in [0, 1]")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        need(self.cache in (None, "ram"), f"cache must be null or ram, got {self.cache!r}")
+        need(self.val_every is None or self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
+        need(self.val_max_rows >= 2, f"val_max_rows must be >= 2, got {self.val_max_rows}")
+        need(self.patience is None or self.patience >= 1, f"patience must be >= 1 or null, got {self.patience}")
+        need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
+        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "Config":
+        return apply(cls(), values, where)
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in fields(Config)]
+
+
+def apply(cfg: Config, values: dict, where: str) -> Config:
+    """A copy of `cfg` with `values` applied (checked against the fields' types), validated."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of key: value, got {type(values).__name__}")
+    hints = typing.get_type_hints(Config)
+    out = dataclasses.replace(cfg)
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{key}' in {where}; valid keys: {', '.join(valid_keys())}")
+        setattr(out, key, _coerce(key, value, hints[key], where))
+    return out.validate()
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """`KEY=VALUE` → (key, value), the value read as a YAML scalar (`1e-3`, `null`, `true`, `mlp`)."""
+    key, sep, raw = str(item).partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"--set {key}: expected one value, got {raw!r}")
+    return key, value
+
+
+def load_config(config_file=None, overrides=(), base: Config | None = None) -> Config:
+    """`base` (default: the ShareLock defaults), then the YAML file, then each `KEY=VALUE`."""
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    if config_file is not None:
+        try:
+            with open(config_file) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_file} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {config_file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        cfg = apply(cfg, values, str(config_file))
+    sets = dict(parse_set(item) for item in overrides or ())
+    return apply(cfg, sets, "--set") if sets else cfg.validate()
+
+
+def _coerce(key: str, value, hint, where: str):
+    """`value` as the field's type: ints become floats where floats are wanted, '1e-3' a float,
+    and None is accepted only by optional fields."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {key} cannot be null (expected {base.__name__})")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {key} must be {'null or ' if optional else ''}{base.__name__}, got {value!r}") from None
+    return value
