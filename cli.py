@@ -63,6 +63,74 @@ STORE = click.option("--store", "store_path", required=True, help="Path (or fssp
 
 
 @main.command()
+@click.argument("urls", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the webdataset shards.")
+@click.option("--url-col", default="url", show_default=True, help="Column of URLS holding the image url.")
+@click.option("--caption-col", default="caption", show_default=True, help="Column holding the caption.")
+@click.option("--uid-col", default=None, help="Column holding a stable uid (default: a hash of the url).")
+@click.option("--image-size", default=256, show_default=True, help="Resize so the image fits this size, keeping aspect.")
+@click.option("--processes", default=1, show_default=True, help="Download processes.")
+@click.option("--threads", default=16, show_default=True, help="Download threads per process.")
+@click.option("--samples-per-shard", default=10000, show_default=True, help="Samples per tar shard.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_friendly
+def download(urls, out, url_col, caption_col, uid_col, image_size, processes, threads, samples_per_shard, as_json):
+    """Download a parquet/CSV/TSV of image urls + captions into webdataset shards (img2dataset),
+    with a stable `uid` in each sample's json.  Re-running resumes (finished shards are kept)."""
+    from featstore.pipelines.download import download as run_download
+
+    s = run_download(urls, out, url_col=url_col, caption_col=caption_col, uid_col=uid_col, image_size=image_size,
+                     processes=processes, threads=threads, samples_per_shard=samples_per_shard)
+    if as_json:
+        _echo_json(s)
+        return
+    click.echo(f"downloaded {s['successes']:,} images into {s.get('shards', '?')} shards in {s['out_dir']}"
+               f" ({s['failed']:,} failed, {s.get('duration_s', 0):.1f}s)")
+    for reason, count in list(s.get("failures_by_reason", {}).items())[:10]:
+        click.echo(f"  {count:>7,} {reason}")
+
+
+@main.command()
+@STORE
+@click.option("--source", "source_path", required=True, help="Webdataset shard dir, HF dataset dir, parquet, or image folder.")
+@click.option("--source-type", type=click.Choice(["auto", "webdataset", "hf", "folder"]), default="auto", show_default=True)
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="Image folder: JSON of uid -> caption.")
+@click.option("--uid-field", help="Webdataset json field / HF column holding the uid (default: json 'uid' if present).")
+@click.option("--image-column", help="HF dataset: image column.")
+@click.option("--text-column", help="HF dataset: caption column.")
+@click.option("--label-column", help="HF dataset column / webdataset json field holding a class label.")
+@click.option("--rows-per-shard", type=int, help=f"Rows per shard when creating the store (default {4096}); an existing store keeps its own.")
+@click.option("--backbone", required=True, help="Alias (dinov2-small, clip-vit-b16, efficientnet-lite0, minilm, ...) or a local model path.")
+@click.option("--name", help="Feature set name (default: the alias, or the path's base name).")
+@click.option("--field", type=click.Choice(["image", "caption"]), default="image", show_default=True, help="What to encode.")
+@click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), help="Pooling for generic models.")
+@click.option("--layer", type=int, help="Take features from this hidden layer.")
+@click.option("--tokens", is_flag=True, help="Also store patch tokens (N, T, D).")
+@click.option("--token-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True)
+@click.option("--pixels", help="Also store the exact preprocessed crops as uint8 under pixels/NAME.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast precision of the forward pass.")
+@click.option("--num-workers", default=0, show_default=True, help="Decode processes (0: one decode thread).")
+@click.option("--workers", type=int, help="Run on a local Dask cluster of N workers (one per GPU with cuda).")
+@click.option("--scheduler", help="Run on an existing Dask cluster at this address (tcp://HOST:PORT).")
+@click.option("--overwrite", is_flag=True, help="Recompute the feature set from scratch.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repository.")
+@click.option("--json", "as_json", is_flag=True, help="Print the end summary as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def extract(store_path, source_path, as_json, no_progress, **options):
+    """Run one backbone over a source and store its features, one row block at a time.
+
+    Resumable: a re-run skips finished blocks.  Bad samples are recorded and skipped."""
+    from featstore.pipelines.extract import extract as run_extract, format_summary
+
+    log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    s = run_extract(store_path, source_path, options.pop("backbone"), progress=not no_progress, log=log, **options)
+    click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
+
+
+@main.command()
 @STORE
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG of norm histograms and coverage.")

@@ -11,3 +11,20 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_path(tmp_path_factory):
+    from models import tiny_dinov2
+
+    return tiny_dinov2(str(tmp_path_factory.mktemp("models") / "tiny-dinov2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    from models import tiny_llama
+
+    return tiny_llama(str(tmp_path_factory.mktemp("models") / "tiny-llama"))
