@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 
 import numpy as np
@@ -54,7 +54,6 @@ class ExtractSpec:
     precision: str = "fp32"
     num_workers: int = 0
     trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
 
     def load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, pooling=self.pooling, layer=self.layer, tokens=self.tokens,
