@@ -58,14 +58,14 @@ def start_local_cluster(workers: int, device: str):
     from dask.distributed import LocalCluster
 
     if not device.startswith("cuda"):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
     from dask.distributed import Nanny, Scheduler, SpecCluster
 
     specs = {
         i: {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
         for i in range(workers)
     }
-    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
 
 
 def run_blocks(spec: ExtractSpec, blocks: list[int], *, workers: int | None = None, scheduler: str | None = None,
