@@ -72,15 +72,17 @@ STORE = click.option("--store", "store_path", required=True, help="Path (or fssp
 @click.option("--processes", default=1, show_default=True, help="Download processes.")
 @click.option("--threads", default=16, show_default=True, help="Download threads per process.")
 @click.option("--samples-per-shard", default=10000, show_default=True, help="Samples per tar shard.")
+@click.option("--keep-col", "keep_cols", multiple=True, help="Also keep this column in each sample's json (repeatable), e.g. a label.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_friendly
-def download(urls, out, url_col, caption_col, uid_col, image_size, processes, threads, samples_per_shard, as_json):
+def download(urls, out, url_col, caption_col, uid_col, image_size, processes, threads, samples_per_shard, keep_cols, as_json):
     """Download a parquet/CSV/TSV of image urls + captions into webdataset shards (img2dataset),
     with a stable `uid` in each sample's json.  Re-running resumes (finished shards are kept)."""
     from featstore.pipelines.download import download as run_download
 
     s = run_download(urls, out, url_col=url_col, caption_col=caption_col, uid_col=uid_col, image_size=image_size,
-                     processes=processes, threads=threads, samples_per_shard=samples_per_shard)
+                     processes=processes, threads=threads, samples_per_shard=samples_per_shard,
+                     extra_img2dataset_kwargs={"save_additional_columns": list(keep_cols)} if keep_cols else None)
     if as_json:
         _echo_json(s)
         return

@@ -105,7 +105,7 @@ def main() -> int:
         table["url"] = base + "/" + table["file"]
         table.to_parquet(urls)
         print(f"{len(table)} digits written as PNGs, served at {base}")
-        run("download", urls, "--out", f"{out}/shards", "--uid-col", "uid", "--image-size", "64", "--processes", "1", "--threads", "8")
+        run("download", urls, "--out", f"{out}/shards", "--uid-col", "uid", "--keep-col", "label", "--image-size", "64", "--processes", "1", "--threads", "8")
     finally:
         server.shutdown()
     store = f"{out}/digits.zarr"

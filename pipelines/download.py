@@ -13,7 +13,9 @@ Re-running into the same `out_dir` resumes: img2dataset skips shards whose `*_st
 runs.  Duplicate urls/uids are kept (extract keeps the first of each uid) and counted in the summary.
 
 img2dataset runs in spawned processes and installs a SIGINT handler, so `download` must be called
-from the main thread; Ctrl-C comes out as KeyboardInterrupt.  With `progress=False` everything
+from the main thread (and a script calling it needs the ``if __name__ == "__main__":`` guard);
+Ctrl-C comes out as KeyboardInterrupt.  A re-run with every shard finished returns the summary
+without starting img2dataset.  With `progress=False` everything
 img2dataset prints (its own and its worker processes') goes to `<out_dir>/featstore_download.log`.
 """
 
@@ -27,6 +29,7 @@ import contextlib
 import glob
 import hashlib
 import inspect
+import io
 import json
 import math
 import re
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,7 @@ _OWN_ARGS = {
     "resize_mode": "resize_mode",
 }
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_CHATTER = ("Starting the downloading", "Sharding file number", "File sharded in", "Downloading starting now")
 
 
 def url_uid(url: str) -> str:
@@ -103,7 +108,9 @@ def download(
     if threading.current_thread() is not threading.main_thread():
         raise ConfigError("download() must run in the main thread (img2dataset installs a SIGINT handler)")
 
-    import img2dataset  # slow (imports torch via webdataset); after validation
+    with warnings.catch_warnings():  # slow (imports torch via webdataset), so after validation
+        warnings.simplefilter("ignore", DeprecationWarning)  # its `import imghdr`
+        import img2dataset
 
     kwargs = _img2dataset_kwargs(img2dataset.download, extra, caption_col is not None)
     kwargs.update(
@@ -118,11 +125,15 @@ def download(
     n = len(columns["url"])
     out.mkdir(parents=True, exist_ok=True)
     done_before = len(_stats_files(out))
-    with tempfile.TemporaryDirectory(prefix="featstore-download-") as tmp:
-        kwargs["url_list"] = _write_prepared(columns, Path(tmp) / "urls.parquet")
-        log = None if progress else out / LOG_NAME
-        with _output_to(log):
-            _run(img2dataset.download, kwargs)
+    expected = math.ceil(n / samples_per_shard)
+    width = kwargs.get("oom_shard_count", inspect.signature(img2dataset.download).parameters["oom_shard_count"].default)
+    all_done = kwargs["incremental_mode"] == "incremental" and all(
+        (out / f"{i:0{width}d}_stats.json").exists() for i in range(expected))
+    if not all_done:  # (img2dataset would start its processes only to skip every shard)
+        with tempfile.TemporaryDirectory(prefix="featstore-download-") as tmp:
+            kwargs["url_list"] = _write_prepared(columns, Path(tmp) / "urls.parquet")
+            with _output_to(None if progress else out / LOG_NAME):
+                _run(img2dataset.download, kwargs)
 
     summary = summarize(out)
     summary.update(
@@ -130,7 +141,7 @@ def download(
         duplicate_urls=n - len(set(columns["url"])),
         duplicate_uids=n - len(set(columns["uid"])),
         skipped_shards=done_before,
-        incomplete_shards=max(0, math.ceil(n / samples_per_shard) - summary["shards"]),
+        incomplete_shards=max(0, expected - summary["shards"]),
         log=None if progress else str(out / LOG_NAME),
         duration_s=round(time.perf_counter() - started, 3),
     )
@@ -210,29 +221,21 @@ def _read_url_list(path: Path, url_col, caption_col, uid_col, extra_cols) -> dic
         raise ConfigError(f"url list {path} must be one of {', '.join(INPUT_SUFFIXES)} (by extension)")
     if not path.is_file():
         raise ConfigError(f"url list not found: {path}")
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path).to_pydict()
-        else:
-            import pandas as pd
-
-            if suffix == ".jsonl":
-                df = pd.read_json(path, lines=True, dtype=False)
-            else:
-                df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-            table = {str(c): df[c].tolist() for c in df.columns}
-    except Exception as err:  # noqa: BLE001 - any reader error means the same thing to the user
-        raise ConfigError(f"cannot read url list {path}: {_one_line(err)}") from None
-
     wanted = [("url_col", url_col), ("caption_col", caption_col), ("uid_col", uid_col)]
     wanted += [("save_additional_columns", c) for c in extra_cols]
-    for arg, col in wanted:
-        if col is not None and col not in table:
-            hint = " (pass caption_col=None for a list without captions)" if arg == "caption_col" else ""
-            raise ConfigError(f"url list {path} has no column {col!r} for {arg}{hint}; "
-                              f"its columns: {', '.join(map(str, table)) or 'none'}")
+    try:
+        names = _column_names(path, suffix)
+        for arg, col in wanted:
+            if col is not None and col not in names:
+                hint = (" (caption_col=None, --caption-col '', for a list without captions)"
+                        if arg == "caption_col" else "")
+                raise ConfigError(f"url list {path} has no column {col!r} for {arg}{hint}; "
+                                  f"its columns: {', '.join(map(str, names)) or 'none'}")
+        table = _read_columns(path, suffix, list(dict.fromkeys(c for _, c in wanted if c is not None)))
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader error means the same thing to the user
+        raise ConfigError(f"cannot read url list {path}: {_one_line(err)}") from None
     urls = ["" if u is None else str(u) for u in table[url_col]]
     if not urls:
         raise ConfigError(f"url list {path} has no rows")
@@ -252,11 +255,40 @@ def _read_url_list(path: Path, url_col, caption_col, uid_col, extra_cols) -> dic
     return columns
 
 
+def _column_names(path: Path, suffix: str) -> list[str]:
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    import pandas as pd
+
+    if suffix == ".jsonl":
+        return [str(c) for c in pd.read_json(path, lines=True, nrows=1).columns]
+    return [str(c) for c in pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", nrows=0).columns]
+
+
+def _read_columns(path: Path, suffix: str, columns: list[str]) -> dict[str, list]:
+    """The named columns as lists; csv/tsv values as text ("" for an empty cell)."""
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path, columns=columns).to_pydict()
+    import pandas as pd
+
+    if suffix == ".jsonl":
+        df = pd.read_json(path, lines=True, dtype=False)[columns]
+    else:
+        df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", usecols=columns, dtype=str,
+                         keep_default_na=False)
+    return {c: df[c].tolist() for c in columns}
+
+
 def _write_prepared(columns: dict[str, list], target: Path) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    arrays = {k: pa.array(v, pa.string()) if k in ("url", "uid", "caption") else pa.array(v) for k, v in columns.items()}
+    text = ("url", "uid", "caption")
+    arrays = {k: pa.array(v, pa.string()) if k in text else pa.array(v) for k, v in columns.items()}
     pq.write_table(pa.table(arrays), target)
     return str(target)
 
@@ -272,11 +304,37 @@ def _run(fn, kwargs: dict[str, Any]) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+class _DropChatter(io.TextIOBase):
+    """A stdout that drops img2dataset's setup chatter lines and passes the rest on."""
+
+    def __init__(self, target):
+        self.target, self.pending = target, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if not line.startswith(_CHATTER):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending and not self.pending.startswith(_CHATTER):
+            self.target.write(self.pending)
+        self.pending = ""
+        self.target.flush()
+
+
 @contextlib.contextmanager
 def _output_to(log: Path | None):
-    """Send everything printed (this process and the ones it spawns) to `log`; no-op for None."""
+    """Send everything printed (this process and the ones it spawns) to `log`; for None, only
+    drop img2dataset's setup chatter (its progress bar and per-shard lines stay)."""
     if log is None:
-        yield
+        quiet = _DropChatter(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(quiet):
+                yield
+        finally:
+            quiet.flush()
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -289,10 +289,10 @@ def prepare(
 
     source = open_source(source_path, source_type, captions=captions, uid_field=uid_field,
                          image_column=image_column, text_column=text_column, label_column=label_column)
-    for w in source.warnings:
-        log(f"warning: {w}")
     store = Store.create(store_path, rows_per_shard=rows_per_shard or fmt.DEFAULT_ROWS_PER_SHARD)
     records = list(source.records())
+    for w in source.warnings:  # sources find most of their warnings while reading records
+        log(f"warning: {w}")
     if not records:
         raise ConfigError(f"the source {source_path} has no samples")
     labels = [r.label for r in records]
