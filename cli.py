@@ -132,6 +132,97 @@ def extract(store_path, source_path, as_json, no_progress, **options):
     click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
 
 
+CONFIG = [
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config (see configs/)."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable); unknown keys are refused."),
+    click.option("--steps", type=int, help="Optimizer steps (overrides the config)."),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True),
+    click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+    click.option("--json", "as_json", is_flag=True, help="Print the end summary as JSON."),
+]
+
+
+def _with(options):
+    def deco(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def _print_train_summary(s: dict, as_json: bool) -> None:
+    if as_json:
+        _echo_json(s)
+        return
+    best = s.get("best") or {}
+    final = s.get("final") or {}
+    click.echo(f"trained {s['step']}/{s['steps']} steps in {s['seconds']:.1f}s ({s['steps_per_s']:.2f} steps/s)"
+               + (" - stopped early" if s.get("stopped_early") else ""))
+    click.echo(f"  train rows {s['train_rows']:,}, val rows {s['val_rows']:,}, {s['params']:,} trainable parameters")
+    if best:
+        click.echo(f"  best val_loss {best['val_loss']:.4f} at step {best['step']}")
+    shown = {k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "step"}
+    if shown:
+        click.echo("  final: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    for label, path in (s.get("files") or {}).items():
+        click.echo(f"  {label:<8} {path}")
+
+
+@main.command("train-head")
+@STORE
+@click.option("--image", required=True, help="Image feature set name.")
+@click.option("--text", required=True, help="Text feature set name.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, curves).")
+@_with(CONFIG)
+@_friendly
+def train_head(store_path, image, text, out, config_file, overrides, steps, device, precision, resume, as_json):
+    """Train a ShareLock head (MLP on frozen text features, contrastive against frozen image
+    features) streaming both from the store; no image decoding, no backbone in the step."""
+    from featstore.trainers.train_head import train_head as run
+
+    s = run(store_path, image, text, out, config_file=config_file, overrides=list(overrides), steps=steps,
+            device=device, precision=precision, resume=resume, progress=not as_json)
+    _print_train_summary(s, as_json)
+
+
+@main.command("eval")
+@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head run directory.")
+@STORE
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False), help="Class names, one per line (index order of samples/label).")
+@click.option("--label-field", default="label", show_default=True, help="Sample field with class indices (names in its attrs).")
+@click.option("--templates", default="sharelock", show_default=True, help="sharelock ('a photo of a {c}.'), openai (80 templates) or a file of templates.")
+@click.option("--all", "all_rows", is_flag=True, help="Evaluate on all rows, not only the held-out split.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--confusion", "plot_path", type=click.Path(dir_okay=False), help="Write a confusion-matrix PNG (up to 50 classes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_friendly
+def eval_(checkpoint_dir, store_path, classes_file, label_field, templates, all_rows, device, plot_path, as_json):
+    """Zero-shot classification (prompts through the same text backbone, cached in the store) and
+    image<->text retrieval on the held-out split."""
+    from featstore.trainers.evaluate import evaluate
+
+    r = evaluate(checkpoint_dir, store_path, classes_file=classes_file, label_field=label_field, templates=templates,
+                 all_rows=all_rows, device=device, plot_path=plot_path)
+    if as_json:
+        _echo_json(r)
+        return
+    click.echo(f"checkpoint {r['checkpoint']} (step {r['step']}) on {r['store']} [{r['split']}]")
+    zs = r.get("zero_shot")
+    if zs:
+        click.echo(f"  zero-shot over {zs['classes']} classes on {zs['rows']:,} rows ({zs['n_templates']} templates): "
+                   f"top-1 {100 * zs['top1']:.1f}%  top-5 {100 * zs['top5']:.1f}%  (chance {100 * zs['chance']:.1f}%)")
+        if zs.get("confusion_png"):
+            click.echo(f"  confusion matrix: {zs['confusion_png']}")
+    rt = r.get("retrieval")
+    if rt:
+        click.echo(f"  retrieval on {rt['rows']:,} pairs: image->text R@1/5/10 {100 * rt['i2t_r1']:.1f}/{100 * rt['i2t_r5']:.1f}/{100 * rt['i2t_r10']:.1f}%"
+                   f"  text->image {100 * rt['t2i_r1']:.1f}/{100 * rt['t2i_r5']:.1f}/{100 * rt['t2i_r10']:.1f}%")
+    for note in r.get("notes", []):
+        click.echo(f"  note: {note}")
+
+
 @main.command()
 @STORE
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

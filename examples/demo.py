@@ -119,7 +119,7 @@ def main() -> int:
                             "--templates", templates, "--json", capture=True))
     zs = result["zero_shot"]
     print("\n" + "=" * 72)
-    print(f"zero-shot digit classification on {zs['n']} held-out images, prompts like {EVAL_TEMPLATES[0]!r}:")
+    print(f"zero-shot digit classification on {zs['rows']} held-out images, prompts like {EVAL_TEMPLATES[0]!r}:")
     print(f"  top-1 {100 * zs['top1']:.1f}%   (chance {100 / len(WORDS):.1f}%)   top-5 {100 * zs['top5']:.1f}%")
     r = result.get("retrieval", {})
     if r:

@@ -139,3 +139,12 @@ def test_unknown_columns_are_clear(store):
         Loader(store, ["features/nope/pooled"], 4)
     with pytest.raises(UnknownFeatureSet, match="is not a column"):
         Loader(store, ["whatever"], 4)
+
+
+def test_resuming_at_the_very_end_of_an_epoch_starts_the_next(store):
+    loader = Loader(store, ["features/a/pooled"], 8, seed=2)
+    n = sum(len(r) for r in rows_of(Loader(store, ["features/a/pooled"], 8, seed=2)))
+    loader.load_state_dict({"seed": 2, "epoch": 0, "offset": n})
+    got = np.concatenate(rows_of(loader))
+    np.testing.assert_array_equal(got, np.concatenate(rows_of(Loader(store, ["features/a/pooled"], 8, seed=2, epoch=1))))
+    assert loader.state_dict() == {"seed": 2, "epoch": 2, "offset": 0}

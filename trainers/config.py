@@ -47,6 +47,7 @@ class Config:
     seed: int = 0  # model init, dropout and the data order
     val_fraction: float = 0.1  # held out by uid hash (featstore.split), the same split for eval
     cache: str | None = None  # None streams from the store; "ram" reads the train columns once
+    cpu_threads: int | None = None  # torch threads when training on CPU; None = torch's default (small heads: 1 is fastest)
     # ---- validation, early stopping, checkpoints ----
     val_every: int | None = None  # None = steps // 10; never more than that
     val_max_rows: int = 10000  # retrieval recall during training on at most this many val rows
@@ -77,6 +78,7 @@ class Config:
         need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.cache in (None, "ram"), f"cache must be null or ram, got {self.cache!r}")
+        need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
         need(self.val_every is None or self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
         need(self.val_max_rows >= 2, f"val_max_rows must be >= 2, got {self.val_max_rows}")
         need(self.patience is None or self.patience >= 1, f"patience must be >= 1 or null, got {self.patience}")
@@ -138,6 +140,19 @@ def load_config(config_file=None, overrides=(), base: Config | None = None) -> C
         cfg = apply(cfg, values, str(config_file))
     sets = dict(parse_set(item) for item in overrides or ())
     return apply(cfg, sets, "--set") if sets else cfg.validate()
+
+
+def resolve_device(device) -> "torch.device":
+    """`device` as a torch.device, or a ConfigError naming the problem."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} asked for, but CUDA is not available here; use --device cpu")
+    return dev
 
 
 def _coerce(key: str, value, hint, where: str):

@@ -131,15 +131,19 @@ class ShareLock:
 
     @torch.no_grad()
     def encode_image(self, images, batch_size: int = 64) -> torch.Tensor:
-        """PIL images or encoded image bytes → (N, E): decode → preprocess → backbone → vision head."""
+        """PIL images or encoded image bytes (one or a list) → (N, E): decode → preprocess →
+        image backbone → vision head, exactly as extraction made the stored features."""
         from featstore.pipelines.preprocess import decode_image
 
+        if not isinstance(images, (list, tuple)):
+            images = [images]
         bb = self.backbone("image")
         out = []
         for i in range(0, len(images), batch_size):
-            chunk = [decode_image(im) if isinstance(im, (bytes, bytearray, memoryview)) else im for im in images[i : i + batch_size]]
-            pixels = torch.stack([torch.as_tensor(bb.preprocess(im)) for im in chunk]).to(self.device)
-            out.append(self.encode_image_features(_fp16_round(bb.encode_images(pixels)["pooled"])))
+            chunk = [decode_image(bytes(im)) if isinstance(im, (bytes, bytearray, memoryview)) else im
+                     for im in images[i : i + batch_size]]
+            pixels = torch.from_numpy(np.stack([np.asarray(bb.preprocess(im)) for im in chunk]))
+            out.append(self.encode_image_features(self._as_stored("image", bb.encode_images(pixels)["pooled"])))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -147,11 +151,11 @@ class ShareLock:
         """Strings → (N, E): text backbone → language head."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         bb = self.backbone("text")
-        out = [self.encode_text_features(_fp16_round(bb.encode_texts(texts[i : i + batch_size])["pooled"]))
+        out = [self.encode_text_features(self._as_stored("text", bb.encode_texts(texts[i : i + batch_size])["pooled"]))
                for i in range(0, len(texts), batch_size)]
         return torch.cat(out)
 
-
-def _fp16_round(x: torch.Tensor) -> torch.Tensor:
-    """Features as the heads saw them in training: stored in the store as float16."""
-    return x.float().to(torch.float16).float()
+    def _as_stored(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """Backbone outputs rounded as the store kept them (float16 by default): what the heads saw."""
+        dtype = getattr(torch, self.feature_sets[modality].get("dtype") or "float16")
+        return x.float().to(dtype).float()

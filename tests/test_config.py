@@ -1,0 +1,68 @@
+import dataclasses
+import os
+
+import pytest
+
+from featstore.errors import ConfigError
+from featstore.trainers.config import Config, load_config, parse_set, valid_keys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_are_sharelock_published():
+    c = Config()
+    assert (c.num_layers, c.hidden_dim, c.dropout, c.vision_head) == (4, 4096, 0.2, "identity")
+    assert c.logit_scale == pytest.approx(1 / 0.07) and not c.learnable_logit_scale
+    assert (c.lr, c.weight_decay, c.warmup_steps, c.grad_clip) == (1e-3, 1e-4, 150, 1.0)
+    assert (c.batch_size, c.accumulation_steps, c.steps) == (1024, 16, 5000)
+
+
+def test_shipped_configs():
+    assert load_config(os.path.join(ROOT, "configs", "sharelock.yaml")) == Config()
+    demo = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
+    assert demo.hidden_dim < 4096 and demo.accumulation_steps == 1 and demo.steps <= 1000
+
+
+def test_unknown_key_rejected_with_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["hiden_dim=12"])
+    msg = str(e.value)
+    assert "hiden_dim" in msg and "hidden_dim" in msg and "\n" not in msg
+    assert all(k in msg for k in valid_keys())
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 10\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(f)
+
+
+def test_set_parsing():
+    assert parse_set("lr=1e-3")[0] == "lr"  # YAML 1.1 reads 1e-3 as a str; the float field coerces it
+    assert parse_set("name=a=b") == ("name", "a=b")
+    cfg = load_config(None, ["lr=1e-3", "steps=20", "patience=null", "learnable_logit_scale=true", "vision_head=mlp",
+                             "logit_scale=10", "cache=ram", "embed_dim=32"])
+    assert cfg.lr == 1e-3 and isinstance(cfg.lr, float)
+    assert cfg.steps == 20 and cfg.patience is None and cfg.learnable_logit_scale is True
+    assert cfg.vision_head == "mlp" and cfg.logit_scale == 10.0 and isinstance(cfg.logit_scale, float)
+    assert cfg.cache == "ram" and cfg.embed_dim == 32
+    assert parse_set(" steps = 7") == ("steps", 7)
+    assert load_config(None, ["steps=5", "steps=6"]).steps == 6  # the last one wins
+
+
+@pytest.mark.parametrize("item", ["steps", "=3", "steps=abc", "steps=1.5", "dropout=1.5", "lr=-1", "patience=yes",
+                                  "vision_head=conv", "hidden_dim=null", "steps=[1, 2]", "cache=disk"])
+def test_bad_values(item):
+    with pytest.raises(ConfigError):
+        load_config(None, [item])
+
+
+def test_file_then_set_then_base(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 10\nhidden_dim: 64\n")
+    base = dataclasses.replace(Config(), seed=7)
+    cfg = load_config(f, ["hidden_dim=32"], base=base)
+    assert (cfg.seed, cfg.steps, cfg.hidden_dim) == (7, 10, 32)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("steps: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")

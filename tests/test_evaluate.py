@@ -1,0 +1,172 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from featstore.errors import ConfigError, IdentityMismatch
+from featstore.split import split_by_uid
+from featstore.store import Store
+from featstore.trainers import backbone_link
+from featstore.trainers.evaluate import evaluate
+from featstore.trainers.prompts import OPENAI_IMAGENET_TEMPLATES, load_templates
+
+from sharelock_data import CLASS_NAMES, IMAGE_IDENTITY, FakeTextBackbone, make_aligned_store, one_thread, trained_run
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.fixture
+def fake_backbone(monkeypatch):
+    """The text backbone eval loads from the checkpoint's identity, replaced by the synthetic one."""
+    fake = FakeTextBackbone()
+    monkeypatch.setattr(backbone_link, "backbone_for", lambda feature_set, device="cpu": fake)
+    return fake
+
+
+def test_zero_shot_and_retrieval_far_above_chance(tmp_path_factory, tmp_path, fake_backbone):
+    store_path, run_dir, _ = trained_run(tmp_path_factory)
+    result = evaluate(run_dir, store_path, templates="openai", plot_path=tmp_path / "confusion.png")
+    json.dumps(result)  # JSON-able
+    zs = result["zero_shot"]
+    store = Store.open(store_path)
+    n_val = int(split_by_uid(store.uids(), 0.1)[1].sum())
+    assert result["split"] == "val" and zs["rows"] == n_val and zs["classes"] == 10 and zs["n_templates"] == 80
+    assert zs["top1"] > 0.6 and zs["top5"] >= zs["top1"]  # chance: 0.1
+    assert np.asarray(zs["confusion"]).sum() == n_val
+    with open(tmp_path / "confusion.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    r = result["retrieval"]
+    assert r["rows"] == n_val and r["i2t_r1"] > 0.5 and r["t2i_r1"] > 0.5 and r["i2t_r10"] >= r["i2t_r5"] >= r["i2t_r1"]
+    assert result["step"] == json.load(open(f"{run_dir}/best/checkpoint.json"))["step"]
+
+
+def test_prompt_features_cached_in_store(tmp_path_factory, tmp_path, fake_backbone):
+    store_path, run_dir, _ = trained_run(tmp_path_factory)
+    store = make_aligned_store(tmp_path / "s.zarr", n=400)  # a fresh store: an empty cache
+    first = evaluate(run_dir, store.path)  # sharelock template: one prompt per class
+    assert sum(len(c) for c in fake_backbone.calls) == 10
+    group = zarr.open_group(store.path, mode="r")["prompts/txt"]  # plain zarr can read it
+    assert sorted(group["text"][:]) == sorted(f"a photo of a {c}." for c in CLASS_NAMES)
+    assert group["pooled"].shape == (10, 80) and group["pooled"].dtype == np.float16
+    assert group.attrs["identity"] == json.loads(json.dumps(fake_backbone.identity))
+
+    fake_backbone.calls.clear()
+    again = evaluate(run_dir, store.path)
+    assert fake_backbone.calls == [] and again["zero_shot"] == first["zero_shot"]  # all from the cache
+
+    tpl = tmp_path / "templates.txt"
+    tpl.write_text("a photo of a {c}.\na drawing of the number {c}.\n")
+    evaluate(run_dir, store.path, templates=str(tpl))
+    assert sorted(fake_backbone.calls[0]) == sorted(f"a drawing of the number {c}." for c in CLASS_NAMES)  # only new texts
+    assert zarr.open_group(store.path, mode="r")["prompts/txt"].attrs["n"] == 20
+
+
+def test_all_rows_and_classes_file(tmp_path_factory, tmp_path, fake_backbone):
+    store_path, run_dir, _ = trained_run(tmp_path_factory)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASS_NAMES) + "\n")
+    result = evaluate(run_dir, store_path, classes_file=str(classes), all_rows=True)
+    assert result["split"] == "all" and result["zero_shot"]["rows"] == Store.open(store_path).n_rows
+    assert result["zero_shot"]["top1"] > 0.6
+    classes.write_text("zero\none\n")
+    with pytest.raises(ConfigError, match="class names"):
+        evaluate(run_dir, store_path, classes_file=str(classes))
+
+
+def test_identity_mismatch_refused_naming_both(tmp_path_factory, tmp_path, fake_backbone):
+    _, run_dir, _ = trained_run(tmp_path_factory)
+    other = make_aligned_store(tmp_path / "o.zarr", n=200, image_identity={**IMAGE_IDENTITY, "model": "other-image"})
+    with pytest.raises(IdentityMismatch) as e:
+        evaluate(run_dir, other.path)
+    msg = str(e.value)
+    assert "'img'" in msg and run_dir in msg and "synthetic-image" in msg and "other-image" in msg
+
+
+def test_other_feature_set_names_and_no_text_features(tmp_path_factory, tmp_path, fake_backbone):
+    _, run_dir, _ = trained_run(tmp_path_factory)
+    store = make_aligned_store(tmp_path / "r.zarr", n=300, image_name="img-renamed", text_name="other-text",
+                               text_identity={"model": "unrelated"})
+    result = evaluate(run_dir, store.path, image="img-renamed", text="txt")  # the store lacks 'txt'
+    assert result["zero_shot"]["top1"] > 0.5 and result["retrieval"] is None
+    assert any("retrieval skipped" in n for n in result["notes"])
+    with pytest.raises(IdentityMismatch):
+        evaluate(run_dir, store.path, image="img-renamed", text="other-text")
+
+
+def test_templates():
+    assert len(OPENAI_IMAGENET_TEMPLATES) == len(set(OPENAI_IMAGENET_TEMPLATES)) == 80
+    assert all("{c}" in t for t in OPENAI_IMAGENET_TEMPLATES)
+    assert "itap of a {c}." in OPENAI_IMAGENET_TEMPLATES and load_templates("sharelock") == ["a photo of a {c}."]
+    with pytest.raises(ConfigError):
+        load_templates("no-such-file.txt")
+    with pytest.raises(ConfigError, match="class name goes"):
+        load_templates(["a photo"])
+
+
+# ---- real features: sklearn digits through extract (EfficientNet-Lite0 images, MiniLM captions) ----
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CAPTIONS = ["a handwritten digit {w}", "the number {d} written by hand", "a scanned hand-drawn {d}",
+            "handwriting showing the numeral {w}", "someone wrote the digit {d} with a pen", "{w}, as written on a form"]
+DIGITS_PER_CLASS = 30  # 300 images: EfficientNet-Lite0 at 224 px dominates the cost on 2 cores
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    extract = pytest.importorskip("featstore.pipelines.extract").extract
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    from PIL import Image
+
+    from imagedata import encode, write_shard
+
+    digits = sklearn_datasets.load_digits()
+    picked = np.concatenate([np.flatnonzero(digits.target == d)[:DIGITS_PER_CLASS] for d in range(10)])
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in picked:
+        label = int(digits.target[i])
+        ink = 255 - (digits.images[i] / 16.0 * 255).astype(np.uint8)  # dark ink on white
+        img = Image.fromarray(ink).resize((64, 64), Image.BICUBIC)
+        caption = CAPTIONS[rng.integers(len(CAPTIONS))].format(w=WORDS[label], d=label)
+        samples.append({"key": f"{i:09d}", "image": encode(img, "PNG"), "ext": "png", "caption": caption,
+                        "json": {"uid": f"digits-{i:05d}", "label": label}})
+    d = tmp_path_factory.mktemp("digits")
+    write_shard(d / "00000.tar", samples)
+    store = d / "digits.zarr"
+    quiet = dict(progress=False, log=lambda *_: None)
+    extract(store, d, "efficientnet-lite0", rows_per_shard=128, batch_size=40, label_column="label", **quiet)
+    extract(store, d, "minilm", field="caption", batch_size=128, **quiet)
+    return str(store), {s["json"]["uid"]: s["image"] for s in samples}
+
+
+def test_digits_zero_shot_far_above_chance(digits_store, tmp_path):
+    from featstore.trainers.sharelock import ShareLock
+    from featstore.trainers.train_head import train_head
+
+    digits_store, pngs = digits_store
+    run = tmp_path / "run"
+    summary = train_head(digits_store, "efficientnet-lite0", "minilm", run, progress=False,
+                         overrides=["hidden_dim=256", "batch_size=128", "accumulation_steps=1", "steps=150",
+                                    "warmup_steps=15", "val_every=15", "patience=null", "save_every=150"])
+    assert summary["step"] == 150
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(WORDS) + "\n")
+    templates = tmp_path / "templates.txt"  # worded unlike any caption: no digit / number / numeral / hand
+    templates.write_text("a grey picture of a {c}.\nan image that shows a {c}.\n{c}\n")
+    result = evaluate(run, digits_store, classes_file=str(classes), templates=str(templates))  # the real MiniLM
+    zs = result["zero_shot"]
+    assert zs["rows"] >= 15 and zs["top1"] > 0.4, zs  # chance: 0.1
+    assert result["retrieval"]["i2t_r5"] > 5 * 5 / result["retrieval"]["rows"]
+    group = zarr.open_group(digits_store, mode="r")["prompts/minilm"]
+    assert group.attrs["n"] == 30 and group.attrs["identity"]["alias"] == "minilm"
+
+    # the Python API on raw inputs runs the recorded backbones: PNG bytes → the stored features' embeddings
+    sl = ShareLock.load(run)
+    store = Store.open(digits_store)
+    uids = store.uids()[:6]
+    from_pngs = sl.encode_image([pngs[u] for u in uids])
+    from_store = sl.encode_image_features(np.asarray(store.array("features/efficientnet-lite0/pooled")[:6]))
+    assert torch.allclose(from_pngs, from_store, atol=2e-3)
+    words = sl.encode_text([f"an image that shows a {w}." for w in WORDS])
+    assert words.shape == (10, 1280)

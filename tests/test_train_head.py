@@ -1,0 +1,217 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from featstore.errors import CheckpointError, ConfigError, IdentityMismatch, UnknownFeatureSet
+from featstore.loader import Loader
+from featstore.split import split_by_uid
+from featstore.store import Store
+from featstore.trainers import train_head as train_head_module
+from featstore.trainers.config import Config
+from featstore.trainers.train_head import lr_at, train_head
+
+from sharelock_data import IMAGE_IDENTITY, RUN_OVERRIDES, make_aligned_store, one_thread, trained_run
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+TINY = ["hidden_dim=64", "batch_size=64", "accumulation_steps=1", "log_every=1", "patience=null", "warmup_steps=0"]
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _weights(run_dir, which="last"):
+    return load_file(os.path.join(run_dir, which, "model.safetensors"))
+
+
+def _assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_synthetic_alignment_retrieval_far_above_chance(tmp_path_factory):
+    store_path, run_dir, summary = trained_run(tmp_path_factory)
+    final = summary["final"]
+    n_val = summary["val_rows"]
+    assert n_val > 100 and summary["step"] == 150 and not summary["stopped_early"]
+    # chance R@1 is 1/n_val (< 1%); two noisy nonlinear views of one latent are matched by the heads
+    assert final["val_i2t_r1"] > 0.5 and final["val_t2i_r1"] > 0.5
+    first = _metrics(run_dir)[0]
+    assert final["val_loss"] < 0.5 * first["val_loss"]
+    assert summary["best"]["val_loss"] <= final["val_loss"]
+    # the split is featstore's uid-hash split
+    store = Store.open(store_path)
+    assert n_val == int(split_by_uid(store.uids(), 0.1)[1].sum())
+
+
+def test_metrics_cadence_and_files(tmp_path_factory):
+    _, run_dir, summary = trained_run(tmp_path_factory)
+    records = _metrics(run_dir)
+    assert all({"step", "loss", "lr"} <= r.keys() for r in records)
+    val_steps = [r["step"] for r in records if "val_loss" in r]
+    assert val_steps[0] == 0 and val_steps[-1] == summary["steps"]
+    assert max(np.diff(val_steps)) <= summary["steps"] / 10
+    for r in records:
+        if "val_loss" in r:
+            assert {"val_i2t_r1", "val_i2t_r5", "val_t2i_r1", "val_t2i_r5"} <= r.keys()
+    assert [r["step"] for r in records] == sorted({r["step"] for r in records})  # one line per logged step
+    with open(os.path.join(run_dir, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(os.path.join(run_dir, "last"))) == ["checkpoint.json", "model.safetensors", "optimizer.safetensors"]
+    state = json.load(open(os.path.join(run_dir, "last", "checkpoint.json")))
+    assert state["step"] == 150 and state["loader"].keys() == {"seed", "epoch", "offset"}
+    assert state["feature_sets"]["image"]["name"] == "img" and state["feature_sets"]["image"]["identity"] == IMAGE_IDENTITY
+    assert state["feature_sets"]["text"]["dim"] == 80 and os.path.isabs(state["store"])
+    assert state["config"]["hidden_dim"] == 256
+    best = json.load(open(os.path.join(run_dir, "best", "checkpoint.json")))
+    assert best["step"] == summary["best"]["step"]
+
+
+def test_refuses_existing_run_without_resume(tmp_path_factory):
+    store_path, run_dir, _ = trained_run(tmp_path_factory)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train_head(store_path, "img", "txt", run_dir, overrides=RUN_OVERRIDES, progress=False)
+
+
+def test_resume_refuses_changed_feature_set_identity(tmp_path_factory, tmp_path):
+    store_path, run_dir, _ = trained_run(tmp_path_factory)
+    other = make_aligned_store(tmp_path / "other.zarr", n=300, image_identity={**IMAGE_IDENTITY, "version": 2})
+    with pytest.raises(IdentityMismatch) as e:
+        train_head(other.path, "img", "txt", run_dir, resume=True, progress=False)
+    assert "img" in str(e.value) and run_dir in str(e.value) and "version" in str(e.value)
+
+
+def test_bad_arguments_fail_before_work(tmp_path_factory, tmp_path):
+    store_path, _, _ = trained_run(tmp_path_factory)
+    with pytest.raises(ConfigError, match="valid keys"):
+        train_head(store_path, "img", "txt", tmp_path / "a", overrides=["batchsize=3"], progress=False)
+    with pytest.raises(UnknownFeatureSet, match="nope"):
+        train_head(store_path, "nope", "txt", tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="lower batch_size"):
+        train_head(store_path, "img", "txt", tmp_path / "c", overrides=["batch_size=100000"], progress=False)
+    with pytest.raises(ConfigError, match="precision"):
+        train_head(store_path, "img", "txt", tmp_path / "d", precision="fp8", progress=False)
+    with pytest.raises(ConfigError, match="device"):
+        train_head(store_path, "img", "txt", tmp_path / "e", device="warp-drive", progress=False)
+    assert not os.path.exists(tmp_path / "a")
+
+
+def test_lr_schedule():
+    cfg = Config(steps=100, warmup_steps=150, lr=1.0)  # warm-up capped at 10% of steps
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and 0 < lrs[-1] < 0.01
+    long = Config(steps=5000, lr=1e-3)
+    assert lr_at(149, long) == pytest.approx(1e-3) and lr_at(148, long) < 1e-3
+
+
+def test_early_stopping_keeps_best(tmp_path_factory, tmp_path, monkeypatch):
+    store_path, _, _ = trained_run(tmp_path_factory)
+    calls = []
+
+    def worse_every_time(*args, **kwargs):
+        calls.append(1)
+        return {"val_loss": float(len(calls)), "val_i2t_r1": 0.0}
+
+    monkeypatch.setattr(train_head_module, "validate", worse_every_time)
+    summary = train_head(store_path, "img", "txt", tmp_path / "run", overrides=TINY + ["steps=100", "patience=2"],
+                         progress=False)
+    assert summary["stopped_early"] and summary["step"] == 20  # validations at 0 (best), 10, 20
+    assert summary["best"] == {"val_loss": 1.0, "step": 0}
+    assert json.load(open(tmp_path / "run" / "last" / "checkpoint.json"))["step"] == 20
+
+
+def test_bf16_autocast_runs(tmp_path_factory, tmp_path):
+    store_path, _, _ = trained_run(tmp_path_factory)
+    summary = train_head(store_path, "img", "txt", tmp_path / "run", overrides=TINY + ["steps=3"], precision="bf16",
+                         progress=False)
+    assert summary["step"] == 3 and np.isfinite(summary["final"]["val_loss"])
+
+
+def test_stop_at_epoch_end_then_resume_is_exact(tmp_path_factory, tmp_path):
+    """Constant lr (so the schedule does not depend on `steps`): 2 epochs + 3 steps in one go equal
+    1 epoch, stop, then resume to the same end; the stop lands exactly on the epoch boundary."""
+    store_path, _, _ = trained_run(tmp_path_factory)
+    store = Store.open(store_path)
+    cols = {"image": "features/img/pooled", "text": "features/txt/pooled"}
+    per_epoch = len(Loader(store, cols, 64, rows=split_by_uid(store.uids(), 0.1)[0], drop_last=True))
+    over = TINY + ["min_lr_ratio=1.0", "accumulation_steps=1", "save_every=1000"]
+    end = 2 * per_epoch + 3
+    train_head(store_path, "img", "txt", tmp_path / "a", overrides=over, steps=end, progress=False)
+    train_head(store_path, "img", "txt", tmp_path / "b", overrides=over, steps=per_epoch, progress=False)
+    state = json.load(open(tmp_path / "b" / "last" / "checkpoint.json"))
+    assert state["loader"]["epoch"] == 0 and state["loader"]["offset"] == per_epoch * 64
+    summary = train_head(store_path, "img", "txt", tmp_path / "b", steps=end, resume=True, progress=False)
+    assert summary["resumed_from"] == per_epoch and summary["step"] == end
+    _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    loss_a = {r["step"]: r["loss"] for r in _metrics(tmp_path / "a")}
+    loss_b = {r["step"]: r["loss"] for r in _metrics(tmp_path / "b")}
+    assert loss_a == loss_b
+
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    torch.set_num_threads(1)
+    store, out, block_at, flag, overrides = sys.argv[1:6]
+    step, calls = torch.optim.Adam.step, [0]
+
+    def hanging_step(self, *a, **k):  # hang inside optimizer step number `block_at`, after telling the parent
+        calls[0] += 1
+        if calls[0] == int(block_at):
+            with open(flag + ".tmp", "w") as f:  # what training imported so far: never a backbone
+                json.dump(sorted(m for m in sys.modules if m.startswith("featstore.pipelines")), f)
+            import os
+            os.replace(flag + ".tmp", flag)
+            time.sleep(600)
+        return step(self, *a, **k)
+
+    torch.optim.Adam.step = hanging_step
+    from featstore.trainers.train_head import train_head
+    train_head(store, "img", "txt", out, overrides=json.loads(overrides), progress=False)
+""")
+
+
+def test_sigkill_then_resume_reaches_the_same_weights(tmp_path_factory, tmp_path):
+    store_path, _, _ = trained_run(tmp_path_factory)
+    over = TINY + ["steps=30", "accumulation_steps=2", "save_every=10", "warmup_steps=5", "dropout=0.3"]
+    flag, out = tmp_path / "hanging", tmp_path / "killed"
+    args = [sys.executable, "-c", CHILD, store_path, str(out), "13", str(flag), json.dumps(over)]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # the uninterrupted reference run, while the child starts up
+        train_head(store_path, "img", "txt", tmp_path / "straight", overrides=over, progress=False)
+        deadline = time.time() + 300  # a guard against a hung test, not a timing assertion
+        while not flag.exists():
+            if child.poll() is not None:
+                pytest.fail(f"training exited before it could be killed: {child.stderr.read()[-2000:]}")
+            assert time.time() < deadline, "the child never reached step 13"
+            time.sleep(0.05)
+        assert json.load(open(out / "last" / "checkpoint.json"))["step"] == 10  # killed 3 steps after a checkpoint
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    assert json.loads(flag.read_text()) == []  # training imported no backbone / decoding code
+    assert max(r["step"] for r in _metrics(out)) == 12  # it logged steps 11, 12 that the resume re-does
+
+    summary = train_head(store_path, "img", "txt", out, resume=True, progress=False)
+    assert summary["resumed_from"] == 10 and summary["step"] == 30
+    _assert_same(_weights(tmp_path / "straight"), _weights(out))
+    _assert_same(load_file(tmp_path / "straight" / "last" / "optimizer.safetensors"),
+                 load_file(out / "last" / "optimizer.safetensors"))
+    assert _metrics(tmp_path / "straight") == _metrics(out)
