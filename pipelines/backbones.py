@@ -641,9 +641,11 @@ def _build_efficientnet_lite(src: _Source, opt: LoadOptions, dev: torch.device) 
         model.load_state_dict(state, strict=True)
     except Exception as e:
         raise BackboneError(f"backbone efficientnet-lite0: cannot load {weights} ({_first_line(e)})") from None
-    model = model.eval().requires_grad_(False).to(dev)
+    # channels_last: depthwise convolutions run ~1.5x faster in oneDNN on CPU (measured here)
+    model = model.eval().requires_grad_(False).to(dev, memory_format=torch.channels_last)
 
     def forward(model, x, want_tokens):
+        x = x.contiguous(memory_format=torch.channels_last)
         fmap = model.extract_features(x)  # (B, 1280, 7, 7) after the head conv + BN + ReLU6
         pooled = fmap.float().mean((2, 3))
         return pooled, (fmap.flatten(2).transpose(1, 2) if want_tokens else None)

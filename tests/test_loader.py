@@ -148,3 +148,27 @@ def test_resuming_at_the_very_end_of_an_epoch_starts_the_next(store):
     got = np.concatenate(rows_of(loader))
     np.testing.assert_array_equal(got, np.concatenate(rows_of(Loader(store, ["features/a/pooled"], 8, seed=2, epoch=1))))
     assert loader.state_dict() == {"seed": 2, "epoch": 2, "offset": 0}
+
+
+def test_direct_shard_reads_equal_zarrs_read_path(tmp_path):
+    """The loader reads uncompressed shards straight from their files; zarr must agree, for
+    pooled fp16, int8 tokens + scales, uint8 pixels, bool and str columns and a partial last block."""
+    s = make_store(tmp_path / "d.zarr", n=45, rows_per_shard=16, features={"t": 8}, tokens=(4, 8), token_dtype="int8",
+                   invalid_every=5)
+    s.create_feature_set("px", {"model": "pixels"}, 2, pixels="crops", pixels_shape=(3, 4, 4))
+    from featstore.writer import write_block
+    for b in range(s.n_blocks):
+        start, stop = s.block_range(b)
+        rng = np.random.default_rng(b)
+        write_block(s, "px", b, {"pooled": rng.standard_normal((stop - start, 2)),
+                                 "pixels": rng.integers(0, 255, (stop - start, 3, 4, 4), dtype=np.uint8)},
+                    np.ones(stop - start, bool))
+    cols = {"pooled": "features/t/pooled", "tok": "features/t/tokens", "px": "pixels/crops",
+            "valid": "features/t/valid", "cap": "samples/caption"}
+    for dequantize in (True, False):
+        a = list(Loader(s, cols, 7, seed=3, dequantize=dequantize, direct=True))
+        b = list(Loader(s, cols, 7, seed=3, dequantize=dequantize, direct=False))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            for k in cols:
+                np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]))
