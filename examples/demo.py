@@ -121,9 +121,6 @@ def main() -> int:
     print("\n" + "=" * 72)
     print(f"zero-shot digit classification on {zs['rows']} held-out images, prompts like {EVAL_TEMPLATES[0]!r}:")
     print(f"  top-1 {100 * zs['top1']:.1f}%   (chance {100 / len(WORDS):.1f}%)   top-5 {100 * zs['top5']:.1f}%")
-    r = result.get("retrieval", {})
-    if r:
-        print(f"  retrieval on held-out pairs: image->text R@1 {100 * r['i2t_r1']:.1f}%, text->image R@1 {100 * r['t2i_r1']:.1f}%")
     print(f"  training curves: {out}/run/curves.png   store plot: {out}/inspect.png")
     print(f"  demo took {time.time() - t0:.0f}s")
     print("=" * 72)
