@@ -23,6 +23,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py --out demo_out
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --quick || exit 1; done
 

@@ -113,6 +113,7 @@ def main() -> int:
     run("extract", *common, "--backbone", "efficientnet-lite0", "--batch-size", "64", "--num-workers", "1")
     run("extract", *common, "--backbone", "minilm", "--field", "caption", "--batch-size", "128")
     run("inspect", "--store", store, "--plot", f"{out}/inspect.png")
+    shutil.rmtree(f"{out}/run", ignore_errors=True)  # the head trains in seconds: always a fresh run
     run("train-head", "--store", store, "--image", "efficientnet-lite0", "--text", "minilm", "--out", f"{out}/run",
         "--config", os.path.join(ROOT, "configs", "demo.yaml"))
     result = json.loads(run("eval", "--checkpoint", f"{out}/run", "--store", store, "--classes", classes,
