@@ -187,6 +187,36 @@ def train_head(store_path, image, text, out, config_file, overrides, steps, devi
     _print_train_summary(s, as_json)
 
 
+@main.command("train-uta")
+@STORE
+@click.option("--teacher", required=True, help="Teacher feature set (extracted with --tokens).")
+@click.option("--pixels", default=None, help="Crops stored with the teacher (extract --pixels); not needed with --student-input.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, curves).")
+@click.option("--student", type=click.Choice(["tiny", "small", "base"]), default=None, help="Student size (default: config, tiny).")
+@click.option("--student-input", default=None, help="Light mode: this feature set's tokens instead of pixels (same crop).")
+@click.option("--mask-ratio", type=float, default=None, help="Fraction of positions masked (default: config, 0.5).")
+@_with(CONFIG)
+@_friendly
+def train_uta(store_path, teacher, pixels, out, student, student_input, mask_ratio, config_file, overrides, steps,
+              device, precision, resume, as_json):
+    """Train a UTA student: a ViT whose unmasked tokens match the stored teacher tokens at the same
+    positions (reversed masking by default), reading stored crops: no decoding, no teacher in the step."""
+    from featstore.trainers.train_uta import train_uta as run
+
+    s = run(store_path, teacher, pixels, out, student=student, student_input=student_input, mask_ratio=mask_ratio,
+            steps=steps, config_file=config_file, overrides=list(overrides), device=device, precision=precision,
+            resume=resume, progress=not as_json)
+    _print_train_summary(s, as_json)
+    if not as_json:
+        st = s["student"]
+        click.echo(f"  student {st['preset']} {st['width']}x{st['depth']} ({st['heads']} heads), {st['input']} input, "
+                   f"grid {st['grid']}x{st['grid']} (patch {st['patch_size']}), teacher grid "
+                   f"{st['teacher_grid'][0]}x{st['teacher_grid'][1]}"
+                   + (f" resized {st['grid_interpolation']}" if st["grid_interpolation"] else ""))
+        for n in s.get("notes", []):
+            click.echo(f"  note: {n}")
+
+
 @main.command("eval")
 @click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head run directory.")
 @STORE

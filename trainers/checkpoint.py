@@ -150,15 +150,17 @@ def exists(run_dir, which: str = "last") -> bool:
         return False
 
 
-def read_state(path, which: str = "best") -> dict:
+def read_state(path, which: str = "best", expect: str = FORMAT) -> dict:
+    """checkpoint.json of a checkpoint whose format is `expect` (ShareLock's unless told; UTA passes its own)."""
     ckpt_dir = resolve(path, which)
     try:
         with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
             state = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt_dir}/{STATE_FILE} cannot be read ({e}): the checkpoint is damaged") from None
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt_dir} is not a ShareLock checkpoint (format {state.get('format')!r})")
+    if state.get("format") != expect:
+        kind = "ShareLock" if expect == FORMAT else expect
+        raise CheckpointError(f"{ckpt_dir} is not a {kind} checkpoint (format {state.get('format')!r})")
     if int(state.get("version", 0)) > VERSION:
         raise CheckpointError(f"{ckpt_dir} was written by a newer featstore (checkpoint version {state['version']}): "
                               "upgrade featstore")

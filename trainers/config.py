@@ -94,19 +94,20 @@ class Config:
         return apply(cls(), values, where)
 
 
-def valid_keys() -> list[str]:
-    return [f.name for f in fields(Config)]
+def valid_keys(cls=Config) -> list[str]:
+    return [f.name for f in fields(cls)]
 
 
 def apply(cfg: Config, values: dict, where: str) -> Config:
-    """A copy of `cfg` with `values` applied (checked against the fields' types), validated."""
+    """A copy of `cfg` with `values` applied (checked against the fields' types), validated.
+    Works for any config dataclass with a `validate()` (ShareLock's `Config`, UTA's `UTAConfig`)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of key: value, got {type(values).__name__}")
-    hints = typing.get_type_hints(Config)
+    hints = typing.get_type_hints(type(cfg))
     out = dataclasses.replace(cfg)
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown config key '{key}' in {where}; valid keys: {', '.join(valid_keys())}")
+            raise ConfigError(f"unknown config key '{key}' in {where}; valid keys: {', '.join(valid_keys(type(cfg)))}")
         setattr(out, key, _coerce(key, value, hints[key], where))
     return out.validate()
 
@@ -127,7 +128,7 @@ def parse_set(item: str) -> tuple[str, object]:
 
 
 def load_config(config_file=None, overrides=(), base: Config | None = None) -> Config:
-    """`base` (default: the ShareLock defaults), then the YAML file, then each `KEY=VALUE`."""
+    """`base` (default: the ShareLock defaults; any config dataclass), then the YAML file, then each `KEY=VALUE`."""
     cfg = dataclasses.replace(base) if base is not None else Config()
     if config_file is not None:
         try:

@@ -22,26 +22,31 @@ def read_metrics(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(metrics_path, out_path) -> str:
-    """Train and val loss (left) and val recall@1/5 both ways (right) against steps."""
+RECALL_PANEL = {"val_i2t_r1": "image→text R@1", "val_t2i_r1": "text→image R@1",
+                "val_i2t_r5": "image→text R@5", "val_t2i_r5": "text→image R@5"}
+
+
+def plot_curves(metrics_path, out_path, *, loss_label: str = "InfoNCE loss", panel: dict | None = None,
+                panel_title: str = "validation retrieval", panel_ylabel: str = "recall", panel_ylim=(0, 1.02)) -> str:
+    """Train and val loss (left) and validation metrics (right) against steps.  `panel` maps
+    metric key -> label (default: ShareLock's val recall@1/5 both ways)."""
     plt = _pyplot()
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [r for r in records if "val_loss" in r]
-    fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_panel) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         ax_loss.plot(*zip(*train), label="train", lw=1, alpha=0.8)
     if val:
         ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val", ms=3)
-    ax_loss.set(xlabel="step", ylabel="InfoNCE loss", title="loss")
+    ax_loss.set(xlabel="step", ylabel=loss_label, title="loss")
     ax_loss.legend()
-    for key in ("val_i2t_r1", "val_t2i_r1", "val_i2t_r5", "val_t2i_r5"):
-        pts = [(r["step"], r[key]) for r in val if key in r]
+    for key, label in (panel or RECALL_PANEL).items():
+        pts = [(r["step"], r[key]) for r in val if r.get(key) is not None]
         if pts:
-            ax_recall.plot(*zip(*pts), "o-" if key.endswith("r1") else "s--", ms=3,
-                           label=key[4:].replace("_r", " R@").replace("i2t", "image→text").replace("t2i", "text→image"))
-    ax_recall.set(xlabel="step", ylabel="recall", title="validation retrieval", ylim=(0, 1.02))
-    ax_recall.legend(fontsize=8)
+            ax_panel.plot(*zip(*pts), "s--" if key.endswith("_r5") else "o-", ms=3, label=label)
+    ax_panel.set(xlabel="step", ylabel=panel_ylabel, title=panel_title, ylim=panel_ylim)
+    ax_panel.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=100)

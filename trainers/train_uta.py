@@ -1,0 +1,302 @@
+"""Train a UTA student on a store's teacher tokens: read it top to bottom.
+
+    summary = train_uta("s.zarr", teacher="clip-vit-b16", pixels="crops", out_dir="run/",
+                        student="tiny", overrides=["steps=2000"])
+
+Each step streams two row-aligned columns from the store — the uint8 crops `pixels/<name>` (or, in
+light mode, another backbone's tokens) and the teacher's tokens `features/<teacher>/tokens` (int8
+ones dequantized by the loader's thread on CPU, on the device on a GPU) — draws the step's masks,
+and aligns the student's kept tokens with the teacher's (trainers/uta.py).  No image is decoded and
+no teacher runs in the step.
+
+Writes into `out_dir` (the train-head conventions, trainers/checkpoint.py's files):
+    metrics.jsonl   one json per logged step: step, loss, lr, grad_norm; on validation steps also
+                    val_loss, val_token_cos, val_token_cos_p05, val_pooled_cos (and, at the final
+                    validation, val_zero_shot_top1/5 and val_teacher_zero_shot_top1 when the prompts
+                    of the teacher's text side are cached in the store)
+    curves.png      train/val loss, val cosines against steps
+    config.yaml     the resolved config
+    last/, best/    checkpoints: model.safetensors, optimizer.safetensors (last), checkpoint.json
+                    (config, architecture incl. both grids and the interpolation, step, loader
+                    state, the teacher's and input's names + identities)
+
+Validation runs at step 0, every `val_every` (at most steps/10) steps and at the end.  `resume=True`
+continues `last` exactly: weights, AdamW state, RNG, the loader's (seed, epoch, offset); masks and
+flips are a pure function of (seed, step), so a killed run ends with the same weights (on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from featstore import format as fmt
+from featstore.errors import CheckpointError, ConfigError
+from featstore.loader import Loader
+from featstore.split import split_by_uid
+from featstore.store import Store
+
+from . import checkpoint
+from .config import apply, load_config, resolve_device
+from .evaluate_uta import text_set, token_metrics, zero_shot_metrics
+from .train_head import PRECISIONS, _forever, _last_validation, _truncate_metrics, _val_every, lr_at
+from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, count_parameters, draw_masks,
+                  load_checkpoint, loader_columns, prepare_batch, resolve_arch, same_crop, step_generator)
+
+CURVES_PANEL = {"val_token_cos": "token cosine (val)", "val_token_cos_p05": "token cosine, 5th pct image",
+                "val_pooled_cos": "image embedding cosine to teacher", "val_zero_shot_top1": "zero-shot top-1"}
+
+
+def train_uta(
+    store_path,
+    teacher: str,
+    pixels: str | None,
+    out_dir,
+    *,
+    student: str | None = None,
+    student_input: str | None = None,
+    mask_ratio: float | None = None,
+    steps: int | None = None,
+    config: UTAConfig | None = None,
+    config_file=None,
+    overrides=(),
+    device: str = "cpu",
+    precision: str = "fp32",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train (or, with `resume`, continue) a UTA student against `features/<teacher>/tokens`, from
+    `pixels/<pixels>` or, with `student_input`, from `features/<student_input>/tokens` (light mode).
+    Config: `config` (default UTAConfig()), then `config_file`, then `overrides` ("KEY=VALUE"), then
+    the explicit `student`, `student_input`, `mask_ratio`, `steps` (None = leave as configured); on
+    resume the checkpoint's config replaces `config`.  Returns a JSON-able summary."""
+    t0 = time.time()
+    out_dir = os.path.abspath(str(out_dir))
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dev = resolve_device(device)
+
+    # ---- config: defaults < checkpoint (on resume) < file < --set < explicit arguments ----------
+    has_last = checkpoint.exists(out_dir, "last")
+    if has_last and not resume:
+        raise CheckpointError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick another --out")
+    ckpt = load_checkpoint(out_dir, "last", optimizer=True) if resume and has_last else None
+    cfg = load_config(config_file, overrides, base=ckpt.config if ckpt else (config or UTAConfig()))
+    explicit = {"student": student, "student_input": student_input, "mask_ratio": mask_ratio, "steps": steps}
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    if explicit:
+        cfg = apply(cfg, explicit, "the arguments")
+
+    # ---- data: teacher tokens + the student's input, same crop, the shared uid-hash split -----------
+    store = Store.open(store_path)
+    sources = describe_sources(store, teacher, pixels, cfg.student_input)
+    if ckpt:
+        for role in ("teacher", "input"):
+            checkpoint.check_identity(ckpt.state[role], sources[role], ckpt.path, store.path)
+    tdesc, idesc = sources["teacher"], sources["input"]
+    notes: list[str] = []
+    if cfg.student_input and pixels:
+        notes.append(f"light mode: the student reads features/{cfg.student_input}/tokens; pixels '{pixels}' are not used")
+    if cfg.zero_shot_text:
+        text_set(store, cfg.zero_shot_text)  # a missing text side fails now, not after training
+    arch = resolve_arch(cfg, teacher_tokens=tdesc["tokens"], pixels_shape=idesc.get("shape"),
+                        pixels_identity=idesc.get("identity"), input_tokens=idesc.get("tokens"))
+    if ckpt and ckpt.state["arch"] != arch:
+        raise CheckpointError(f"checkpoint {ckpt.path} was trained with another student architecture "
+                              f"({ckpt.state['arch']}); resume with the same student settings")
+    train_mask, val_mask = split_by_uid(store.uids(), cfg.val_fraction)
+    val_mask &= (val_mask.cumsum() <= cfg.val_max_rows)
+    columns, dequantize = loader_columns(idesc["column"], teacher, int8_on_device=dev.type != "cpu", store=store)
+    train_loader = Loader(store, columns, cfg.batch_size, shuffle=True, seed=cfg.seed, rows=train_mask, drop_last=True,
+                          cache=cfg.cache, pin_memory=dev.type == "cuda", dequantize=dequantize)
+    val_loader = Loader(store, {**columns, "pooled": f"{fmt.FEATURES}/{teacher}/pooled"}, cfg.batch_size,
+                        shuffle=False, rows=val_mask, dequantize=dequantize)
+    if len(train_loader) == 0:
+        raise ConfigError(f"the train split has {len(train_loader.served)} usable rows, fewer than one batch "
+                          f"({cfg.batch_size}): lower batch_size")
+    if len(val_loader.served) < 1:
+        raise ConfigError("the validation split has no usable rows: raise val_fraction")
+
+    # ---- model and optimizer --------------------------------------------------------------------------
+    threads_before = torch.get_num_threads()
+    if cfg.cpu_threads and dev.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)  # restored at the end
+    torch.manual_seed(cfg.seed)
+    model = UTAStudent(arch).to(dev)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
+    autocast = torch.autocast(dev.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
+    val_every = _val_every(cfg)
+    step, best = 0, {"val_loss": math.inf, "step": None}
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    # ---- resume: weights, AdamW state, RNG, data position -----------------------------------------
+    if ckpt:
+        model.load_state_dict(ckpt.model.state_dict())
+        checkpoint.restore_optimizer(optimizer, model, ckpt)
+        checkpoint.restore_rng(ckpt.tensors)
+        train_loader.load_state_dict(ckpt.state["loader"])
+        step, best = ckpt.step, ckpt.state["best"]
+        _truncate_metrics(metrics_path, step)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        open(metrics_path, "w").close()
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+    def state(step: int) -> dict:
+        return {"format": FORMAT, "version": VERSION, "step": step, "steps": cfg.steps, "config": cfg.to_dict(),
+                "arch": arch, "loader": train_loader.state_dict(), "best": best, "teacher": tdesc,
+                "input": idesc, "store": os.path.abspath(store.path), "precision": precision, "device": str(dev),
+                "torch": torch.__version__}
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate_and_keep_best(record: dict, final: bool = False) -> None:
+        nonlocal best
+        record.update(validate(model, val_loader, cfg, dev, autocast, store=store, zero_shot=final, notes=notes))
+        if record["val_loss"] < best["val_loss"]:
+            best = {"val_loss": record["val_loss"], "step": record["step"]}
+            checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    n_params = count_parameters(model)
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
+               desc=f"train-uta ({n_params:,} params)")
+    batches = _forever(train_loader)
+    start_step, t_loop = step, time.time()
+    try:
+        if step == 0:
+            record = {"step": 0, "loss": None, "lr": 0.0}
+            validate_and_keep_best(record)
+            log(record)
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(model, optimizer, next(batches), step, cfg, dev, autocast)
+            step += 1
+
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            if step % val_every == 0 or step == cfg.steps:
+                validate_and_keep_best(record, final=step == cfg.steps)
+            if "val_loss" in record or step % cfg.log_every == 0:
+                log(record)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
+    finally:
+        bar.close()
+        batches.close()
+        torch.set_num_threads(threads_before)
+
+    # ---- what it wrote -------------------------------------------------------------------------------------
+    from .plots import plot_curves
+
+    curves = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"), loss_label="1 - cosine (kept tokens)",
+                         panel=CURVES_PANEL, panel_title="validation alignment", panel_ylabel="cosine / accuracy",
+                         panel_ylim=(-0.05, 1.02))
+    seconds = time.time() - t_loop
+    return {
+        "out_dir": out_dir,
+        "step": step,
+        "steps": cfg.steps,
+        "best": best,
+        "final": _last_validation(metrics_path),
+        "params": n_params,
+        "train_rows": int(train_loader.num_rows),
+        "val_rows": int(len(val_loader.served)),
+        "steps_per_s": (step - start_step) / seconds if step > start_step and seconds > 0 else None,
+        "seconds": time.time() - t0,
+        "resumed_from": ckpt.step if ckpt else None,
+        "student": {"preset": cfg.student, "input": arch["input"], "width": arch["width"], "depth": arch["depth"],
+                    "heads": arch["heads"], "patch_size": arch["patch_size"], "grid": arch["grid"],
+                    "teacher_grid": arch["teacher_grid"], "grid_interpolation": arch["grid_interpolation"]},
+        "teacher": teacher,
+        "input": idesc["name"],
+        "notes": notes,
+        "files": {"metrics": metrics_path, "curves": curves, "config": os.path.join(out_dir, "config.yaml"),
+                  "last": os.path.join(out_dir, "last"), "best": os.path.join(out_dir, "best")},
+    }
+
+
+def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTAConfig, dev, autocast) -> tuple[float, float]:
+    """One optimizer step on one batch ({"input", "target"} as the loader serves them): this
+    step's flips and masks (a pure function of seed and step), the alignment loss, backward, grad
+    clip, AdamW.  Returns (loss, grad norm).  The benchmark times exactly this."""
+    model.train()
+    g = step_generator(cfg.seed, step)
+    flip = torch.rand(len(batch["target"]), generator=g) < cfg.hflip if cfg.hflip > 0 else None
+    x, targets = prepare_batch(batch, model.arch, flip, dev)
+    masks = draw_masks(len(x), model.n_tokens, cfg.mask_ratio, g, cfg.reversed_masking)
+    with autocast:
+        loss = alignment_loss(model, x, targets, masks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+    return loss.item(), float(grad_norm)
+
+
+def describe_sources(store: Store, teacher: str, pixels: str | None, student_input: str | None) -> dict:
+    """What the run reads, as its checkpoint records it: {"teacher": ..., "input": ...} with names,
+    identities and shapes; refuses a teacher without tokens and an input from another crop."""
+    fs = store.feature_set(teacher)
+    if not fs.attrs.get("tokens"):
+        raise ConfigError(f"feature set '{teacher}' has no tokens: extract the teacher with --tokens")
+    tdesc = {**checkpoint.describe(store, teacher), "tokens": list(fs.attrs["tokens"]), "token_dtype": fs.attrs.get("token_dtype")}
+    teacher_pre = fs.identity.get("preprocess")
+    if student_input:
+        sfs = store.feature_set(student_input)
+        if not sfs.attrs.get("tokens"):
+            raise ConfigError(f"feature set '{student_input}' has no tokens: extract it with --tokens for light mode")
+        same_crop(sfs.identity.get("preprocess"), teacher_pre, f"student input '{student_input}'", f"teacher '{teacher}'")
+        idesc = {**checkpoint.describe(store, student_input), "kind": "tokens", "tokens": list(sfs.attrs["tokens"]),
+                 "column": f"{fmt.FEATURES}/{student_input}/tokens"}
+    else:
+        if not pixels:
+            raise ConfigError("give the student's input: --pixels NAME (crops stored with --pixels at extraction) "
+                              "or --student-input NAME (light mode)")
+        px = store.pixels(pixels)
+        identity = dict(px.attrs.get("identity") or {})
+        same_crop(identity, teacher_pre, f"pixels '{pixels}'", f"teacher '{teacher}'")
+        idesc = {"name": pixels, "kind": "pixels", "identity": identity, "shape": list(px.shape[1:]),
+                 "feature_set": px.attrs.get("feature_set"), "column": f"{fmt.PIXELS}/{pixels}"}
+    return {"teacher": tdesc, "input": idesc}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices and conv kernels; none on biases, norms, the CLS
+    token and position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "position_embeddings" in name or "cls_token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def validate(model: UTAStudent, loader: Loader, cfg: UTAConfig, dev, autocast, *, store: Store | None = None,
+             zero_shot: bool = False, notes: list | None = None) -> dict:
+    """Val loss (fixed masks), token and image-embedding cosines; on the final validation also
+    zero-shot through cached prompt features of `cfg.zero_shot_text` (never encodes text here)."""
+    metrics = token_metrics(model, loader, cfg, dev, autocast)
+    embeddings = metrics.pop("_embeddings")
+    metrics.pop("val_rows")
+    if zero_shot and cfg.zero_shot_text and store is not None:
+        zs, why = zero_shot_metrics(store, embeddings, cfg.zero_shot_text, cfg.zero_shot_templates, cached_only=True)
+        if zs is not None:
+            metrics.update(val_zero_shot_top1=zs["top1"], val_zero_shot_top5=zs["top5"])
+            if "teacher_top1" in zs:
+                metrics["val_teacher_zero_shot_top1"] = zs["teacher_top1"]
+        if notes is not None:
+            notes.extend(why)
+    return metrics
