@@ -412,3 +412,18 @@ def test_int8_tokens_round_trip_on_real_efficientnet_tokens(tmp_path):
                                    "cpu_threads=1", "warmup_steps=0"], progress=False)
     assert summary["student"]["grid"] == 14 and summary["student"]["teacher_grid"] == [7, 7]
     assert summary["student"]["grid_interpolation"] == "bilinear" and np.isfinite(summary["final"]["val_loss"])
+
+
+def test_train_uta_command(digits, tmp_path):
+    store, _ = digits
+    featstore = os.path.join(os.path.dirname(sys.executable), "featstore")
+    args = [featstore, "train-uta", "--store", store, "--teacher", "clip", "--pixels", "crops", "--out", str(tmp_path / "r"),
+            "--steps", "4", *[x for kv in SMALL for x in ("--set", kv)]]
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "trained 4/4 steps" in out.stdout and "student" in out.stdout
+    again = subprocess.run(args + ["--json"], capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr and again.stderr.count("\n") == 1
+    resumed = subprocess.run(args + ["--resume", "--steps", "6", "--json"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["step"] == 6
