@@ -150,6 +150,18 @@ def exists(run_dir, which: str = "last") -> bool:
         return False
 
 
+def resume_point(out_dir: str, resume: bool, load_fn=None):
+    """Where a training run starts: None for a fresh run, else its `last` checkpoint loaded with
+    the optimizer (`load_fn`, default ShareLock's `load`).  A directory that already holds a run
+    is refused without `resume`, so a finished run is never overwritten by accident."""
+    has_last = exists(out_dir, "last")
+    if has_last and not resume:
+        raise CheckpointError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick another --out")
+    if not (resume and has_last):
+        return None
+    return (load_fn or load)(out_dir, "last", optimizer=True)
+
+
 def read_state(path, which: str = "best", expect: str = FORMAT) -> dict:
     """checkpoint.json of a checkpoint whose format is `expect` (ShareLock's unless told; UTA passes its own)."""
     ckpt_dir = resolve(path, which)

@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from featstore.errors import CheckpointError, ConfigError
+from featstore.errors import ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
@@ -67,10 +67,7 @@ def train_head(
     dev = resolve_device(device)
 
     # ---- config: defaults < checkpoint (on resume) < file < --set < --steps -----------------
-    has_last = checkpoint.exists(out_dir, "last")
-    if has_last and not resume:
-        raise CheckpointError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick another --out")
-    ckpt = checkpoint.load(out_dir, "last", optimizer=True) if resume and has_last else None
+    ckpt = checkpoint.resume_point(out_dir, resume)
     cfg = load_config(config_file, overrides, base=ckpt.config if ckpt else config)
     if steps is not None:
         cfg = apply(cfg, {"steps": steps}, "--steps")

@@ -83,10 +83,7 @@ def train_uta(
     dev = resolve_device(device)
 
     # ---- config: defaults < checkpoint (on resume) < file < --set < explicit arguments ----------
-    has_last = checkpoint.exists(out_dir, "last")
-    if has_last and not resume:
-        raise CheckpointError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick another --out")
-    ckpt = load_checkpoint(out_dir, "last", optimizer=True) if resume and has_last else None
+    ckpt = checkpoint.resume_point(out_dir, resume, load_checkpoint)
     cfg = load_config(config_file, overrides, base=ckpt.config if ckpt else (config or UTAConfig()))
     explicit = {"student": student, "student_input": student_input, "mask_ratio": mask_ratio, "steps": steps}
     explicit = {k: v for k, v in explicit.items() if v is not None}
