@@ -21,8 +21,20 @@ import yaml
 from featstore.errors import ConfigError
 
 
+class ConfigBase:
+    """What every trainer config dataclass shares: plain-dict round trips through `apply`, so
+    loading a saved config checks its keys and types like a config file does."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config"):
+        return apply(cls(), values, where)
+
+
 @dataclass
-class Config:
+class Config(ConfigBase):
     # ---- the heads ----
     num_layers: int = 4  # language head: num_layers-1 blocks of Linear-BN-ReLU-Dropout, then a Linear
     hidden_dim: int = 4096
@@ -85,13 +97,6 @@ class Config:
         need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "Config":
-        return apply(cls(), values, where)
 
 
 def valid_keys(cls=Config) -> list[str]:

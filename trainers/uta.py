@@ -30,7 +30,6 @@ no pretrained weights, no backbone, no image decoding.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from featstore.errors import CheckpointError, ConfigError, IdentityMismatch
+
+from .config import ConfigBase
 
 # name -> (width, depth, heads): ViT-Ti/S/B (Touvron et al. 2021; Dosovitskiy et al. 2021)
 STUDENTS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
@@ -52,7 +53,7 @@ CROP_KEYS = ("name", "resize", "crop", "interpolation", "resize_mode")
 
 
 @dataclass
-class UTAConfig:
+class UTAConfig(ConfigBase):
     """`featstore train-uta` settings (configs/uta.yaml explains each).  Loaded like ShareLock's
     Config: `trainers.config.load_config(file, ["KEY=VALUE"], base=UTAConfig())`."""
 
@@ -123,15 +124,6 @@ class UTAConfig:
         need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "UTAConfig":
-        from .config import apply
-
-        return apply(cls(), values, where)
 
 
 # ---- what the student is built from ---------------------------------------------------------
