@@ -21,9 +21,31 @@ import yaml
 from featstore.errors import ConfigError
 
 
+def need(ok: bool, what: str) -> None:
+    """A config check: a one-line ConfigError when it fails."""
+    if not ok:
+        raise ConfigError(f"bad config: {what}")
+
+
 class ConfigBase:
-    """What every trainer config dataclass shares: plain-dict round trips through `apply`, so
-    loading a saved config checks its keys and types like a config file does."""
+    """What every trainer config dataclass shares: the checks of the keys both trainers have
+    (optimizer schedule, split, cadence), and plain-dict round trips through `apply`, so loading
+    a saved config checks its keys and types like a config file does."""
+
+    def _check_common(self) -> None:
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(0.0 <= self.max_warmup_fraction <= 1.0, "max_warmup_fraction must be in [0, 1]")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        need(self.cache in (None, "ram"), f"cache must be null or ram, got {self.cache!r}")
+        need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
+        need(self.val_every is None or self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
+        need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
+        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,10 +90,6 @@ class Config(ConfigBase):
     log_every: int = 10  # a metrics.jsonl line every this many steps (and on validation steps)
 
     def validate(self) -> "Config":
-        def need(ok: bool, what: str):
-            if not ok:
-                raise ConfigError(f"bad config: {what}")
-
         need(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
         need(self.vision_num_layers >= 1, f"vision_num_layers must be >= 1, got {self.vision_num_layers}")
         need(self.hidden_dim >= 1 and self.vision_hidden_dim >= 1, "hidden widths must be >= 1")
@@ -82,20 +100,9 @@ class Config(ConfigBase):
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.batch_size >= 2, f"batch_size must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}")
         need(self.accumulation_steps >= 1, f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(0.0 <= self.max_warmup_fraction <= 1.0, "max_warmup_fraction must be in [0, 1]")
-        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
-        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        need(self.cache in (None, "ram"), f"cache must be null or ram, got {self.cache!r}")
-        need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
-        need(self.val_every is None or self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
         need(self.val_max_rows >= 2, f"val_max_rows must be >= 2, got {self.val_max_rows}")
         need(self.patience is None or self.patience >= 1, f"patience must be >= 1 or null, got {self.patience}")
-        need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
-        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        self._check_common()
         return self
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from featstore.errors import CheckpointError, ConfigError, IdentityMismatch
 
-from .config import ConfigBase
+from .config import ConfigBase, need
 
 # name -> (width, depth, heads): ViT-Ti/S/B (Touvron et al. 2021; Dosovitskiy et al. 2021)
 STUDENTS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
@@ -95,10 +95,6 @@ class UTAConfig(ConfigBase):
     zero_shot_templates: str = "openai"  # sharelock | openai | a file (as `featstore eval --templates`)
 
     def validate(self) -> "UTAConfig":
-        def need(ok: bool, what: str):
-            if not ok:
-                raise ConfigError(f"bad config: {what}")
-
         need(self.student in STUDENTS, f"student must be one of {', '.join(STUDENTS)}, got {self.student!r}")
         for key in ("width", "depth", "heads", "patch_size"):
             value = getattr(self, key)
@@ -109,20 +105,9 @@ class UTAConfig(ConfigBase):
         need(0.0 <= self.hflip <= 1.0, f"hflip must be in [0, 1], got {self.hflip}")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(0.0 <= self.adam_beta2 < 1.0, f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(0.0 <= self.max_warmup_fraction <= 1.0, "max_warmup_fraction must be in [0, 1]")
-        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
-        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        need(self.cache in (None, "ram"), f"cache must be null or ram, got {self.cache!r}")
-        need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
-        need(self.val_every is None or self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
         need(self.val_max_rows >= 1, f"val_max_rows must be >= 1, got {self.val_max_rows}")
-        need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
-        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        self._check_common()
         return self
 
 
