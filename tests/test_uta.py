@@ -316,6 +316,11 @@ def test_light_mode_same_crop_required(digits, tmp_path):
     assert s["student"]["teacher_grid"] == [8, 8] and s["student"]["grid_interpolation"] == "bilinear"
     val = [r for r in _metrics(tmp_path / "light") if "val_loss" in r]
     assert val[-1]["val_loss"] < 0.5 * val[0]["val_loss"]
+    # a teacher with no text tower (DINOv2): eval still reports the alignment, and says why no zero-shot
+    train_uta(store_path, "dino", None, tmp_path / "dino", student_input="dino", steps=2, overrides=SMALL, progress=False)
+    r = evaluate_uta(tmp_path / "dino", store_path)
+    assert r["zero_shot"] is None and 0 <= r["cls_cosine"] <= 1
+    assert any(n.startswith("zero-shot skipped: teacher 'dino'") and "two-tower" in n for n in r["notes"]), r["notes"]
 
 
 def test_bad_arguments_fail_before_work(digits, main_run, tmp_path):

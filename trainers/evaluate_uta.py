@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from featstore import format as fmt
-from featstore.errors import ConfigError
+from featstore.errors import BackboneError, ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
@@ -238,7 +238,19 @@ def evaluate_uta(
     result = {"checkpoint": ckpt.path, "step": ckpt.step, "store": store.path, "split": "all" if all_rows else "val",
               "teacher": teacher["name"], "input": inp["name"], "rows": metrics.pop("val_rows"),
               **{k[len("val_"):]: v for k, v in metrics.items()}, "zero_shot": None, "notes": []}
-    text_side, encoder, source = resolve_text_side(store, teacher, text or cfg.zero_shot_text, device, text_encoder)
+    asked = text or cfg.zero_shot_text
+    if label_field not in store.sample_fields():
+        if classes_file is not None:
+            raise ConfigError(f"the store has no samples/{label_field} to score zero-shot against (--label-field?)")
+        result["notes"].append(f"no samples/{label_field} in the store: zero-shot skipped")
+        return result
+    try:
+        text_side, encoder, source = resolve_text_side(store, teacher, asked, device, text_encoder)
+    except BackboneError as e:
+        if asked:
+            raise
+        result["notes"].append(f"zero-shot skipped: {e}")
+        return result
     zs, notes = zero_shot_metrics(store, embeddings, text_side, templates or cfg.zero_shot_templates, label_field,
                                   classes_file=classes_file, device=device, encoder=encoder, plot_path=plot_path)
     if zs is not None:

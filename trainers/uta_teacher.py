@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from featstore.errors import BackboneError, IdentityMismatch
+from featstore.errors import BackboneError, ConfigError, IdentityMismatch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 WEIGHTS_HASH_METHOD = "sha256(name, size, first MiB, last MiB) per weight file"  # the registry's, see its identities
@@ -68,7 +68,7 @@ def text_tower(teacher: dict, device: str = "cpu"):
         raise BackboneError(f"teacher '{name}' records no model: cannot find its text tower")
     try:
         tower = load_backbone(str(model), modality="text", device=device)
-    except BackboneError as e:
+    except (BackboneError, ConfigError) as e:  # no such tower / "an image model, not text"
         if _model_type(model) != "siglip":
             raise BackboneError(f"teacher '{name}' ({model}) has no text tower featstore can load ({e}); zero-shot needs a "
                                 "two-tower CLIP/SigLIP checkpoint, or a text side in the store (zero_shot_text)") from None
