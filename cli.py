@@ -209,8 +209,9 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
     _print_train_summary(s, as_json)
     if not as_json:
         st = s["student"]
-        click.echo(f"  student {st['preset']} {st['width']}x{st['depth']} ({st['heads']} heads), {st['input']} input, "
-                   f"grid {st['grid']}x{st['grid']} (patch {st['patch_size']}), teacher grid "
+        click.echo(f"  student {st['preset']} {st['width']}x{st['depth']} ({st['heads']} heads, {st['mlp']} MLP"
+                   f"{', sub-LN' if st['sub_ln'] else ''}{', RoPE' if st['rope'] else ''}, drop path {st['drop_path']:g}),"
+                   f" {st['input']} input, grid {st['grid']}x{st['grid']} (patch {st['patch_size']}), teacher grid "
                    f"{st['teacher_grid'][0]}x{st['teacher_grid'][1]}"
                    + (f" resized {st['grid_interpolation']}" if st["grid_interpolation"] else ""))
         for n in s.get("notes", []):
@@ -218,7 +219,7 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
 
 
 @main.command("eval")
-@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head run directory.")
+@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head or train-uta run directory.")
 @STORE
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False), help="Class names, one per line (index order of samples/label).")
 @click.option("--label-field", default="label", show_default=True, help="Sample field with class indices (names in its attrs).")
@@ -230,7 +231,17 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
 @_friendly
 def eval_(checkpoint_dir, store_path, classes_file, label_field, templates, all_rows, device, plot_path, as_json):
     """Zero-shot classification (prompts through the same text backbone, cached in the store) and
-    image<->text retrieval on the held-out split."""
+    image<->text retrieval on the held-out split.  A train-uta run: alignment and zero-shot of the
+    student's CLS beside the teacher's (prompts by the teacher's text tower)."""
+    from featstore.trainers.uta import is_uta_checkpoint
+
+    if is_uta_checkpoint(checkpoint_dir):
+        from featstore.trainers.evaluate_uta import evaluate_uta, format_result
+
+        r = evaluate_uta(checkpoint_dir, store_path, classes_file=classes_file, label_field=label_field,
+                         templates=templates, all_rows=all_rows, device=device, plot_path=plot_path)
+        click.echo(json.dumps(r, indent=1, default=str) if as_json else format_result(r))
+        return
     from featstore.trainers.evaluate import evaluate
 
     r = evaluate(checkpoint_dir, store_path, classes_file=classes_file, label_field=label_field, templates=templates,

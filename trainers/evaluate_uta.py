@@ -1,84 +1,102 @@
-"""Evaluate a UTA student on a store: token alignment, image-embedding alignment, zero-shot.
+"""Evaluate a UTA student on a store: token alignment, CLS alignment, zero-shot side by side.
 
-    result = evaluate_uta("run/", "s.zarr", text="clip-text", templates="openai")
+    result = evaluate_uta("run/", "s.zarr", templates="openai")    # also: featstore eval --checkpoint run/ --store s.zarr
 
 On the held-out rows (the uid-hash split the run held out; every row with `all_rows`):
 
-* `loss`: the training objective (masked, reversed as configured) with fixed validation masks;
-* `token_cos`: mean cosine of the student's tokens (unmasked input, every position) to the teacher's
-  tokens on the student's grid; `token_cos_p05`: its 5th percentile over images (per-image means);
-* `pooled_cos`: cosine of the student's image embedding (mean of its head tokens) to the teacher's
-  stored image embedding `features/<teacher>/pooled`;
-* zero-shot: class names x templates -> prompt features of the teacher's text side (the
-  `prompts/<text>/` cache trainers/prompts.py keeps; missing prompts are encoded by the text
-  backbone here, never during training) -> top-1/5 of the student's embedding, beside the teacher's
-  own embedding as the reference.  Meaningful when the teacher tokens live in the joint image-text
-  space (CLIP's default: post_layernorm -> visual_projection).
+* `loss`: the training objective (tokens + cls_weight * CLS, masked and reversed as configured)
+  with fixed validation masks; `token_loss` and `cls_loss` its parts;
+* `token_cos`: mean cosine of the student's tokens (whole image, every position) to the teacher's
+  tokens on the student's grid; `token_cos_p05`: its 5th percentile over images;
+* `cls_cosine`: cosine of the student's image embedding, head(norm(x)[:, 0]) (its CLS, as UTA's
+  released model), to the teacher's pooled embedding `features/<teacher>/pooled`;
+  `token_mean_cos`: the same for the mean of the student's head tokens;
+* zero-shot: class names x templates -> prompt features -> top-1/5 of four image embeddings side
+  by side: the student's CLS, the mean of the student's head tokens, the teacher's pooled
+  embedding ("teacher CLS": CLIP's image_embeds) and the mean of the teacher's stored patch tokens.
+  The prompts are encoded by the teacher's own text tower (the other tower of its two-tower
+  CLIP/SigLIP checkpoint, `uta_teacher.text_tower`) unless `text` (or the run's zero_shot_text)
+  names a text feature set or prompt cache of the store; they are cached under `prompts/<name>/`
+  and never encoded during training.  An embedding whose width differs from the text side's (raw
+  `--layer K` tokens, say) is skipped with a note.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from featstore import format as fmt
-from featstore.errors import ConfigError
+from featstore.errors import BackboneError, ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
 
 from . import checkpoint, prompts
 from .config import resolve_device
-from .evaluate import _zero_shot
-from .uta import UTAStudent, alignment_loss, draw_masks, load_checkpoint, prepare_batch, step_generator
+from .uta import (UTAStudent, _on_device, alignment_losses, batch_pooled, draw_masks, load_checkpoint, loader_columns,
+                  mask_options, prepare_batch, step_generator)
+from .uta_teacher import text_side_name, text_tower
+
+EMBEDDINGS = {"student_cls": "student CLS", "student_token_mean": "student token mean",
+              "teacher_cls": "teacher CLS (pooled)", "teacher_patch_mean": "teacher patch mean"}
 
 
 @torch.no_grad()
 def token_metrics(model: UTAStudent, loader: Loader, cfg, dev, autocast=None) -> dict:
-    """Alignment metrics over every row `loader` serves (columns input, target and pooled).
-    Returns the metrics and, under "_embeddings", the student's and teacher's L2-normalized image
-    embeddings with their store rows (for zero-shot)."""
-    import contextlib
-
+    """Alignment metrics (val_*) over every row `loader` serves (columns input, target, pooled).
+    Also returns, under "_embeddings", the L2-normalized image embeddings of EMBEDDINGS and their
+    store rows (for zero-shot)."""
     autocast = autocast or contextlib.nullcontext()
     was_training = model.training
     model.eval()
     loader.set_epoch(0)
-    arch = model.arch
-    loss_sum, n_images, per_image, pooled_cos = 0.0, 0, [], []
-    z_student, z_teacher, rows = [], [], []
+    sums = {"loss": 0.0, "token": 0.0, "cls": 0.0}
+    n_images, per_image, cls_cos, mean_cos = 0, [], [], []
+    z = {k: [] for k in EMBEDDINGS}
+    rows = []
     for i, batch in enumerate(loader):
-        x, t = prepare_batch(batch, arch, None, dev)
+        x, t = prepare_batch(batch, model.arch, None, dev)
+        pooled = batch_pooled(batch, dev)
         masks = draw_masks(len(x), model.n_tokens, cfg.mask_ratio, step_generator(cfg.seed, i, stream=1),
-                           cfg.reversed_masking)
+                           cfg.reversed_masking, **mask_options(cfg))
         with autocast:
-            loss = alignment_loss(model, x, t, masks)
-            out = model(x).float()
-        loss_sum += float(loss) * len(x)
+            parts = alignment_losses(model, x, t, masks, pooled)
+            tokens, cls = model.features(x)
+        tokens, cls = tokens.float(), cls.float()
+        loss = parts["token"] + cfg.cls_weight * parts["cls"] if cfg.cls_weight > 0 else parts["token"]
+        sums["loss"] += float(loss) * len(x)
+        sums["token"] += float(parts["token"]) * len(x)
+        sums["cls"] += float(parts["cls"]) * len(x)
         n_images += len(x)
-        per_image.append(F.cosine_similarity(out, t, dim=-1).mean(1).cpu())
-        z = F.normalize(out.mean(1), dim=-1).cpu()
-        z_student.append(z)
-        if "pooled" in batch:
-            zt = F.normalize(batch["pooled"].float(), dim=-1)
-            z_teacher.append(zt)
-            pooled_cos.append((z * zt).sum(-1))
+        per_image.append(F.cosine_similarity(tokens, t, dim=-1).mean(1).cpu())
+        z["student_cls"].append(F.normalize(cls, dim=-1).cpu())
+        z["student_token_mean"].append(F.normalize(tokens.mean(1), dim=-1).cpu())
+        teacher = F.normalize(pooled, dim=-1).cpu()
+        z["teacher_cls"].append(teacher)
+        z["teacher_patch_mean"].append(F.normalize(_on_device(batch, "target", dev).float().mean(1), dim=-1).cpu())
+        cls_cos.append((z["student_cls"][-1] * teacher).sum(-1))  # the CLS head's width is the pooled one
+        mean_cos.append((z["student_token_mean"][-1] * teacher).sum(-1) if tokens.shape[-1] == teacher.shape[-1] else None)
         rows.append(batch["row"].numpy())
     if was_training:
         model.train()
     if not n_images:
         raise ConfigError("no held-out rows to validate on: raise val_fraction")
     per_image = torch.cat(per_image)
-    out = {"val_loss": loss_sum / n_images, "val_token_cos": float(per_image.mean()),
-           "val_token_cos_p05": float(torch.quantile(per_image, 0.05)), "val_rows": n_images}
-    if pooled_cos:
-        out["val_pooled_cos"] = float(torch.cat(pooled_cos).mean())
-    out["_embeddings"] = {"student": torch.cat(z_student), "teacher": torch.cat(z_teacher) if z_teacher else None,
-                          "rows": np.concatenate(rows)}
+    out = {"val_loss": sums["loss"] / n_images, "val_token_loss": sums["token"] / n_images,
+           "val_cls_loss": sums["cls"] / n_images, "val_cls_cosine": float(torch.cat(cls_cos).mean()),
+           "val_token_cos": float(per_image.mean()), "val_token_cos_p05": float(torch.quantile(per_image, 0.05)),
+           "val_rows": n_images}
+    if all(c is not None for c in mean_cos):
+        out["val_token_mean_cos"] = float(torch.cat(mean_cos).mean())
+    out["_embeddings"] = {**{k: torch.cat(v) for k, v in z.items()}, "rows": np.concatenate(rows)}
     return out
 
 
+# ---- the text side ---------------------------------------------------------------------------------
 def text_set(store: Store, name: str) -> dict:
     """{"name", "identity", "dtype", "dim"} of a text side: a text feature set of the store, or a
     `prompts/<name>/` cache alone."""
@@ -89,9 +107,20 @@ def text_set(store: Store, name: str) -> dict:
     except KeyError:
         raise ConfigError(f"the store has no text feature set or prompt cache '{name}' (features/{name} or "
                           f"prompts/{name}): extract the teacher's text tower over the captions, e.g. "
-                          f"`featstore extract --field caption --backbone clip-text-b16 --name {name}`") from None
+                          f"`featstore extract --field caption --backbone clip-text-b16 --name {name}`, "
+                          "or run `featstore eval` on the run once to cache the teacher's prompts") from None
     return {"name": name, "identity": dict(group.attrs.get("identity") or {}), "dtype": str(group["pooled"].dtype),
             "dim": int(group["pooled"].shape[1])}
+
+
+def resolve_text_side(store: Store, teacher: dict, name: str | None, device="cpu", encoder=None):
+    """(text set {"name", "identity", "dtype"}, encoder or None, where it comes from).  Default:
+    the teacher's own text tower, cached as `prompts/<teacher>.text`; else the named text side."""
+    own = text_side_name(teacher["name"])
+    if name is not None and name != own:
+        return text_set(store, name), encoder, "text side"
+    tower = encoder or text_tower(teacher, device)
+    return {"name": own, "identity": tower.identity, "dtype": "float32"}, tower, "the teacher's text tower"
 
 
 def class_embeddings(store: Store, text: dict, names: list[str], templates, device="cpu", *, encoder=None,
@@ -105,7 +134,7 @@ def class_embeddings(store: Store, text: dict, names: list[str], templates, devi
         missing = sum(t not in cached for t in set(texts))
         if missing:
             return None, (f"{missing} of {len(set(texts))} prompts are not cached under prompts/{text['name']}: "
-                          "run evaluate_uta with this text side once to encode them")
+                          "run `featstore eval` on the run once to encode them")
         feats = torch.from_numpy(np.stack([np.asarray(cached[t], dtype=np.float32) for t in texts]))
     else:
         feats = prompts.prompt_features(store.path, text, texts, device, encoder=encoder)
@@ -113,39 +142,58 @@ def class_embeddings(store: Store, text: dict, names: list[str], templates, devi
     return F.normalize(feats.mean(1), dim=-1), None
 
 
-def zero_shot_metrics(store: Store, embeddings: dict, text_name: str, templates, label_field: str = fmt.LABEL, *,
+def zero_shot_metrics(store: Store, embeddings: dict, text: dict, templates, label_field: str = fmt.LABEL, *,
                       classes_file=None, device="cpu", encoder=None, cached_only=False,
                       plot_path=None) -> tuple[dict | None, list[str]]:
-    """Zero-shot top-1/5 of the student's (and, as the reference, the teacher's) image embeddings
-    from `token_metrics`; (None, notes) when something needed is missing."""
-    notes = []
+    """Zero-shot top-1/5 of each image embedding of `token_metrics` against the class embeddings of
+    the text side `text`; (None, notes) when something needed is missing."""
     if label_field not in store.sample_fields():
         return None, [f"no samples/{label_field} in the store: zero-shot skipped"]
     if classes_file is None and not store.array(f"{fmt.SAMPLES}/{label_field}").attrs.get("names"):
         return None, [f"samples/{label_field} has no class names: pass a classes file for zero-shot"]
     names = prompts.read_class_names(store, classes_file, label_field)
-    text = text_set(store, text_name)
-    dim = embeddings["student"].shape[1]
-    if text["dim"] != dim:
-        return None, [f"text side '{text_name}' is {text['dim']}-d but the teacher's tokens are {dim}-d: not one "
-                      "joint space, zero-shot skipped"]
     classifier, why = class_embeddings(store, text, names, templates, device, encoder=encoder, cached_only=cached_only)
     if classifier is None:
         return None, [why]
     labels = store.samples(label_field)[embeddings["rows"]]
     if labels.max(initial=-1) >= len(names):
         raise ConfigError(f"samples/{label_field} has label {labels.max()} but only {len(names)} class names are given")
-    keep = torch.from_numpy(labels >= 0)
-    if not bool(keep.any()):
+    keep = labels >= 0
+    if not keep.any():
         return None, ["no labelled rows among the evaluated ones: zero-shot skipped"]
-    out = _zero_shot(embeddings["student"][keep] @ classifier.T, labels[labels >= 0], names, plot_path)
-    if embeddings.get("teacher") is not None:
-        ref = _zero_shot(embeddings["teacher"][keep] @ classifier.T, labels[labels >= 0], names, None)
-        out["teacher_top1"], out["teacher_top5"] = ref["top1"], ref["top5"]
-    out.update(text=text_name, templates=templates if isinstance(templates, str) else "custom")
+    truth = torch.from_numpy(labels[keep].astype(np.int64))
+    notes, out = [], {"rows": int(keep.sum()), "classes": len(names), "chance": 1.0 / len(names), "text": text["name"],
+                      "templates": templates if isinstance(templates, str) else "custom",
+                      "n_templates": len(prompts.load_templates(templates))}
+    for key, label in EMBEDDINGS.items():
+        z = embeddings[key][torch.from_numpy(keep)]
+        if z.shape[1] != classifier.shape[1]:
+            out[key] = None
+            notes.append(f"{label} is {z.shape[1]}-d but the text side '{text['name']}' is {classifier.shape[1]}-d: "
+                         "not one joint space, skipped")
+            continue
+        out[key] = _accuracy(z @ classifier.T, truth)
+        if key == "student_cls" and plot_path is not None:
+            out["confusion_png"] = _confusion_plot(z @ classifier.T, truth, names, plot_path, out[key]["top1"])
     return out, notes
 
 
+def _accuracy(logits: torch.Tensor, truth: torch.Tensor) -> dict:
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return {"top1": float((top[:, 0] == truth).float().mean()), "top5": float((top == truth[:, None]).any(1).float().mean())}
+
+
+def _confusion_plot(logits, truth, names, path, top1) -> str | None:
+    if len(names) > 50:
+        return None  # unreadable beyond 50 classes
+    from .plots import plot_confusion
+
+    confusion = np.zeros((len(names), len(names)), dtype=np.int64)
+    np.add.at(confusion, (truth.numpy(), logits.argmax(1).numpy()), 1)
+    return plot_confusion(confusion, names, path, title=f"UTA student CLS zero-shot top-1 {top1:.1%} ({len(truth)} images)")
+
+
+# ---- the whole evaluation ---------------------------------------------------------------------------
 def evaluate_uta(
     checkpoint_dir,
     store_path,
@@ -163,8 +211,9 @@ def evaluate_uta(
     text_encoder=None,
 ) -> dict:
     """Evaluate a UTA checkpoint (a train-uta --out directory, `best` by default) on a store whose
-    teacher/input feature sets have the identities it was trained on.  `text` names the teacher's
-    text side (default: the run's zero_shot_text); `text_encoder` replaces its backbone (tests)."""
+    teacher/input feature sets have the identities it was trained on.  `text` names a text side of
+    the store (default: the run's zero_shot_text, else the teacher's own text tower);
+    `text_encoder` replaces the text backbone (tests)."""
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint_dir, which=which)
     cfg, state = ckpt.config, ckpt.state
@@ -183,27 +232,59 @@ def evaluate_uta(
     rows = np.ones(len(uids), bool) if all_rows else split_by_uid(uids, cfg.val_fraction)[1]
     if max_rows is not None:
         rows &= np.cumsum(rows) <= max_rows
-    columns = {"input": input_col, "target": f"{fmt.FEATURES}/{teacher['name']}/tokens",
-               "pooled": f"{fmt.FEATURES}/{teacher['name']}/pooled"}
-    loader = Loader(store, columns, batch_size, shuffle=False, rows=rows)
-    metrics = token_metrics(model, loader, cfg, dev)
+    columns, dequantize = loader_columns(input_col, teacher["name"], int8_on_device=False, store=store, pooled=True)
+    metrics = token_metrics(model, Loader(store, columns, batch_size, shuffle=False, rows=rows, dequantize=dequantize), cfg, dev)
     embeddings = metrics.pop("_embeddings")
     result = {"checkpoint": ckpt.path, "step": ckpt.step, "store": store.path, "split": "all" if all_rows else "val",
               "teacher": teacher["name"], "input": inp["name"], "rows": metrics.pop("val_rows"),
               **{k[len("val_"):]: v for k, v in metrics.items()}, "zero_shot": None, "notes": []}
-    text = text or cfg.zero_shot_text
-    if text:
-        zs, notes = zero_shot_metrics(store, embeddings, text, templates or cfg.zero_shot_templates, label_field,
-                                      classes_file=classes_file, device=device, encoder=text_encoder, plot_path=plot_path)
-        result["zero_shot"], result["notes"] = zs, result["notes"] + notes
-        _note_other_model(result["notes"], teacher, store, text)
-    else:
-        result["notes"].append("no text side given (text= or the run's zero_shot_text): zero-shot skipped")
+    asked = text or cfg.zero_shot_text
+    if label_field not in store.sample_fields():
+        if classes_file is not None:
+            raise ConfigError(f"the store has no samples/{label_field} to score zero-shot against (--label-field?)")
+        result["notes"].append(f"no samples/{label_field} in the store: zero-shot skipped")
+        return result
+    try:
+        text_side, encoder, source = resolve_text_side(store, teacher, asked, device, text_encoder)
+    except BackboneError as e:
+        if asked:
+            raise
+        result["notes"].append(f"zero-shot skipped: {e}")
+        return result
+    zs, notes = zero_shot_metrics(store, embeddings, text_side, templates or cfg.zero_shot_templates, label_field,
+                                  classes_file=classes_file, device=device, encoder=encoder, plot_path=plot_path)
+    if zs is not None:
+        zs["text_source"] = source
+    result["zero_shot"], result["notes"] = zs, notes
+    if source == "text side":
+        _note_other_model(result["notes"], teacher, text_side)
     return result
 
 
-def _note_other_model(notes: list, teacher: dict, store: Store, text_name: str) -> None:
+def _note_other_model(notes: list, teacher: dict, text: dict) -> None:
     a = teacher.get("identity", {}).get("model")
-    b = text_set(store, text_name).get("identity", {}).get("model")
+    b = text.get("identity", {}).get("model")
     if a and b and a != b:
-        notes.append(f"the text side '{text_name}' comes from {b}, the teacher from {a}: zero-shot assumes one joint space")
+        notes.append(f"the text side '{text['name']}' comes from {b}, the teacher from {a}: zero-shot assumes one joint space")
+
+
+def format_result(r: dict) -> str:
+    """`featstore eval`'s text for a UTA run: alignment, then zero-shot of the four embeddings side by side."""
+    lines = [f"UTA checkpoint {r['checkpoint']} (step {r['step']}) on {r['store']} [{r['split']}, {r['rows']:,} rows]: "
+             f"teacher {r['teacher']}, input {r['input']}",
+             f"  alignment: loss {r['loss']:.4f} (tokens {r['token_loss']:.4f}, CLS {r['cls_loss']:.4f}); token cosine "
+             f"{r['token_cos']:.4f} (5th pct image {r['token_cos_p05']:.4f}); CLS cosine to the teacher's pooled "
+             f"{r['cls_cosine']:.4f}"]
+    zs = r.get("zero_shot")
+    if zs:
+        lines.append(f"  zero-shot over {zs['classes']} classes on {zs['rows']:,} rows ({zs['n_templates']} templates, "
+                     f"prompts by {zs['text_source']} '{zs['text']}'):")
+        lines.append(f"    {'':<24}{'top-1':>8}{'top-5':>8}")
+        for key, label in EMBEDDINGS.items():
+            acc = zs.get(key)
+            lines.append(f"    {label:<24}" + (f"{100 * acc['top1']:>7.1f}%{100 * acc['top5']:>7.1f}%" if acc else f"{'-':>8}{'-':>8}"))
+        lines.append(f"    {'chance':<24}{100 * zs['chance']:>7.1f}%")
+        if zs.get("confusion_png"):
+            lines.append(f"  confusion matrix (student CLS): {zs['confusion_png']}")
+    lines += [f"  note: {n}" for n in r.get("notes", [])]
+    return "\n".join(lines)

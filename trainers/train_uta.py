@@ -11,9 +11,12 @@ no teacher runs in the step.
 
 Writes into `out_dir` (the train-head conventions, trainers/checkpoint.py's files):
     metrics.jsonl   one json per logged step: step, loss, lr, grad_norm; on validation steps also
-                    val_loss, val_token_cos, val_token_cos_p05, val_pooled_cos (and, at the final
-                    validation, val_zero_shot_top1/5 and val_teacher_zero_shot_top1 when the prompts
-                    of the teacher's text side are cached in the store)
+                    on the held-out rows: val_loss (the objective, fixed masks), val_token_loss,
+                    val_cls_loss, val_cls_cosine (the student's CLS embedding, whole image, vs the
+                    teacher's pooled embedding), val_token_cos, val_token_cos_p05 and
+                    val_token_mean_cos (the mean of the student's head tokens vs the teacher's
+                    pooled); at the final validation also val_zero_shot_top1/5 and
+                    val_teacher_zero_shot_top1 when the prompts of `zero_shot_text` are cached
     curves.png      train/val loss, val cosines against steps
     config.yaml     the resolved config
     last/, best/    checkpoints: model.safetensors, optimizer.safetensors (last), checkpoint.json
@@ -46,11 +49,11 @@ from . import checkpoint
 from .config import apply, load_config, resolve_device
 from .evaluate_uta import text_set, token_metrics, zero_shot_metrics
 from .train_head import PRECISIONS, _forever, _last_validation, _truncate_metrics, _val_every, lr_at
-from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, count_parameters, draw_masks,
-                  load_checkpoint, loader_columns, prepare_batch, resolve_arch, same_crop, step_generator)
+from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, batch_pooled, count_parameters, draw_masks,
+                  load_checkpoint, loader_columns, mask_options, prepare_batch, resolve_arch, same_crop, step_generator)
 
 CURVES_PANEL = {"val_token_cos": "token cosine (val)", "val_token_cos_p05": "token cosine, 5th pct image",
-                "val_pooled_cos": "image embedding cosine to teacher", "val_zero_shot_top1": "zero-shot top-1"}
+                "val_cls_cosine": "CLS embedding cosine to teacher pooled", "val_zero_shot_top1": "zero-shot top-1"}
 
 
 def train_uta(
@@ -103,13 +106,15 @@ def train_uta(
     if cfg.zero_shot_text:
         text_set(store, cfg.zero_shot_text)  # a missing text side fails now, not after training
     arch = resolve_arch(cfg, teacher_tokens=tdesc["tokens"], pixels_shape=idesc.get("shape"),
-                        pixels_identity=idesc.get("identity"), input_tokens=idesc.get("tokens"))
+                        pixels_identity=idesc.get("identity"), input_tokens=idesc.get("tokens"),
+                        teacher_pooled_dim=tdesc["dim"])
     if ckpt and ckpt.state["arch"] != arch:
         raise CheckpointError(f"checkpoint {ckpt.path} was trained with another student architecture "
                               f"({ckpt.state['arch']}); resume with the same student settings")
     train_mask, val_mask = split_by_uid(store.uids(), cfg.val_fraction)
     val_mask &= (val_mask.cumsum() <= cfg.val_max_rows)
-    columns, dequantize = loader_columns(idesc["column"], teacher, int8_on_device=dev.type != "cpu", store=store)
+    columns, dequantize = loader_columns(idesc["column"], teacher, int8_on_device=dev.type != "cpu", store=store,
+                                         pooled=cfg.cls_weight > 0)
     train_loader = Loader(store, columns, cfg.batch_size, shuffle=True, seed=cfg.seed, rows=train_mask, drop_last=True,
                           cache=cfg.cache, pin_memory=dev.type == "cuda", dequantize=dequantize)
     val_loader = Loader(store, {**columns, "pooled": f"{fmt.FEATURES}/{teacher}/pooled"}, cfg.batch_size,
@@ -216,7 +221,9 @@ def train_uta(
         "resumed_from": ckpt.step if ckpt else None,
         "student": {"preset": cfg.student, "input": arch["input"], "width": arch["width"], "depth": arch["depth"],
                     "heads": arch["heads"], "patch_size": arch["patch_size"], "grid": arch["grid"],
-                    "teacher_grid": arch["teacher_grid"], "grid_interpolation": arch["grid_interpolation"]},
+                    "teacher_grid": arch["teacher_grid"], "grid_interpolation": arch["grid_interpolation"],
+                    **{k: arch[k] for k in ("mlp", "mlp_dim", "sub_ln", "rope", "abs_pos_embed", "layer_scale",
+                                            "drop_path", "cls_head")}},
         "teacher": teacher,
         "input": idesc["name"],
         "notes": notes,
@@ -226,16 +233,19 @@ def train_uta(
 
 
 def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTAConfig, dev, autocast) -> tuple[float, float]:
-    """One optimizer step on one batch ({"input", "target"} as the loader serves them): this
-    step's flips and masks (a pure function of seed and step), the alignment loss, backward, grad
-    clip, AdamW.  Returns (loss, grad norm).  The benchmark times exactly this."""
+    """One optimizer step on one batch ({"input", "target", "pooled"} as the loader serves them;
+    "pooled" only with cls_weight > 0): this step's flips and masks (a pure function of seed and
+    step), the alignment loss (tokens + cls_weight * CLS), backward, grad clip, AdamW.  Returns
+    (loss, grad norm).  The benchmark times exactly this."""
     model.train()
+    if cfg.cls_weight > 0 and "pooled" not in batch:
+        raise ConfigError("cls_weight > 0 needs the teacher's pooled embeddings in each batch (a 'pooled' column)")
     g = step_generator(cfg.seed, step)
     flip = torch.rand(len(batch["target"]), generator=g) < cfg.hflip if cfg.hflip > 0 else None
     x, targets = prepare_batch(batch, model.arch, flip, dev)
-    masks = draw_masks(len(x), model.n_tokens, cfg.mask_ratio, g, cfg.reversed_masking)
+    masks = draw_masks(len(x), model.n_tokens, cfg.mask_ratio, g, cfg.reversed_masking, **mask_options(cfg))
     with autocast:
-        loss = alignment_loss(model, x, targets, masks)
+        loss = alignment_loss(model, x, targets, masks, batch_pooled(batch, dev), cfg.cls_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -277,23 +287,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "position_embeddings" in name or "cls_token" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "pos_embed" in name or "cls_token" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def validate(model: UTAStudent, loader: Loader, cfg: UTAConfig, dev, autocast, *, store: Store | None = None,
              zero_shot: bool = False, notes: list | None = None) -> dict:
-    """Val loss (fixed masks), token and image-embedding cosines; on the final validation also
-    zero-shot through cached prompt features of `cfg.zero_shot_text` (never encodes text here)."""
+    """Val loss (fixed masks), token and CLS cosines; on the final validation also zero-shot of the
+    student's CLS (and the teacher's pooled, as the reference) through the cached prompt features
+    of `cfg.zero_shot_text` (never encodes text here)."""
     metrics = token_metrics(model, loader, cfg, dev, autocast)
     embeddings = metrics.pop("_embeddings")
     metrics.pop("val_rows")
     if zero_shot and cfg.zero_shot_text and store is not None:
-        zs, why = zero_shot_metrics(store, embeddings, cfg.zero_shot_text, cfg.zero_shot_templates, cached_only=True)
-        if zs is not None:
-            metrics.update(val_zero_shot_top1=zs["top1"], val_zero_shot_top5=zs["top5"])
-            if "teacher_top1" in zs:
-                metrics["val_teacher_zero_shot_top1"] = zs["teacher_top1"]
+        zs, why = zero_shot_metrics(store, embeddings, text_set(store, cfg.zero_shot_text), cfg.zero_shot_templates,
+                                    cached_only=True)
+        if zs is not None and zs["student_cls"]:
+            metrics.update(val_zero_shot_top1=zs["student_cls"]["top1"], val_zero_shot_top5=zs["student_cls"]["top5"])
+            if zs["teacher_cls"]:
+                metrics["val_teacher_zero_shot_top1"] = zs["teacher_cls"]["top1"]
         if notes is not None:
             notes.extend(why)
     return metrics

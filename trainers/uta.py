@@ -1,19 +1,25 @@
 """UTA (Unmasked Token Alignment): a ViT student whose unmasked tokens match a frozen teacher's.
 
 The teacher (a CLIP vision tower, say) ran once at extraction: `features/<teacher>/tokens` holds its
-patch tokens (N, T, D) and `pixels/<name>` the exact uint8 crop it saw.  A training step:
+patch tokens (N, T, D), `features/<teacher>/pooled` its image embedding and `pixels/<name>` the
+exact uint8 crop it saw.  A training step:
 
-1. draws a random mask per sample (`draw_masks`: a pure function of (seed, step), so a resumed run
-   draws the same masks); `mask_ratio` of the grid positions are dropped;
+1. draws masks per sample (`uta_masks.draw_masks`: uniform random or BEiT-style blocks, a pure
+   function of (seed, step), so a resumed run draws the same masks); `mask_ratio` of the grid
+   positions are dropped;
 2. embeds the input once (patches of the pixels + position embeddings), GATHERS the kept positions
-   and runs the encoder on those only: no [MASK] tokens, so the student costs ~(1 - mask_ratio) of a
-   full forward, and what it says at a kept position cannot depend on a dropped patch;
-3. maps each output token through a linear head (student width -> teacher width) and scores
-   1 - cosine against the teacher token at the same grid position (`alignment_loss`).
+   and runs the encoder (`uta_student.UTAStudent`, EVA-02-like) on those only: no [MASK] tokens,
+   so the student costs ~(1 - mask_ratio) of a full forward, and what it says at a kept position
+   cannot depend on a dropped patch;
+3. maps each output token through the head (student width -> teacher width) and scores
+   1 - cosine against the teacher token at the same grid position, and the CLS through the same
+   final norm and head against the teacher's pooled embedding, weighted by `cls_weight`
+   (`alignment_losses`).  The CLS embedding is the student's image embedding (zero-shot reads it).
 
-Reversed masking: each image appears twice, once with its mask and once with the complement, so
-every position is aligned every step.  With mask_ratio 0.5 the two halves have the same length and
-run as one batch of 2B sequences of N/2 tokens, which costs the same as one unmasked forward of B.
+Reversed masking (the complement view): each image appears twice, once with its mask and once
+with the complement, so every position is aligned every step.  With mask_ratio 0.5 the two halves
+have the same length and run as one batch of 2B sequences of N/2 tokens, which costs the same as
+one unmasked forward of B.
 
 Grids: the student's grid is (stored crop size / student patch).  By default the student patch is
 the teacher's (crop / teacher grid side), so grids match; when they differ (a /14 teacher at 224 is
@@ -24,12 +30,12 @@ Light mode (`student_input=<feature set>`): the student's input is another backb
 (e.g. DINOv2's) instead of pixels: a LayerNorm, a 1x1 "patch" projection of the token grid, then the
 same (small) transformer.  Both feature sets must come from the same crop (`same_crop`).
 
-Only torch and transformers' ViT building blocks (randomly initialised from a ViTConfig) are used;
-no pretrained weights, no backbone, no image decoding.
+No pretrained weights, no backbone, no image decoding.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -41,12 +47,16 @@ import torch.nn.functional as F
 from featstore.errors import CheckpointError, ConfigError, IdentityMismatch
 
 from .config import ConfigBase, need
+from .uta_masks import MASKINGS, draw_masks, mask_groups, step_generator  # noqa: F401  (re-exported)
+from .uta_student import UTAStudent, count_parameters, gather_tokens  # noqa: F401  (re-exported)
 
 # name -> (width, depth, heads): ViT-Ti/S/B (Touvron et al. 2021; Dosovitskiy et al. 2021)
 STUDENTS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+MLPS = {"swiglu": 8.0 / 3.0, "gelu": 4.0}  # name -> default mlp_ratio (EVA-02's 2.6667 for SwiGLU; ViT's 4)
+CLS_HEADS = ("auto", "shared", "separate")
 GRID_MODES = ("bilinear", "bicubic", "nearest")
 FORMAT = "featstore-uta-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: EVA-02-like student, CLS alignment (version 1's plain ViT students are not loaded)
 # the keys of a preprocessing identity that decide which pixels a token covers (mean/std do not:
 # they are applied to the crop afterwards, and differ between e.g. CLIP and DINOv2)
 CROP_KEYS = ("name", "resize", "crop", "interpolation", "resize_mode")
@@ -54,20 +64,31 @@ CROP_KEYS = ("name", "resize", "crop", "interpolation", "resize_mode")
 
 @dataclass
 class UTAConfig(ConfigBase):
-    """`featstore train-uta` settings (configs/uta.yaml explains each).  Loaded like ShareLock's
-    Config: `trainers.config.load_config(file, ["KEY=VALUE"], base=UTAConfig())`."""
+    """`featstore train-uta` settings (configs/uta.yaml explains each and the values chosen).
+    Loaded like ShareLock's Config: `trainers.config.load_config(file, ["KEY=VALUE"], base=UTAConfig())`."""
 
     # ---- the student ----
     student: str = "tiny"  # tiny | small | base (ViT-Ti/S/B sizes)
     width: int | None = None  # override the preset's hidden width
     depth: int | None = None  # override the preset's number of layers
     heads: int | None = None  # None: the preset's, or width // 64 when width is overridden
-    mlp_ratio: float = 4.0
+    mlp: str = "swiglu"  # swiglu | gelu
+    mlp_ratio: float | None = None  # None: 8/3 for swiglu (EVA-02), 4 for gelu
+    sub_ln: bool = True  # EVA-02's LayerNorm before each attention / MLP output projection
+    rope: bool = True  # 2D rotary position embeddings on the patch tokens (EVA-02's frequencies)
+    abs_pos_embed: bool = True  # learned absolute position embeddings (EVA-02 keeps both)
+    layer_scale: float | None = None  # None: no layer scale (EVA-02-B); a value: its init
+    drop_path: float = 0.1  # stochastic depth at the last block (linear from 0)
     patch_size: int | None = None  # None: the teacher's patch (crop / teacher grid side): grids match
     student_input: str | None = None  # light mode: a feature set whose stored tokens replace the pixels
     # ---- the objective ----
     mask_ratio: float = 0.5  # fraction of grid positions dropped from the student's input
-    reversed_masking: bool = True  # each image twice: its mask and the complement
+    masking: str = "random"  # random | block (BEiT's block-wise masking)
+    mask_block_min: int = 16  # block masking: the smallest block, in patches
+    mask_block_aspect: float = 0.3  # block masking: aspect ratios log-uniform in [this, 1 / this]
+    reversed_masking: bool = True  # the complement view: each image twice, its mask and the complement
+    cls_weight: float = 1.0  # weight of 1 - cos(student CLS embedding, teacher pooled); 0 = tokens only
+    cls_head: str = "auto"  # auto | shared | separate: the head the CLS goes through (auto: shared if widths match)
     grid_interpolation: str = "bilinear"  # teacher grid -> student grid when they differ
     hflip: float = 0.0  # probability of flipping an image and its teacher grid together
     # ---- optimisation ----
@@ -99,7 +120,15 @@ class UTAConfig(ConfigBase):
         for key in ("width", "depth", "heads", "patch_size"):
             value = getattr(self, key)
             need(value is None or value >= 1, f"{key} must be >= 1 or null, got {value}")
-        need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        need(self.mlp in MLPS, f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+        need(self.mlp_ratio is None or self.mlp_ratio > 0, f"mlp_ratio must be > 0 or null, got {self.mlp_ratio}")
+        need(self.layer_scale is None or self.layer_scale > 0, f"layer_scale must be > 0 or null, got {self.layer_scale}")
+        need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
+        need(self.masking in MASKINGS, f"masking must be one of {', '.join(MASKINGS)}, got {self.masking!r}")
+        need(self.mask_block_min >= 1, f"mask_block_min must be >= 1, got {self.mask_block_min}")
+        need(0.0 < self.mask_block_aspect <= 1.0, f"mask_block_aspect must be in (0, 1], got {self.mask_block_aspect}")
+        need(self.cls_weight >= 0, f"cls_weight must be >= 0, got {self.cls_weight}")
+        need(self.cls_head in CLS_HEADS, f"cls_head must be one of {', '.join(CLS_HEADS)}, got {self.cls_head!r}")
         need(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         need(self.grid_interpolation in GRID_MODES, f"grid_interpolation must be one of {', '.join(GRID_MODES)}")
         need(0.0 <= self.hflip <= 1.0, f"hflip must be in [0, 1], got {self.hflip}")
@@ -134,9 +163,10 @@ def same_crop(pre_a: dict | None, pre_b: dict | None, a_name: str, b_name: str) 
 
 
 def resolve_arch(cfg: UTAConfig, *, teacher_tokens: tuple[int, int], pixels_shape=None, pixels_identity=None,
-                 input_tokens: tuple[int, int] | None = None) -> dict:
+                 input_tokens: tuple[int, int] | None = None, teacher_pooled_dim: int | None = None) -> dict:
     """The student's full architecture (JSON-able; a checkpoint rebuilds the model from it) from
-    the config and the shapes in the store: pixels (3, H, W) or light-mode input tokens (T, D)."""
+    the config and the shapes in the store: the teacher's tokens (T, D) and pooled width, and the
+    pixels (3, H, W) or light-mode input tokens (T, D)."""
     width, depth, heads = STUDENTS[cfg.student]
     if cfg.width is not None:
         width, heads = cfg.width, max(1, cfg.width // 64)
@@ -144,10 +174,21 @@ def resolve_arch(cfg: UTAConfig, *, teacher_tokens: tuple[int, int], pixels_shap
     heads = cfg.heads or heads
     if width % heads:
         raise ConfigError(f"bad config: width {width} is not divisible by heads {heads}; set heads")
+    if cfg.rope and (width // heads) % 4:
+        raise ConfigError(f"bad config: 2D RoPE needs a head width divisible by 4 (width {width} / {heads} heads "
+                          f"= {width // heads}); change width/heads or set rope=false")
     t_tokens, t_dim = (int(x) for x in teacher_tokens)
     t_side = grid_side(t_tokens, "the teacher's token grid")
-    arch = {"width": width, "depth": depth, "heads": heads, "mlp_dim": int(round(width * cfg.mlp_ratio)),
-            "out_dim": t_dim, "teacher_grid": [t_side, t_side]}
+    cls_dim = int(teacher_pooled_dim or t_dim)
+    cls_head = cfg.cls_head if cfg.cls_head != "auto" else ("shared" if cls_dim == t_dim else "separate")
+    if cls_head == "shared" and cls_dim != t_dim:
+        raise ConfigError(f"bad config: cls_head shared needs the teacher's pooled width ({cls_dim}) to equal its token "
+                          f"width ({t_dim}); set cls_head=separate (or auto)")
+    ratio = cfg.mlp_ratio if cfg.mlp_ratio is not None else MLPS[cfg.mlp]
+    arch = {"width": width, "depth": depth, "heads": heads, "mlp": cfg.mlp, "mlp_dim": int(round(width * ratio)),
+            "sub_ln": cfg.sub_ln, "rope": cfg.rope, "abs_pos_embed": cfg.abs_pos_embed, "layer_scale": cfg.layer_scale,
+            "drop_path": cfg.drop_path, "out_dim": t_dim, "cls_dim": cls_dim, "cls_head": cls_head,
+            "teacher_grid": [t_side, t_side]}
     if input_tokens is None:
         c, h, w = (int(x) for x in pixels_shape)
         if c != 3 or h != w:
@@ -169,111 +210,7 @@ def resolve_arch(cfg: UTAConfig, *, teacher_tokens: tuple[int, int], pixels_shap
     return arch
 
 
-# ---- the student ------------------------------------------------------------------------------
-class UTAStudent(torch.nn.Module):
-    """A transformers ViT (random init) + a linear head to the teacher's width.
-
-    Pixel input: uint8 (B, 3, H, W), normalized with the crop's own mean/std (buffers, saved with
-    the weights).  Light mode: tokens (B, T, D_in) -> LayerNorm -> the ViT's patch projection over the
-    (D_in, g, g) grid with 1x1 patches (a per-token linear map) -> the same encoder.
-    """
-
-    def __init__(self, arch: dict):
-        super().__init__()
-        from transformers import ViTConfig, ViTModel
-
-        self.arch = dict(arch)
-        config = ViTConfig(
-            hidden_size=arch["width"], num_hidden_layers=arch["depth"], num_attention_heads=arch["heads"],
-            intermediate_size=arch["mlp_dim"], image_size=arch["image_size"], patch_size=arch["patch_size"],
-            num_channels=arch["in_channels"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )
-        self.vit = ViTModel(config, add_pooling_layer=False)
-        self.head = torch.nn.Linear(arch["width"], arch["out_dim"])
-        self.tokens_in = arch["input"] == "tokens"
-        if self.tokens_in:
-            self.input_norm = torch.nn.LayerNorm(arch["in_channels"])
-        else:
-            self.register_buffer("pixel_mean", torch.tensor(arch["mean"], dtype=torch.float32).view(1, 3, 1, 1))
-            self.register_buffer("pixel_std", torch.tensor(arch["std"], dtype=torch.float32).view(1, 3, 1, 1))
-        self.grid = int(arch["grid"])
-
-    @property
-    def n_tokens(self) -> int:
-        return self.grid * self.grid
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Every grid position's input embedding (B, N, W): patch projection + position embedding."""
-        if self.tokens_in:
-            x = self.input_norm(x.float())
-            b, n, d = x.shape
-            x = x.transpose(1, 2).reshape(b, d, self.grid, self.grid)
-        else:
-            x = (x.float() / 255.0 - self.pixel_mean) / self.pixel_std
-        emb = self.vit.embeddings
-        return emb.patch_embeddings(x) + emb.position_embeddings[:, 1:]
-
-    def encode(self, e: torch.Tensor) -> torch.Tensor:
-        """Run the encoder on the given position embeddings (B, K, W) only (plus the CLS token) and
-        map every output token through the head: (B, K, teacher width)."""
-        emb = self.vit.embeddings
-        cls = (emb.cls_token + emb.position_embeddings[:, :1]).expand(len(e), -1, -1)
-        h = torch.cat([cls, e], dim=1)
-        for layer in self.vit.layers:
-            h = layer(h, None)
-        return self.head(self.vit.layernorm(h[:, 1:]))
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Head outputs at the kept positions `keep` (m*B, K) (rows i, i+B, ... are image i under
-        m masks), or at every position when `keep` is None."""
-        e = self.embed(x)
-        if keep is not None:
-            e = gather_tokens(e.repeat(len(keep) // len(e), 1, 1), keep)
-        return self.encode(e)
-
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """The image embedding: the mean over all positions of the head's tokens (the teacher's space)."""
-        return self.forward(x).mean(dim=1)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ---- masks, grids, loss ---------------------------------------------------------------------------
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """The random stream of one training step (masks and flips): a pure function of (seed, step),
-    so a resumed run draws exactly what an uninterrupted one did.  `stream` 1 is validation."""
-    state = np.random.SeedSequence([int(seed), int(stream), int(step)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def draw_masks(n_samples: int, n_tokens: int, mask_ratio: float, generator: torch.Generator,
-               reversed_masking: bool = True) -> list[torch.Tensor]:
-    """Kept positions per sample, sorted: [(B, K)] or, with reversed masking, [(B, K), (B, N-K)]
-    (the complement of each sample's mask); K = round(N * (1 - mask_ratio)), at least 1."""
-    keep_n = min(n_tokens, max(1, int(round(n_tokens * (1.0 - mask_ratio)))))
-    order = torch.rand(n_samples, n_tokens, generator=generator).argsort(dim=1)
-    masks = [order[:, :keep_n].sort(dim=1).values]
-    if reversed_masking and keep_n < n_tokens:
-        masks.append(order[:, keep_n:].sort(dim=1).values)
-    return masks
-
-
-def mask_groups(masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Masks of the same length stacked into one forward pass (reversed masking at ratio 0.5 →
-    one batch of 2B sequences); masks of different lengths stay separate passes."""
-    groups: dict[int, list[torch.Tensor]] = {}
-    for m in masks:
-        groups.setdefault(m.shape[1], []).append(m)
-    return [torch.cat(ms) for ms in groups.values()]
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D), index (B, K) -> (B, K, D)."""
-    return torch.gather(x, 1, index.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
+# ---- grids, flips, the loss ------------------------------------------------------------------
 def interpolate_grid(tokens: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     """Teacher tokens (B, h*w, D) on a square grid resized to size x size: (B, size*size, D), fp32.
     Resampled as a (D, h, w) map (align_corners=False); the same tensor when the grids match."""
@@ -301,28 +238,49 @@ def flip_input(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     return flip_tokens(x, which)
 
 
-def alignment_loss(model: UTAStudent, x: torch.Tensor, targets: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over every (image, mask, kept position) of 1 - cos(student token, teacher token).
+def mask_options(cfg: UTAConfig) -> dict:
+    """The keyword arguments of `draw_masks` that the config sets besides ratio and complement."""
+    return {"masking": cfg.masking, "block_min": cfg.mask_block_min, "block_aspect": cfg.mask_block_aspect}
+
+
+def alignment_losses(model: UTAStudent, x: torch.Tensor, targets: torch.Tensor, masks: list[torch.Tensor],
+                     pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{"token": mean over every (image, mask, kept position) of 1 - cos(student token, teacher
+    token), and with `pooled` (B, D) "cls": mean over every (image, mask) of 1 - cos(student CLS
+    embedding, teacher pooled embedding)}.
 
     `targets` (B, N, D) are on the student's grid.  The input is embedded once; each group of masks
     gathers its kept positions from it and runs the encoder on those alone."""
     e = model.embed(x)
-    total, count = e.new_zeros((), dtype=torch.float32), 0
+    token_sum, token_n = e.new_zeros((), dtype=torch.float32), 0
+    cls_sum, cls_n = e.new_zeros((), dtype=torch.float32), 0
     for keep in mask_groups(masks):
         reps = len(keep) // len(e)
         keep = keep.to(e.device)
-        pred = model.encode(gather_tokens(e.repeat(reps, 1, 1), keep))
-        target = gather_tokens(targets.repeat(reps, 1, 1), keep)
-        cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)
-        total = total + (1.0 - cos).sum()
-        count += cos.numel()
-    return total / count
+        tokens, cls = model.encode(gather_tokens(e.repeat(reps, 1, 1), keep), keep)
+        cos = F.cosine_similarity(tokens.float(), gather_tokens(targets.repeat(reps, 1, 1), keep).float(), dim=-1)
+        token_sum, token_n = token_sum + (1.0 - cos).sum(), token_n + cos.numel()
+        if pooled is not None:
+            c = F.cosine_similarity(cls.float(), pooled.repeat(reps, 1).to(cls.device).float(), dim=-1)
+            cls_sum, cls_n = cls_sum + (1.0 - c).sum(), cls_n + c.numel()
+    out = {"token": token_sum / token_n}
+    if pooled is not None:
+        out["cls"] = cls_sum / cls_n
+    return out
+
+
+def alignment_loss(model: UTAStudent, x: torch.Tensor, targets: torch.Tensor, masks: list[torch.Tensor],
+                   pooled: torch.Tensor | None = None, cls_weight: float = 0.0) -> torch.Tensor:
+    """The training objective: token loss + cls_weight * CLS loss (`alignment_losses`)."""
+    parts = alignment_losses(model, x, targets, masks, pooled if cls_weight > 0 else None)
+    return parts["token"] + cls_weight * parts["cls"] if "cls" in parts else parts["token"]
 
 
 def prepare_batch(batch: dict, arch: dict, flip: torch.Tensor | None, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader batch on the device: the input as stored (uint8 pixels / tokens), the teacher tokens
     as fp32 on the student's grid, both mirrored where `flip` is true.  int8 tokens served raw with
-    their scale (columns "<key>_scale", see `loader_columns`) are dequantized here, on the device."""
+    their scales (columns "<key>_scale" and "<key>_channel_scale", see `loader_columns`) are
+    dequantized here, on the device."""
     x = _on_device(batch, "input", dev)
     t = _on_device(batch, "target", dev)
     t = interpolate_grid(t, arch["grid"], arch["grid_interpolation"] or "bilinear").float()
@@ -331,26 +289,50 @@ def prepare_batch(batch: dict, arch: dict, flip: torch.Tensor | None, dev) -> tu
     return x, t
 
 
+def batch_pooled(batch: dict, dev) -> torch.Tensor | None:
+    """The teacher's pooled embeddings of a batch (B, D) fp32 on the device, when served."""
+    return batch["pooled"].to(dev, non_blocking=True).float() if "pooled" in batch else None
+
+
 def _on_device(batch: dict, key: str, dev) -> torch.Tensor:
     x = batch[key].to(dev, non_blocking=True)
     scale = batch.get(f"{key}_scale")
     if scale is not None:
         x = x.float() * scale.to(dev, non_blocking=True).float().unsqueeze(-1)
+    channel = batch.get(f"{key}_channel_scale")
+    if channel is not None:  # token x channel int8 (featstore.tokens)
+        x = x * channel.to(dev, non_blocking=True).float().unsqueeze(-2)
     return x
 
 
-def loader_columns(input_column: str, teacher: str, *, int8_on_device: bool, store) -> tuple[dict, bool]:
-    """The loader's columns {"input", "target"[, "input_scale", "target_scale"]} and its `dequantize`
-    flag.  With `int8_on_device` (a GPU), int8 token columns are served raw (half the bytes to copy)
-    with their per-token scales and dequantized by `prepare_batch` on the device; otherwise the loader
-    dequantizes them to fp16 in its producer thread, overlapping the step (best on CPU)."""
+def loader_columns(input_column: str, teacher: str, *, int8_on_device: bool, store, pooled: bool = False) -> tuple[dict, bool]:
+    """The loader's columns {"input", "target"[, "pooled"][, "<key>_scale"[, "<key>_channel_scale"]]}
+    and its `dequantize` flag.  With `int8_on_device` (a GPU), int8 token columns are served raw (half
+    the bytes to copy) with their scales and dequantized by `prepare_batch` on the device; otherwise
+    the loader dequantizes them to fp16 in its producer thread, overlapping the step (best on CPU).
+    Token x channel int8 (a `<tokens>_channel_scale` array beside the tokens) is always served raw
+    and dequantized by `prepare_batch`, which knows both scales."""
     columns = {"input": input_column, "target": f"features/{teacher}/tokens"}
-    if not int8_on_device:
-        return columns, True
-    for key, path in list(columns.items()):
-        if path.endswith("/tokens") and store.array(path).dtype == np.int8:
-            columns[f"{key}_scale"] = path + "_scale"
-    return columns, False
+    if pooled:
+        columns["pooled"] = f"features/{teacher}/pooled"
+    token_keys = [k for k, p in columns.items() if p.endswith("/tokens") and store.array(p).dtype == np.int8]
+    channel = {k for k in token_keys if _has_array(store, columns[k] + "_channel_scale")}
+    raw = token_keys if int8_on_device else sorted(channel)
+    for key in raw:
+        columns[f"{key}_scale"] = columns[key] + "_scale"
+        if key in channel:
+            columns[f"{key}_channel_scale"] = columns[key] + "_channel_scale"
+    return columns, not raw
+
+
+def _has_array(store, path: str) -> bool:
+    from featstore.errors import UnknownFeatureSet
+
+    try:
+        store.array(path)
+        return True
+    except UnknownFeatureSet:
+        return False
 
 
 # ---- checkpoints (trainers/checkpoint.py's files, UTA's format) ----------------------------------
@@ -367,15 +349,47 @@ class UTACheckpoint:
         return int(self.state["step"])
 
 
+def read_uta_state(path, which: str = "best") -> dict:
+    """checkpoint.json of a UTA checkpoint (a run directory or a checkpoint directory), refusing
+    other formats and versions this featstore cannot build."""
+    from . import checkpoint
+
+    ckpt_dir = checkpoint.resolve(path, which)
+    try:
+        with open(os.path.join(ckpt_dir, checkpoint.STATE_FILE)) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt_dir}/{checkpoint.STATE_FILE} cannot be read ({e}): the checkpoint is damaged") from None
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt_dir} is not a UTA checkpoint (format {state.get('format')!r})")
+    version = int(state.get("version", 0))
+    if version > VERSION:
+        raise CheckpointError(f"{ckpt_dir} was written by a newer featstore (UTA checkpoint version {version}): upgrade featstore")
+    if version < VERSION:
+        raise CheckpointError(f"{ckpt_dir} is a UTA checkpoint of version {version} (a plain ViT student whose CLS was "
+                              "never aligned): retrain it with this featstore")
+    state["_dir"] = ckpt_dir
+    return state
+
+
+def is_uta_checkpoint(path, which: str = "best") -> bool:
+    """Whether `path` (a run or checkpoint directory) holds a UTA checkpoint of any version."""
+    from . import checkpoint
+
+    try:
+        with open(os.path.join(checkpoint.resolve(path, which), checkpoint.STATE_FILE)) as f:
+            return json.load(f).get("format") == FORMAT
+    except (CheckpointError, OSError, ValueError):
+        return False
+
+
 def load_checkpoint(path, which: str = "best", optimizer: bool = False, verify: bool = True) -> UTACheckpoint:
     """A UTA checkpoint (`<run>/best` or `<run>/last`): config, student (eval mode, CPU) and, with
     `optimizer`, the optimizer/RNG tensors.  Files whose checksum differs are refused."""
     from . import checkpoint
 
-    ckpt_dir = checkpoint.resolve(path, which)
-    state = checkpoint.read_state(ckpt_dir, expect=FORMAT)
-    if int(state.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{ckpt_dir} was written by a newer featstore (UTA checkpoint version {state['version']})")
+    state = read_uta_state(path, which)
+    ckpt_dir = state.pop("_dir")
     config = UTAConfig.from_dict(state["config"], where=os.path.join(ckpt_dir, checkpoint.STATE_FILE))
     model = UTAStudent(state["arch"])
     model.load_state_dict(checkpoint._read(ckpt_dir, checkpoint.MODEL_FILE, state, verify))
