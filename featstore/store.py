@@ -44,6 +44,9 @@ class Store:
         self.mode = mode
         self.files = StoreFiles(self.path)
         self._uid_index: tuple[np.ndarray, np.ndarray] | None = None
+        # whether the store carries consolidated metadata, seen before this view writes anything
+        # (zarr drops it from zarr.json when the root's attrs are rewritten)
+        self._consolidated = mode != "r" and self.has_consolidated()
 
     # ---- open / create -------------------------------------------------------------------
     @classmethod
@@ -303,8 +306,9 @@ class Store:
     def keep_consolidated(self) -> None:
         """After a metadata change: if the store carries consolidated metadata, rewrite it so
         readers that use it see the change (the store lock is held)."""
-        if self.has_consolidated():
+        if self._consolidated or self.has_consolidated():
             zarr.consolidate_metadata(self.path, zarr_format=3)
+            self._consolidated = True
 
     def _require_writable(self) -> None:
         if self.mode == "r":
