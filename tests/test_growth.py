@@ -57,6 +57,13 @@ def by_uid(path, name):
     return {str(uids[i]): tuple(arrays[k][i].tobytes() for k in sorted(arrays)) for i in np.flatnonzero(usable)}
 
 
+def api(store, source, backbone, **options):
+    """The same extraction in this process (for reference stores: no interpreter start-up)."""
+    from featstore.pipelines.extract import extract as run_extract
+
+    return run_extract(store, source, backbone, progress=False, log=lambda *_: None, **options)
+
+
 def extract(store, source, backbone, *extra, check=True):
     args = ["extract", "--store", store, "--backbone", backbone, *extra]
     if source is not None:
@@ -64,11 +71,12 @@ def extract(store, source, backbone, *extra, check=True):
     return run(*args, check=check)
 
 
-def test_growing_from_a_second_source_never_touches_computed_rows(tmp_path, two_downloads, tiny_dinov2_path):
+def test_growing_from_a_second_source_never_touches_computed_rows(tmp_path, two_downloads, tiny_dinov2_path,
+                                                                   tiny_llama_path):
     a, b = two_downloads
     grown = tmp_path / "grown.zarr"
     extract(grown, a, tiny_dinov2_path, "--name", "dino", "--rows-per-shard", R, "--batch-size", "4")
-    extract(grown, a, "minilm", "--field", "caption")
+    api(grown, a, tiny_llama_path, name="minilm", field="caption")
     before = {name: by_uid(grown, name) for name in ("dino", "minilm")}
     assert len(before["dino"]) == 12 and len(before["minilm"]) == 12
     out = extract(grown, b, tiny_dinov2_path, "--name", "dino", "--batch-size", "4").stdout
@@ -83,13 +91,13 @@ def test_growing_from_a_second_source_never_touches_computed_rows(tmp_path, two_
     assert minilm == before["minilm"]  # the caption set still serves its 12 rows while the other 12 are to do
     assert verify(st)["ok"], verify(st)["problems"]
     # completing the caption set with no --source: each row from its recorded source (captions are in the store)
-    out = extract(grown, None, "minilm", "--field", "caption").stdout
+    out = extract(grown, None, tiny_llama_path, "--name", "minilm", "--field", "caption").stdout
     assert "computed 12 rows" in out and len(by_uid(grown, "minilm")) == 24
     # a grown store equals, uid by uid, the stores built from each source alone (same bytes per uid)
     for src in (a, b):
         alone = tmp_path / f"{src.name}.zarr"
-        extract(alone, src, tiny_dinov2_path, "--name", "dino", "--rows-per-shard", R, "--batch-size", "4")
-        extract(alone, src, "minilm", "--field", "caption")
+        api(alone, src, tiny_dinov2_path, name="dino", rows_per_shard=int(R), batch_size=4)
+        api(alone, src, tiny_llama_path, name="minilm", field="caption")
         for name in ("dino", "minilm"):
             mine = by_uid(grown, name)
             for uid, value in by_uid(alone, name).items():
@@ -100,7 +108,7 @@ def test_growing_from_a_second_source_never_touches_computed_rows(tmp_path, two_
     assert verify(Store.open(grown))["ok"]
 
 
-def test_hf_rows_then_image_features_from_a_webdataset_copy(tmp_path, tiny_dinov2_path):
+def test_hf_rows_then_image_features_from_a_webdataset_copy(tmp_path, tiny_dinov2_path, tiny_llama_path):
     import datasets
 
     images = real_images(10)
@@ -113,21 +121,21 @@ def test_hf_rows_then_image_features_from_a_webdataset_copy(tmp_path, tiny_dinov
     write_shard(wds / "00000.tar", [{"key": f"{i:09d}", "image": encode(img), "json": {"uid": f"u{i}"}}
                                     for i, (_, img) in enumerate(images)])
     store = tmp_path / "s.zarr"
-    extract(store, hf, "minilm", "--field", "caption", "--uid-field", "uid", "--rows-per-shard", "4")
+    api(store, hf, tiny_llama_path, name="llama", field="caption", uid_field="uid", rows_per_shard=4)
     out = extract(store, wds, tiny_dinov2_path, "--name", "dino").stdout
     assert "computed 10 rows" in out and "valid 10, invalid 0" in out and "new rows registered" not in out
     alone = tmp_path / "wds.zarr"
-    extract(alone, wds, tiny_dinov2_path, "--name", "dino", "--rows-per-shard", "4")
+    api(alone, wds, tiny_dinov2_path, name="dino", rows_per_shard=4)
     assert by_uid(store, "dino") == by_uid(alone, "dino")
     # the rows were registered from the HF dataset: with no --source they are computed from it
-    extract(store, None, tiny_dinov2_path, "--name", "dino2")
+    api(store, None, tiny_dinov2_path, name="dino2")
     assert by_uid(store, "dino2") == by_uid(store, "dino")
     st = Store.open(store)
     assert st.sources[0]["type"] == "hf" and st.sources[1]["type"] == "webdataset"
     assert verify(st)["ok"]
 
 
-def test_captions_and_labels_given_on_a_later_run(tmp_path):
+def test_captions_and_labels_given_on_a_later_run(tmp_path, tiny_llama_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     names = []
@@ -135,36 +143,36 @@ def test_captions_and_labels_given_on_a_later_run(tmp_path):
         (folder / f"{name}.jpg").write_bytes(encode(img))
         names.append(name)
     store = tmp_path / "s.zarr"
-    r = extract(store, folder, "minilm", "--field", "caption", "--rows-per-shard", "4", check=False)
+    r = extract(store, folder, tiny_llama_path, "--name", "txt", "--field", "caption", "--rows-per-shard", "4", check=False)
     assert r.returncode == 2 and "empty-caption (6)" in r.stderr and r.stderr.count("\n") == 1
     assert "coverage: 6 of 6 rows done (0 usable)" in r.stdout  # the summary first, then the one-line error
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({n: f"a photo of {n}" for n in names}))
-    out = extract(store, folder, "minilm", "--field", "caption", "--captions", captions).stdout
+    out = extract(store, folder, tiny_llama_path, "--name", "txt", "--field", "caption", "--captions", captions).stdout
     assert "caption filled for 6 existing rows" in out and "valid 6, invalid 0" in out
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({n: ("animal" if n in ("cat", "chelsea", "coffee") else "thing") for n in names}))
-    extract(store, folder, "minilm", "--field", "caption", "--captions", captions, "--labels", labels)
+    api(store, folder, tiny_llama_path, name="txt", field="caption", captions=str(captions), labels=str(labels))
     st = Store.open(store)
     assert st.samples("label").tolist() == [0 if n in ("cat", "chelsea", "coffee") else 1 for n in sorted(names)]
     assert st.root["samples/label"].attrs["names"] == ["animal", "thing"]
     # a conflicting caption is refused, naming the uid and both values
     captions.write_text(json.dumps({**{n: f"a photo of {n}" for n in names}, "coffee": "a dog"}))
-    r = extract(store, folder, "minilm", "--field", "caption", "--captions", captions, check=False)
+    r = extract(store, folder, tiny_llama_path, "--name", "txt", "--field", "caption", "--captions", captions, check=False)
     assert r.returncode == 2 and "uid 'coffee': caption 'a photo of coffee' in the store vs 'a dog' now" in r.stderr
     assert "--update-metadata" in r.stderr and r.stderr.count("\n") == 1
-    out = extract(store, folder, "minilm", "--field", "caption", "--captions", captions, "--update-metadata").stdout
+    out = extract(store, folder, tiny_llama_path, "--name", "txt", "--field", "caption", "--captions", captions, "--update-metadata").stdout
     assert "caption updated for 1 existing rows" in out and "computed 1 rows" in out
     assert Store.open(store).samples("caption").tolist()[sorted(names).index("coffee")] == "a dog"
     assert verify(Store.open(store))["ok"]
 
 
-def test_webdataset_labels_added_later(tmp_path, two_downloads):
+def test_webdataset_labels_added_later(tmp_path, two_downloads, tiny_llama_path):
     a, _ = two_downloads
     store = tmp_path / "s.zarr"
-    extract(store, a, "minilm", "--field", "caption", "--rows-per-shard", R)
+    api(store, a, tiny_llama_path, name="txt", field="caption", rows_per_shard=int(R))
     assert "label" not in Store.open(store).sample_fields()
-    extract(store, a, "minilm", "--field", "caption", "--label-column", "label")
+    extract(store, a, tiny_llama_path, "--name", "txt", "--field", "caption", "--label-column", "label")
     assert Store.open(store).samples("label").tolist() == [i % 3 for i in range(12)]
 
 
@@ -186,7 +194,7 @@ def test_two_processes_appending_different_sources_at_once(tmp_path, two_downloa
     mine = by_uid(store, "dino")
     for src in (a, b):
         alone = tmp_path / f"{src.name}.zarr"
-        extract(alone, src, tiny_dinov2_path, "--name", "dino", "--rows-per-shard", R, "--batch-size", "2")
+        api(alone, src, tiny_dinov2_path, name="dino", rows_per_shard=int(R), batch_size=2)
         for uid, value in by_uid(alone, "dino").items():
             assert mine[uid] == value
 
@@ -196,7 +204,7 @@ def test_two_processes_computing_the_same_feature_set(tmp_path, two_downloads, t
     clean, store = tmp_path / "clean.zarr", tmp_path / "s.zarr"
     args = ["--source", str(a), "--backbone", tiny_dinov2_path, "--name", "dino", "--rows-per-shard", "2",
             "--batch-size", "2", "--no-progress"]
-    subprocess.run([FEATSTORE, "extract", "--store", str(clean), *args], check=True, capture_output=True)
+    api(clean, a, tiny_dinov2_path, name="dino", rows_per_shard=2, batch_size=2)
     procs = [subprocess.Popen([FEATSTORE, "extract", "--store", str(store), *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -210,7 +218,7 @@ def test_two_processes_computing_the_same_feature_set(tmp_path, two_downloads, t
 def test_kill_while_growing_then_verify_and_rerun(tmp_path, two_downloads, tiny_dinov2_path):
     a, b = two_downloads
     store = tmp_path / "s.zarr"
-    extract(store, a, tiny_dinov2_path, "--name", "dino", "--rows-per-shard", "4", "--batch-size", "1")
+    api(store, a, tiny_dinov2_path, name="dino", rows_per_shard=4, batch_size=1)
     before = by_uid(store, "dino")
     progress = store / "_progress" / "dino"
     seen = set(os.listdir(progress))
@@ -233,48 +241,50 @@ def test_kill_while_growing_then_verify_and_rerun(tmp_path, two_downloads, tiny_
     assert all(by_uid(store, "dino")[u] == v for u, v in before.items())
 
 
-def test_validate_before_writing(tmp_path, two_downloads):
+def test_validate_before_writing(tmp_path, two_downloads, tiny_llama_path):
     a, _ = two_downloads
     store = tmp_path / "s.zarr"
     r = extract(store, a, "no-such-model", check=False)
     assert r.returncode == 2 and "unknown backbone" in r.stderr and not store.exists()
-    extract(store, a, "minilm", "--field", "caption", "--rows-per-shard", R)
+    api(store, a, tiny_llama_path, name="txt", field="caption", rows_per_shard=int(R))
     other = tmp_path / "other"
     other.mkdir()
     write_shard(other / "00000.tar", [{"key": "0", "image": encode(real_images(1)[0][1]), "json": {"uid": "new"}}])
     for bad, msg in [(["--backbone", "no-such-model"], "unknown backbone"),
-                     (["--backbone", "minilm", "--field", "caption", "--rows-per-shard", "16"], "cannot take effect"),
-                     (["--backbone", "minilm", "--field", "caption", "--pooling", "cls"], "different identity")]:
+                     (["--backbone", tiny_llama_path, "--name", "txt", "--field", "caption", "--rows-per-shard", "16"],
+                      "cannot take effect"),
+                     (["--backbone", tiny_llama_path, "--name", "txt", "--field", "caption", "--pooling", "mean"],
+                      "different identity")]:
         r = run("extract", "--store", store, "--source", other, *bad, check=False)
         assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert Store.open(store).n_rows == 12  # nothing registered
 
 
-def test_one_line_refusals(tmp_path, two_downloads):
+def test_one_line_refusals(tmp_path, two_downloads, tiny_llama_path):
     a, _ = two_downloads
     store = tmp_path / "s.zarr"
     for bad, msg in [(["--source", a, "--rows-per-shard", "0"], "--rows-per-shard must be >= 1"),
                      (["--source", a, "--name", "a/b"], "bad feature set name"),
                      (["--source", a, "--source-type", "parquet"], "parquet"),
                      (["--update-metadata"], "give it with --source")]:
-        r = run("extract", "--store", store, "--backbone", "minilm", "--field", "caption", *bad, check=False)
+        r = run("extract", "--store", store, "--backbone", tiny_llama_path, "--field", "caption", *bad, check=False)
         assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not store.exists()
-    extract(store, a, "minilm", "--field", "caption", "--rows-per-shard", R)
+    api(store, a, tiny_llama_path, name="txt", field="caption", rows_per_shard=int(R))
     os.chmod(store, 0o555)
     try:
         if os.access(store, os.W_OK):
             pytest.skip("running as a user who may write anywhere (root): read-only has no effect")
-        r = extract(store, a, "minilm", "--field", "caption", "--name", "m2", check=False)
+        r = extract(store, a, tiny_llama_path, "--field", "caption", "--name", "m2", check=False)
         assert r.returncode == 2 and "not writable" in r.stderr and r.stderr.count("\n") == 1
     finally:
         os.chmod(store, 0o755)
 
 
-def test_read_only_store_object_is_one_line(tmp_path, two_downloads):
+def test_read_only_store_object_is_one_line(tmp_path, two_downloads, tiny_llama_path):
     a, _ = two_downloads
     store = tmp_path / "s.zarr"
-    extract(store, a, "minilm", "--field", "caption", "--rows-per-shard", R)
+    api(store, a, tiny_llama_path, name="txt", field="caption", rows_per_shard=int(R))
     from featstore.errors import FeatstoreError
 
     with pytest.raises(FeatstoreError, match="opened read-only"):
@@ -286,7 +296,7 @@ def test_xarray_opens_groups_and_consolidated_metadata_stays_current(tmp_path, t
 
     a, b = two_downloads
     store = tmp_path / "s.zarr"
-    extract(store, a, tiny_dinov2_path, "--name", "dino", "--rows-per-shard", R, "--tokens")
+    api(store, a, tiny_dinov2_path, name="dino", rows_per_shard=int(R), tokens=True)
     zarr.consolidate_metadata(str(store))
     extract(store, b, tiny_dinov2_path, "--name", "dino", "--tokens")  # an append after consolidation
     g = zarr.open_consolidated(str(store), mode="r")
