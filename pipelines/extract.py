@@ -87,13 +87,13 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
                    num_workers, source_path, source_options, update_metadata, store_path)
     if name is not None:
         check_name(name)
-    source = open_source(source_path, source_type, **source_options) if source_path is not None else None
     existing = Store.open(store_path) if _store_exists(store_path) else None
     if existing is not None:
         Store.open(store_path, mode="r+")  # writable and of the current format, or a clear refusal now
         if rows_per_shard is not None and rows_per_shard != existing.rows_per_shard:
             raise ConfigError(f"{store_path} has rows_per_shard {existing.rows_per_shard}; --rows-per-shard "
                               f"{rows_per_shard} cannot take effect on an existing store: omit it")
+    source = open_source(source_path, source_type, **source_options) if source_path is not None else None
     bb = load_backbone(backbone, pooling=pooling, layer=layer, tokens=tokens, device=device,
                        precision=precision, trust_remote_code=trust_remote_code)
     want = "image" if field == "image" else "text"
