@@ -42,10 +42,10 @@ def owner() -> str:
 class StoreFiles:
     """The plain files under a store's root (local path or fsspec URL)."""
 
-    lock_timeout = 600.0  # seconds a writer waits for another one before refusing
-
     def __init__(self, root: str):
         self.root = str(root)
+        # seconds a writer waits for another one before refusing (FEATSTORE_LOCK_TIMEOUT overrides)
+        self.lock_timeout = float(os.environ.get("FEATSTORE_LOCK_TIMEOUT", 600))
         if is_url(self.root):
             import fsspec
 
@@ -87,6 +87,7 @@ class StoreFiles:
         path = self.path(prefix)
         try:
             if self.fs is not None:
+                self.fs.invalidate_cache(path)  # other writers add markers: never a cached listing
                 return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
             return sorted(os.listdir(path))
         except FileNotFoundError:

@@ -332,6 +332,11 @@ def _exists(path: str) -> bool:
     return os.path.exists(path)
 
 
+def store_exists(path) -> bool:
+    """Whether `path` (local or URL) holds a zarr group (a store, or something open() judges)."""
+    return _is_store(_normpath(path))
+
+
 def _is_store(path: str) -> bool:
     """A zarr group with attrs.featstore (or anything else with a zarr.json: open() judges it)."""
     if is_url(path):

@@ -21,7 +21,7 @@ from featstore import format as fmt
 from featstore.errors import ConfigError, ExtractFailed, SourceError
 from featstore.featureset import check_name, check_same, jsonable
 from featstore.progress import Progress
-from featstore.store import Store
+from featstore.store import Store, store_exists
 
 from . import plan
 from .backbones import load_backbone
@@ -66,7 +66,7 @@ def _check_options(field, token_dtype, precision, batch_size, pixels, tokens, de
 
 
 def _store_exists(path) -> bool:
-    return "://" in str(path) or os.path.exists(os.path.join(str(path), "zarr.json"))
+    return store_exists(path)
 
 
 def prepare(store_path, source_path=None, backbone=None, *, name=None, field="image", source_type="auto",
