@@ -27,7 +27,7 @@ def _friendly(fn):
     def wrapper(*args, debug=False, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (FeatstoreError, PermissionError) as e:
+        except FeatstoreError as e:
             if debug:
                 raise
             click.echo(f"error: {e}", err=True)
@@ -92,28 +92,40 @@ def download(urls, out, url_col, caption_col, uid_col, image_size, processes, th
         click.echo(f"  {count:>7,} {reason}")
 
 
+def _extract_choices():
+    from featstore.pipelines.choices import FIELDS, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
+
+    return FIELDS, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
+
+
+_FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES = _extract_choices()
+
+
 @main.command()
 @STORE
-@click.option("--source", "source_path", required=True, help="Webdataset shard dir, HF dataset dir, parquet, or image folder.")
-@click.option("--source-type", type=click.Choice(["auto", "webdataset", "hf", "folder"]), default="auto", show_default=True)
-@click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="Image folder: JSON of uid -> caption.")
+@click.option("--source", "source_path", help="Webdataset shard dir, HF dataset dir, parquet, or image folder "
+              "(omit it to complete the feature set from each row's recorded source).")
+@click.option("--source-type", type=click.Choice(_SOURCE_TYPES), default="auto", show_default=True)
+@click.option("--captions", help="Image folder: JSON of uid -> caption.")
+@click.option("--labels", help="Image folder: JSON of uid -> class name (or class index).")
 @click.option("--uid-field", help="Webdataset json field / HF column holding the uid (default: json 'uid' if present).")
 @click.option("--image-column", help="HF dataset: image column.")
 @click.option("--text-column", help="HF dataset: caption column.")
 @click.option("--label-column", help="HF dataset column / webdataset json field holding a class label.")
-@click.option("--rows-per-shard", type=int, help=f"Rows per shard when creating the store (default {4096}); an existing store keeps its own.")
+@click.option("--update-metadata", is_flag=True, help="Replace stored captions/labels that differ from the source's (refused otherwise).")
+@click.option("--rows-per-shard", type=int, help="Rows per shard when creating the store (default 4096); an existing store keeps its own.")
 @click.option("--backbone", required=True, help="Alias (dinov2-small, clip-vit-b16, efficientnet-lite0, minilm, ...) or a local model path.")
 @click.option("--name", help="Feature set name (default: the alias, or the path's base name).")
-@click.option("--field", type=click.Choice(["image", "caption"]), default="image", show_default=True, help="What to encode.")
-@click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), help="Pooling for generic models.")
+@click.option("--field", type=click.Choice(_FIELDS), default="image", show_default=True, help="What to encode.")
+@click.option("--pooling", type=click.Choice(_POOLINGS), help="Pooling for generic models.")
 @click.option("--layer", type=int, help="Take features from this hidden layer.")
 @click.option("--tokens", is_flag=True, help="Also store patch tokens (N, T, D).")
-@click.option("--token-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True)
+@click.option("--token-dtype", type=click.Choice(_TOKEN_DTYPES), default="float16", show_default=True)
 @click.option("--pixels", help="Also store the exact preprocessed crops as uint8 under pixels/NAME.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast precision of the forward pass.")
-@click.option("--num-workers", default=0, show_default=True, help="Decode processes (0: one decode thread).")
+@click.option("--precision", type=click.Choice(_PRECISIONS), default="fp32", show_default=True, help="Autocast precision of the forward pass.")
+@click.option("--num-workers", default=0, show_default=True, help="Decode processes (0: one decode thread; threads inside Dask workers).")
 @click.option("--workers", type=int, help="Run on a local Dask cluster of N workers (one per GPU with cuda).")
 @click.option("--scheduler", help="Run on an existing Dask cluster at this address (tcp://HOST:PORT).")
 @click.option("--overwrite", is_flag=True, help="Recompute the feature set from scratch.")
@@ -124,12 +136,32 @@ def download(urls, out, url_col, caption_col, uid_col, image_size, processes, th
 def extract(store_path, source_path, as_json, no_progress, **options):
     """Run one backbone over a source and store its features, one row block at a time.
 
-    Resumable: a re-run skips finished blocks.  Bad samples are recorded and skipped."""
+    Resumable: a re-run computes only rows still to do.  A second source grows the store (new
+    uids) and fills rows it holds, matched by uid.  Bad samples are recorded and skipped; a run
+    in which every row failed exits with an error after printing its summary."""
+    from featstore.errors import ExtractFailed
     from featstore.pipelines.extract import extract as run_extract, format_summary
 
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    s = run_extract(store_path, source_path, options.pop("backbone"), progress=not no_progress, log=log, **options)
+    try:
+        s = run_extract(store_path, source_path, options.pop("backbone"), progress=not no_progress, log=log, **options)
+    except ExtractFailed as e:
+        if e.summary:
+            click.echo(json.dumps(e.summary, indent=1) if as_json else format_summary(e.summary))
+        raise
     click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
+
+
+@main.command()
+@STORE
+@_friendly
+def upgrade(store_path):
+    """Convert a format-1 store to format 2 in place (sources, dimension names, row-level markers)."""
+    from featstore.upgrade import upgrade as run_upgrade
+
+    r = run_upgrade(store_path)
+    click.echo(f"{store_path}: format {r['from']} -> {r['to']}; {r['sources']} sources recorded, "
+               f"{r['markers']} markers converted, {r['arrays']} arrays given dimension names")
 
 
 CONFIG = [

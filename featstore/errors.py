@@ -18,8 +18,24 @@ class NotAStore(FeatstoreError, ValueError):
     """The path exists but is not a featstore store."""
 
 
-class FormatTooNew(FeatstoreError):
+class FormatTooNew(FeatstoreError, ValueError):
     """The store was written by a newer featstore than this one."""
+
+
+class FormatTooOld(FeatstoreError, PermissionError):
+    """A store of an older format, opened for writing: it reads, and `featstore upgrade` converts it."""
+
+
+class ReadOnlyStore(FeatstoreError, PermissionError):
+    """Writing to a store opened read-only, or one this process may not write."""
+
+
+class StoreBusy(FeatstoreError, TimeoutError):
+    """Another writer holds the store's lock (named in the message)."""
+
+
+class MetadataConflict(FeatstoreError, ValueError):
+    """A later run brings a caption/label for a uid that differs from the stored one."""
 
 
 class IdentityMismatch(FeatstoreError, ValueError):
@@ -46,6 +62,21 @@ class CheckpointError(FeatstoreError, ValueError):
     """A checkpoint that is missing, incomplete or does not match the store."""
 
 
+class ExtractFailed(FeatstoreError, RuntimeError):
+    """A run that wrote nothing useful (every row it tried failed, or one systemic reason).
+
+    Raised after writing what it could; `summary` is the run's end summary (the CLI prints it
+    before the one-line error)."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+class WorkerError(FeatstoreError, RuntimeError):
+    """A Dask worker failed on a block for a reason that is not a FeatstoreError."""
+
+
 class BadSample(FeatstoreError):
     """One sample that cannot be used; never stops a job. `reason` is a short stable tag
     (e.g. ``corrupt-image``) used to count failures; the message says more."""
@@ -54,3 +85,6 @@ class BadSample(FeatstoreError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+    def __reduce__(self):  # pickles across processes (Dask) with reason and detail intact
+        return (type(self), (self.reason, self.detail))

@@ -1,10 +1,10 @@
-"""The store format (version 1): constants and the one rule for chunk sizes.
+"""The store format (version 2): constants, dimension names and the one rule for chunk sizes.
 
 See DESIGN.md, "The store format".  Everything here is plain data so a reader can check a
 store against it by eye.
 """
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_ROWS_PER_SHARD = 4096
 
 SAMPLES = "samples"
@@ -13,15 +13,29 @@ PIXELS = "pixels"
 PROMPTS = "prompts"
 PROGRESS = "_progress"
 MANIFEST_MARKER = f"{PROGRESS}/manifest.json"
+LOCKS = f"{PROGRESS}/_locks"  # lock files (local stores) / lease objects (object storage)
+INDEX = "index.json"  # _progress/<feature set>/index.json: the compacted markers
 
 # The per-sample fields registered with the manifest.
 UID = "uid"
 CAPTION = "caption"
 LABEL = "label"
 SOURCE_REF = "source_ref"
+SOURCE = "source"  # index into attrs.featstore.sources
+STR_FIELDS = (UID, CAPTION, SOURCE_REF)
+
+# Dimension names (zarr v3 `dimension_names`): the row dimension is named the same everywhere,
+# so `xarray.open_zarr(store, group="features/NAME")` and `group="samples"` open as Datasets.
+ROW = "row"
+DIMS = {
+    "pooled": (ROW, "dim"),
+    "valid": (ROW,),
+    "tokens": (ROW, "token", "token_dim"),
+    "tokens_scale": (ROW, "token"),
+    "pixels": (ROW, "channel", "height", "width"),
+}
 
 TARGET_CHUNK_BYTES = 2 << 20  # aim for ~2 MiB chunks (DESIGN: 1-4 MiB)
-MAX_CHUNK_BYTES = 4 << 20
 
 
 def chunk_rows(row_bytes: int, rows_per_shard: int, max_rows: int | None = None) -> int:
@@ -41,10 +55,6 @@ def chunk_rows(row_bytes: int, rows_per_shard: int, max_rows: int | None = None)
         if rows_per_shard % d == 0 and d <= limit:
             best = d
     return best
-
-
-def block_of(row: int, rows_per_shard: int) -> int:
-    return row // rows_per_shard
 
 
 def block_range(block: int, rows_per_shard: int, n_rows: int) -> tuple[int, int]:

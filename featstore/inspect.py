@@ -8,7 +8,8 @@ import os
 import numpy as np
 
 from . import format as fmt
-from .store import Store, _is_url
+from .files import is_url as _is_url
+from .store import Store
 
 
 def _bytes_on_disk(path: str) -> int | None:
@@ -36,6 +37,8 @@ def summarize(store: Store, examples: int = 3) -> dict:
         "blocks": store.n_blocks,
         "bytes_on_disk": _bytes_on_disk(store.path),
         "sample_fields": store.sample_fields(),
+        "sources": [{k: src.get(k) for k in ("id", "type", "location", "options", "rows", "registered_at")}
+                    for src in store.sources],
         "duplicates_rejected": len(record["duplicates"]),
         "duplicate_examples": record["duplicates"][:examples],
         "feature_sets": {},
@@ -45,12 +48,12 @@ def summarize(store: Store, examples: int = 3) -> dict:
         fs = store.feature_set(name)
         markers = fs.markers()
         done = fs.done_blocks(markers)
-        complete = fs.complete_rows()
+        complete = fs.done_mask(markers)
         valid = np.asarray(fs.array("valid")[:n]) & complete if n else np.zeros(0, bool)
         reasons = collections.Counter()
         uids_by_reason = collections.defaultdict(list)
-        for b in done:
-            for f in markers[b]["failures"]:
+        for b in sorted(markers):
+            for f in markers[b].get("failures", []):
                 reasons[f["reason"]] += 1
                 if len(uids_by_reason[f["reason"]]) < examples:
                     uids_by_reason[f["reason"]].append(f.get("uid"))
@@ -65,6 +68,7 @@ def summarize(store: Store, examples: int = 3) -> dict:
             "blocks_done": len(done),
             "blocks_missing": store.n_blocks - len(done),
             "complete_rows": int(complete.sum()),
+            "rows_to_do": int(n - complete.sum()),
             "coverage": float(complete.sum() / n) if n else 0.0,
             "valid_rows": int(valid.sum()),
             "invalid_rows": int(complete.sum() - valid.sum()),
@@ -87,6 +91,8 @@ def format_summary(s: dict) -> str:
         f"store   {s['path']}  (format {s['format']}, {mib(s['bytes_on_disk'])})",
         f"rows    {s['rows']:,} in {s['blocks']} blocks of {s['rows_per_shard']:,}; fields: {', '.join(s['sample_fields']) or '-'}",
     ]
+    for src in s.get("sources", []):
+        lines.append(f"source  #{src['id']} {src['type']} {src['location']}: {src['rows']:,} rows registered")
     if s["duplicates_rejected"]:
         ex = ", ".join(f"{d['uid']} ({d['source_ref']})" for d in s["duplicate_examples"])
         lines.append(f"        {s['duplicates_rejected']} duplicate uids rejected, e.g. {ex}")
@@ -98,7 +104,8 @@ def format_summary(s: dict) -> str:
         shape = f"pooled {f['dim']}" + (f", tokens {f['tokens'][0]}x{f['tokens'][1]} {f['token_dtype']}" if f["tokens"] else "")
         lines.append(f"features/{name}  [{shape}]  from {model}  {mib(f['bytes_on_disk'])}")
         lines.append(
-            f"        coverage {100 * f['coverage']:.1f}% ({f['blocks_done']}/{f['blocks_done'] + f['blocks_missing']} blocks), "
+            f"        coverage {100 * f['coverage']:.1f}% ({f['complete_rows']:,} rows done, "
+            f"{f['blocks_done']}/{f['blocks_done'] + f['blocks_missing']} blocks complete), "
             f"valid {f['valid_rows']:,}, invalid {f['invalid_rows']:,}" + (f", pixels/{f['pixels']}" if f["pixels"] else "")
         )
         for reason, count in list(f["failures_by_reason"].items())[:5]:

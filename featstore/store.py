@@ -1,187 +1,38 @@
 """Open, create and describe a featstore store: a zarr v3 group on one row grid.
 
-    store.zarr/  samples/{uid,caption,label,source_ref}  features/<name>/{pooled,tokens,tokens_scale,valid}
-                 pixels/<name>  prompts/<name>/...  _progress/<name>/<block>.json
+    store.zarr/  samples/{uid,source,source_ref,caption,label}  features/<name>/{pooled,tokens,tokens_scale,valid}
+                 pixels/<name>  prompts/<name>/...  _progress/<name>/<block>-<version>.json
 
-Rows are registered by one coordinator, appended in order; `attrs.featstore.n_rows` is the
-commit point of a registration (arrays may be longer after a crash mid-registration; the next
-registration overwrites the tail).  Feature rows are written one whole row block at a time by
-`featstore.writer`; a block counts as done only when its marker covers the block's current rows.
+`attrs.featstore` holds the format, the row grid, `n_rows` (the commit point of a registration:
+arrays may be longer after a crash mid-registration; the next registration overwrites the tail),
+the store's identity (`store_id`, `created`, `generation`, bumped by every registration) and
+`sources`, every source rows were registered from (`featstore.register`).  Registration,
+feature-set creation and manifest updates hold the store lock (`Store.lock`); feature rows are
+written one whole row block at a time by `featstore.writer` under that block's lock.
+
+Every open reads the metadata fresh, never through consolidated metadata; a store that carries
+consolidated metadata has it rewritten after every change, so plain-zarr readers that use it
+(`zarr.open_consolidated`, xarray) see the store as it is.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import posixpath
-from dataclasses import dataclass, field
+import uuid
 
 import numpy as np
 import zarr
 
+from . import featureset as fsets
 from . import format as fmt
-from .errors import FormatTooNew, IdentityMismatch, NotAStore, StoreNotFound, UnknownFeatureSet
+from .errors import (ConfigError, FormatTooNew, FormatTooOld, NotAStore, ReadOnlyStore, StoreNotFound,
+                     UnknownFeatureSet)
+from .featureset import FeatureSet, identity_diff, jsonable  # noqa: F401 - re-exported
+from .files import StoreFiles, is_url, now
 
-STR_FIELDS = (fmt.UID, fmt.CAPTION, fmt.SOURCE_REF)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _is_url(path: str) -> bool:
-    return "://" in str(path)
-
-
-class _Files:
-    """Plain (non-zarr) files inside the store directory: markers and the manifest record.
-
-    Local paths are written atomically (temp file + rename) so a kill never leaves half a
-    marker; other fsspec URLs go through fsspec.
-    """
-
-    def __init__(self, root: str):
-        self.root = str(root)
-        if _is_url(self.root):
-            import fsspec
-
-            self.fs, self.base = fsspec.core.url_to_fs(self.root)
-        else:
-            self.fs, self.base = None, os.path.abspath(self.root)
-
-    def _path(self, key: str) -> str:
-        return posixpath.join(self.base, key)
-
-    def write_json(self, key: str, obj) -> None:
-        data = json.dumps(obj, indent=1, sort_keys=True).encode()
-        path = self._path(key)
-        if self.fs is not None:
-            self.fs.pipe_file(path, data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def read_json(self, key: str):
-        path = self._path(key)
-        try:
-            if self.fs is not None:
-                return json.loads(self.fs.cat_file(path))
-            with open(path, "rb") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
-
-    def list(self, prefix: str) -> list[str]:
-        path = self._path(prefix)
-        try:
-            if self.fs is not None:
-                return sorted(posixpath.basename(p) for p in self.fs.ls(path, detail=False))
-            return sorted(os.listdir(path))
-        except FileNotFoundError:
-            return []
-
-    def remove_tree(self, prefix: str) -> None:
-        path = self._path(prefix)
-        if self.fs is not None:
-            if self.fs.exists(path):
-                self.fs.rm(path, recursive=True)
-            return
-        import shutil
-
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def identity_diff(stored: dict, given: dict) -> list[str]:
-    """Human-readable differences between two identities, one item per differing key."""
-    out = []
-    for key in sorted(set(stored) | set(given)):
-        a, b = stored.get(key, "<absent>"), given.get(key, "<absent>")
-        if _jsonable(a) != _jsonable(b):
-            out.append(f"{key}: {a!r} in the store vs {b!r} now")
-    return out
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, sort_keys=True, default=str))
-
-
-@dataclass
-class FeatureSet:
-    """One backbone's outputs over the store's rows: `features/<name>/`."""
-
-    store: "Store"
-    name: str
-    group: zarr.Group = field(repr=False)
-
-    @property
-    def identity(self) -> dict:
-        return dict(self.group.attrs.get("identity", {}))
-
-    @property
-    def attrs(self) -> dict:
-        return dict(self.group.attrs)
-
-    @property
-    def pixels_name(self) -> str | None:
-        return self.group.attrs.get("pixels")
-
-    def arrays(self) -> dict[str, zarr.Array]:
-        """The arrays a writer fills for this feature set, keyed by store path."""
-        out = {f"{fmt.FEATURES}/{self.name}/{k}": v for k, v in sorted(self.group.arrays())}
-        if self.pixels_name:
-            out[f"{fmt.PIXELS}/{self.pixels_name}"] = self.store.root[f"{fmt.PIXELS}/{self.pixels_name}"]
-        return out
-
-    def array(self, key: str) -> zarr.Array:
-        try:
-            return self.group[key]
-        except KeyError:
-            raise UnknownFeatureSet(f"feature set '{self.name}' has no '{key}' array") from None
-
-    def marker(self, block: int) -> dict | None:
-        return self.store.files.read_json(f"{fmt.PROGRESS}/{self.name}/{block}.json")
-
-    def markers(self) -> dict[int, dict]:
-        out = {}
-        for fname in self.store.files.list(f"{fmt.PROGRESS}/{self.name}"):
-            if fname.endswith(".json") and fname[:-5].isdigit():
-                m = self.store.files.read_json(f"{fmt.PROGRESS}/{self.name}/{fname}")
-                if m is not None:
-                    out[int(fname[:-5])] = m
-        return out
-
-    def done_blocks(self, markers: dict[int, dict] | None = None) -> list[int]:
-        """Blocks whose marker covers the block's current rows (a block that grew is not done)."""
-        markers = self.markers() if markers is None else markers
-        n, r = self.store.n_rows, self.store.rows_per_shard
-        return sorted(
-            b for b, m in markers.items() if b < self.store.n_blocks and list(m["rows"]) == list(fmt.block_range(b, r, n))
-        )
-
-    def missing_blocks(self) -> list[int]:
-        done = set(self.done_blocks())
-        return [b for b in range(self.store.n_blocks) if b not in done]
-
-    def complete_rows(self) -> np.ndarray:
-        """Boolean mask (n_rows,): rows in a finished block."""
-        mask = np.zeros(self.store.n_rows, dtype=bool)
-        for b in self.done_blocks():
-            start, stop = self.store.block_range(b)
-            mask[start:stop] = True
-        return mask
-
-    def usable_rows(self) -> np.ndarray:
-        """Boolean mask (n_rows,): rows in a finished block whose `valid` is true."""
-        mask = self.complete_rows()
-        if mask.any():
-            mask &= self.group["valid"][: self.store.n_rows]
-        return mask
+STR_FIELDS = fmt.STR_FIELDS
+_now = now  # old names, kept for callers
+_is_url = is_url
 
 
 class Store:
@@ -191,43 +42,52 @@ class Store:
         self.path = str(path)
         self.root = root
         self.mode = mode
-        self.files = _Files(self.path)
+        self.files = StoreFiles(self.path)
         self._uid_index: tuple[np.ndarray, np.ndarray] | None = None
+        # whether the store carries consolidated metadata, seen before this view writes anything
+        # (zarr drops it from zarr.json when the root's attrs are rewritten)
+        self._consolidated = mode != "r" and self.has_consolidated()
 
     # ---- open / create -------------------------------------------------------------------
     @classmethod
     def create(cls, path, rows_per_shard: int = fmt.DEFAULT_ROWS_PER_SHARD) -> "Store":
-        """Create a new store at `path`, or open it if it is already a store (keeping its
-        own rows_per_shard)."""
-        path = str(path)
-        if _exists(path):
-            try:
-                return cls.open(path, mode="r+")
-            except NotAStore:
-                if not _is_url(path) and os.path.isdir(path) and not os.listdir(path):
-                    pass  # an empty directory may become a store
-                else:
-                    raise
+        """Create a new store at `path`, or open it if it is already a store (keeping its own
+        rows_per_shard).  Two processes creating the same store at once get one store."""
+        path = _normpath(path)
         if int(rows_per_shard) < 1:
-            raise ValueError("rows_per_shard must be >= 1")
-        root = zarr.open_group(path, mode="w", zarr_format=3)
-        root.attrs["featstore"] = {
-            "format": fmt.FORMAT_VERSION,
-            "rows_per_shard": int(rows_per_shard),
-            "n_rows": 0,
-            "created": _now(),
-        }
-        root.require_group(fmt.SAMPLES)
-        root.require_group(fmt.FEATURES)
-        return cls(path, root, "r+")
+            raise ConfigError(f"rows_per_shard must be >= 1, not {rows_per_shard}")
+        if _is_store(path):
+            return cls.open(path, mode="r+")
+        if _exists(path) and not _may_become_store(path):
+            raise NotAStore(f"{path} exists and is not a featstore store (not a zarr v3 group): "
+                            "give a new path or an empty folder")
+        files = StoreFiles(path)
+        with files.lock("store", "the store"):
+            if _is_store(path):  # another process created it while we waited
+                return cls.open(path, mode="r+")
+            attrs = {"featstore": {
+                "format": fmt.FORMAT_VERSION,
+                "rows_per_shard": int(rows_per_shard),
+                "n_rows": 0,
+                "created": now(),
+                "store_id": uuid.uuid4().hex,
+                "generation": 0,
+                "sources": [],
+            }}
+            root = zarr.create_group(path, zarr_format=3, overwrite=False, attributes=attrs)
+            root.require_group(fmt.SAMPLES)
+            root.require_group(fmt.FEATURES)
+        return cls.open(path, mode="r+")
 
     @classmethod
-    def open(cls, path, mode: str = "r") -> "Store":
-        path = str(path)
+    def open(cls, path, mode: str = "r", *, allow_old: bool = False) -> "Store":
+        """Open a store.  A format-1 store opens read-only (`featstore upgrade` converts it);
+        `mode="r+"` checks that this process may write it."""
+        path = _normpath(path)
         if not _exists(path):
             raise StoreNotFound(f"no store at {path}: check the path, or create one with `featstore extract`")
         try:
-            root = zarr.open_group(path, mode=mode, zarr_format=3)
+            root = zarr.open_group(path, mode="r", zarr_format=3, use_consolidated=False)
         except Exception:
             raise NotAStore(f"{path} is not a featstore store (not a zarr v3 group)") from None
         meta = root.attrs.get("featstore")
@@ -238,12 +98,39 @@ class Store:
                 f"{path} has store format {meta['format']}, newer than this featstore understands "
                 f"({fmt.FORMAT_VERSION}): upgrade featstore"
             )
+        if mode != "r":
+            if int(meta["format"]) < fmt.FORMAT_VERSION and not allow_old:
+                raise FormatTooOld(
+                    f"{path} has store format {meta['format']}: it can be read, but not written by this featstore; "
+                    f"convert it once with `featstore upgrade --store {path}`"
+                )
+            if not is_url(path) and not os.access(path, os.W_OK):
+                raise ReadOnlyStore(f"{path} is not writable here (check its permissions), so nothing can be added to it")
+            root = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
         return cls(path, root, mode)
+
+    def fresh(self) -> "Store":
+        """The same store re-opened: metadata as it is now (other writers may have grown it)."""
+        return Store.open(self.path, mode=self.mode, allow_old=self.format < fmt.FORMAT_VERSION)
+
+    def lock(self):
+        """The store lock: registration, feature-set creation and manifest updates hold it."""
+        self._require_writable()
+        return self.files.lock("store", "the store")
+
+    def block_lock(self, name: str, block: int):
+        """The lock of one row block of one feature set (the read-back -> write -> marker cycle)."""
+        self._require_writable()
+        return self.files.lock(f"{name}.{block}", f"block {block} of features/{name}")
 
     # ---- the row grid --------------------------------------------------------------------
     @property
     def meta(self) -> dict:
         return dict(self.root.attrs["featstore"])
+
+    @property
+    def format(self) -> int:
+        return int(self.meta["format"])
 
     @property
     def rows_per_shard(self) -> int:
@@ -257,8 +144,20 @@ class Store:
     def n_blocks(self) -> int:
         return fmt.n_blocks(self.n_rows, self.rows_per_shard)
 
+    @property
+    def identity(self) -> tuple:
+        """What a cached view of this store must match to still be current: path, creation,
+        and the registration generation (every registration bumps it)."""
+        m = self.meta
+        return (self.path, m.get("store_id") or m.get("created"), int(m.get("generation", 0)), self.n_rows)
+
     def block_range(self, block: int) -> tuple[int, int]:
         return fmt.block_range(block, self.rows_per_shard, self.n_rows)
+
+    @property
+    def sources(self) -> list[dict]:
+        """Every source rows were registered from (`samples/source` indexes this list)."""
+        return [dict(s) for s in self.meta.get("sources", [])]
 
     # ---- samples -------------------------------------------------------------------------
     def sample_fields(self) -> list[str]:
@@ -298,86 +197,26 @@ class Store:
         found = sorted_uids[pos_c] == query
         return np.where(found, order[pos_c], -1).astype(np.int64)
 
-    def register(self, uids, captions=None, labels=None, source_refs=None, label_names=None) -> dict:
-        """Append new uids (with their fields) as rows.  The first occurrence of a uid keeps its
-        row; uids already in the store are left as they are; later duplicates within `uids` are
-        returned (and recorded by the caller in the manifest record).  Returns counts."""
-        self._require_writable()
-        uids = np.asarray(uids).astype(object).astype(str)
-        n_in = len(uids)
-        captions = _col(captions, n_in, "")
-        source_refs = _col(source_refs, n_in, "")
-        labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        _, first = np.unique(uids, return_index=True)
-        keep_first = np.zeros(n_in, dtype=bool)
-        keep_first[first] = True
-        duplicates = [
-            {"uid": str(uids[i]), "source_ref": str(source_refs[i])} for i in np.flatnonzero(~keep_first)
-        ]
-        existing = self.rows_of(uids) >= 0
-        new = np.flatnonzero(keep_first & ~existing)  # in source order
-        start, add = self.n_rows, len(new)
-        if add:
-            values = {
-                fmt.UID: uids[new],
-                fmt.CAPTION: captions[new],
-                fmt.SOURCE_REF: source_refs[new],
-            }
-            if labels is not None:
-                values[fmt.LABEL] = labels[new]
-            self._append_samples(start, values, label_names)
-            self._resize_features(start + add)
-            meta = self.meta
-            meta["n_rows"] = start + add
-            self.root.attrs["featstore"] = meta  # the commit point
-            self._uid_index = None
-        return {"registered": int(add), "already_present": int(existing[keep_first].sum()),
-                "duplicates": duplicates, "n_rows": self.n_rows}
+    def register(self, uids, captions=None, labels=None, source_refs=None, label_names=None, *,
+                 source: dict | None = None, update_metadata: bool = False) -> dict:
+        """Append the new uids as rows and fill metadata of the known ones (`featstore.register`)."""
+        from .register import register
 
-    def _append_samples(self, start: int, values: dict, label_names) -> None:
-        group = self.root[fmt.SAMPLES]
-        stop = start + len(values[fmt.UID])
-        r = self.rows_per_shard
-        for name, data in values.items():
-            if name in group:
-                arr = group[name]
-            else:
-                is_str = name in STR_FIELDS
-                arr = group.create_array(
-                    name,
-                    shape=(start,),
-                    dtype=str if is_str else "int64",
-                    chunks=(fmt.chunk_rows(64 if is_str else 8, r),),
-                    shards=(r,),
-                    fill_value="" if is_str else -1,
-                )
-            arr.resize((stop,))
-            arr[start:stop] = data
-        for name in list(group.array_keys()):
-            if name not in values:  # a field this registration did not bring: keep arrays aligned
-                group[name].resize((stop,))
-        if label_names is not None and fmt.LABEL in group:
-            group[fmt.LABEL].attrs["names"] = [str(x) for x in label_names]
-
-    def _resize_features(self, n: int) -> None:
-        for fs_name in self.feature_set_names():
-            for _, arr in self.root[f"{fmt.FEATURES}/{fs_name}"].arrays():
-                arr.resize((n,) + arr.shape[1:])
-        if fmt.PIXELS in self.root:
-            for _, arr in self.root[fmt.PIXELS].arrays():
-                arr.resize((n,) + arr.shape[1:])
+        return register(self, uids, captions=captions, labels=labels, source_refs=source_refs,
+                        label_names=label_names, source=source, update_metadata=update_metadata)
 
     def manifest_record(self) -> dict:
         return self.files.read_json(fmt.MANIFEST_MARKER) or {"duplicates": [], "registrations": []}
 
     def record_manifest(self, source: str, result: dict) -> None:
-        """Keep the duplicate uids a registration rejected, and what it registered."""
+        """Keep the duplicate uids a registration rejected, and what it registered (store lock held)."""
         rec = self.manifest_record()
         seen = {(d["uid"], d["source_ref"]) for d in rec["duplicates"]}
-        rec["duplicates"] += [d for d in result["duplicates"] if (d["uid"], d["source_ref"]) not in seen]
+        rec["duplicates"] += [{**d, "source": result.get("source_id")} for d in result["duplicates"]
+                              if (d["uid"], d["source_ref"]) not in seen]
         rec["registrations"].append(
-            {"source": source, "registered": result["registered"], "already_present": result["already_present"],
-             "duplicates": len(result["duplicates"]), "at": _now()}
+            {"source": source, "source_id": result.get("source_id"), "registered": result["registered"],
+             "already_present": result["already_present"], "duplicates": len(result["duplicates"]), "at": now()}
         )
         self.files.write_json(fmt.MANIFEST_MARKER, rec)
 
@@ -388,88 +227,41 @@ class Store:
         return sorted(k for k, _ in self.root[fmt.FEATURES].groups())
 
     def feature_set(self, name: str) -> FeatureSet:
-        key = f"{fmt.FEATURES}/{name}"
         if name not in self.feature_set_names():
             have = ", ".join(self.feature_set_names()) or "none"
             raise UnknownFeatureSet(f"the store has no feature set '{name}' (it has: {have})")
-        return FeatureSet(self, name, self.root[key])
+        return FeatureSet(self, name, self.root[f"{fmt.FEATURES}/{name}"])
 
-    def create_feature_set(
-        self,
-        name: str,
-        identity: dict,
-        dim: int,
-        *,
-        tokens: tuple[int, int] | None = None,
-        token_dtype: str = "float16",
-        dtype: str = "float16",
-        pixels: str | None = None,
-        pixels_shape: tuple[int, int, int] | None = None,
-        pixels_identity: dict | None = None,
-        compressors=None,
-    ) -> FeatureSet:
-        """Create `features/<name>` (or return it when its identity matches `identity`).
+    def create_feature_set(self, name: str, identity: dict, dim: int, *, tokens: tuple[int, int] | None = None,
+                           token_dtype: str = "float16", dtype: str = "float16", pixels: str | None = None,
+                           pixels_shape: tuple[int, int, int] | None = None, pixels_identity: dict | None = None,
+                           compressors=None) -> FeatureSet:
+        """Create `features/<name>` (or return it when its identity and layout match).
 
         A feature set of the same name made with a different identity is refused, showing the
         difference.  Arrays are sharded on the store's row grid, chunks sized by row width.
+        Runs under the store lock, so two processes creating the same name get one feature set.
         """
         self._require_writable()
-        if not name or "/" in name or name.startswith((".", "_")):
-            raise ValueError(f"bad feature set name {name!r}")
-        identity = _jsonable(identity)
-        if name in self.feature_set_names():
-            fs = self.feature_set(name)
-            diff = identity_diff(fs.identity, identity)
-            if diff:
-                raise IdentityMismatch(
-                    f"feature set '{name}' in {self.path} was made with a different identity "
-                    f"({'; '.join(diff)}): pick another --name, or --overwrite to recompute"
-                )
-            return fs
-        if pixels and pixels in self.pixels_names():
-            raise IdentityMismatch(f"pixels '{pixels}' already exist in {self.path}: pick another pixels name")
-        n, r = self.n_rows, self.rows_per_shard
-        group = self.root.require_group(f"{fmt.FEATURES}/{name}")
+        fsets.check_name(name)
+        identity = jsonable(identity)
+        with self.lock():
+            cur = self.fresh()
+            if name in cur.feature_set_names():
+                fs = cur.feature_set(name)
+                fsets.check_same(fs, identity, tokens=tokens, token_dtype=token_dtype, pixels=pixels)
+                self.root = cur.root
+                return FeatureSet(self, name, fs.group)
+            if pixels and pixels in cur.pixels_names():
+                from .errors import IdentityMismatch
 
-        def make(key, shape_tail, dt, max_rows=None, fill=0):
-            row_bytes = int(np.prod(shape_tail, dtype=np.int64)) * np.dtype(dt).itemsize
-            c = fmt.chunk_rows(row_bytes, r, max_rows)
-            group.create_array(
-                key, shape=(n,) + tuple(shape_tail), dtype=dt, chunks=(c,) + tuple(shape_tail),
-                shards=(r,) + tuple(shape_tail), compressors=compressors, fill_value=fill,
-            )
-
-        make("pooled", (int(dim),), dtype)
-        make("valid", (), "bool", fill=False)
-        if tokens is not None:
-            t, d = (int(x) for x in tokens)
-            if token_dtype == "int8":
-                make("tokens", (t, d), "int8", max_rows=16)
-                make("tokens_scale", (t,), "float16")
-            elif token_dtype in ("float16", "float32", "bfloat16"):
-                make("tokens", (t, d), "float16" if token_dtype == "bfloat16" else token_dtype, max_rows=16)
-            else:
-                raise ValueError(f"token dtype must be float16 or int8, not {token_dtype!r}")
-        if pixels:
-            c, h, w = (int(x) for x in pixels_shape)
-            pg = self.root.require_group(fmt.PIXELS)
-            row_bytes = c * h * w
-            pg.create_array(
-                pixels, shape=(n, c, h, w), dtype="uint8", chunks=(fmt.chunk_rows(row_bytes, r, 64), c, h, w),
-                shards=(r, c, h, w), compressors=None, fill_value=0,
-                attributes={"identity": _jsonable(pixels_identity or {}), "feature_set": name},
-            )
-        group.attrs.update(
-            {
-                "identity": identity,
-                "dim": int(dim),
-                "tokens": list(tokens) if tokens is not None else None,
-                "token_dtype": token_dtype if tokens is not None else None,
-                "pixels": pixels,
-                "created": _now(),
-            }
-        )
-        return FeatureSet(self, name, group)
+                raise IdentityMismatch(f"pixels '{pixels}' already exist in {self.path}: pick another pixels name")
+            fs = fsets.create(cur, name, identity, dim, tokens=tokens, token_dtype=token_dtype, dtype=dtype,
+                              pixels=pixels, pixels_shape=pixels_shape, pixels_identity=pixels_identity,
+                              compressors=compressors)
+            cur.keep_consolidated()
+        self.root = cur.root
+        return FeatureSet(self, name, fs.group)
 
     def pixels_names(self) -> list[str]:
         if fmt.PIXELS not in self.root:
@@ -485,12 +277,16 @@ class Store:
     def remove_feature_set(self, name: str) -> None:
         """Delete a feature set, the pixels written with it, and its markers."""
         self._require_writable()
-        fs = self.feature_set(name)
-        pixels = fs.pixels_name
-        self.files.remove_tree(f"{fmt.PROGRESS}/{name}")  # markers first: never a marker without data
-        if pixels and pixels in self.pixels_names():
-            del self.root[fmt.PIXELS][pixels]
-        del self.root[fmt.FEATURES][name]
+        with self.lock():
+            cur = self.fresh()
+            fs = cur.feature_set(name)
+            pixels = fs.pixels_name
+            cur.files.remove_tree(f"{fmt.PROGRESS}/{name}")  # markers first: never a marker without data
+            if pixels and pixels in cur.pixels_names():
+                del cur.root[fmt.PIXELS][pixels]
+            del cur.root[fmt.FEATURES][name]
+            cur.keep_consolidated()
+        self.root = cur.root
 
     def array(self, path: str) -> zarr.Array:
         """Any array by its path in the store, e.g. `features/dino/pooled`."""
@@ -502,27 +298,57 @@ class Store:
             raise UnknownFeatureSet(f"the store has no array '{path}'")
         return node
 
+    # ---- consolidated metadata -----------------------------------------------------------
+    def has_consolidated(self) -> bool:
+        doc = self.files.read_json("zarr.json") or {}
+        return bool(doc.get("consolidated_metadata"))
+
+    def keep_consolidated(self) -> None:
+        """After a metadata change: if the store carries consolidated metadata, rewrite it so
+        readers that use it see the change (the store lock is held)."""
+        if self._consolidated or self.has_consolidated():
+            zarr.consolidate_metadata(self.path, zarr_format=3)
+            self._consolidated = True
+
     def _require_writable(self) -> None:
         if self.mode == "r":
-            raise PermissionError(f"{self.path} was opened read-only")
+            raise ReadOnlyStore(f"{self.path} was opened read-only: open it with mode='r+' to write")
 
     def __repr__(self) -> str:
         return f"Store({self.path!r}, rows={self.n_rows}, rows_per_shard={self.rows_per_shard}, features={self.feature_set_names()})"
 
 
-def _col(values, n: int, fill: str) -> np.ndarray:
-    if values is None:
-        return np.full(n, fill, dtype=object).astype(str)
-    out = np.array(["" if v is None else str(v) for v in values], dtype=object).astype(str)
-    if len(out) != n:
-        raise ValueError(f"expected {n} values, got {len(out)}")
-    return out
+def _normpath(path) -> str:
+    path = str(path)
+    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def _exists(path: str) -> bool:
-    if _is_url(path):
+    if is_url(path):
         import fsspec
 
         fs, p = fsspec.core.url_to_fs(path)
         return fs.exists(p)
     return os.path.exists(path)
+
+
+def store_exists(path) -> bool:
+    """Whether `path` (local or URL) holds a zarr group (a store, or something open() judges)."""
+    return _is_store(_normpath(path))
+
+
+def _is_store(path: str) -> bool:
+    """A zarr group with attrs.featstore (or anything else with a zarr.json: open() judges it)."""
+    if is_url(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.exists(f"{p.rstrip('/')}/zarr.json")
+    return os.path.isfile(os.path.join(path, "zarr.json"))
+
+
+def _may_become_store(path: str) -> bool:
+    """An empty folder, or one holding only the lock folder of a store being created."""
+    if is_url(path):
+        return True
+    return os.path.isdir(path) and set(os.listdir(path)) <= {fmt.PROGRESS}

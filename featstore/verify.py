@@ -1,8 +1,11 @@
 """Check a store against its own markers and the format's rules; list every problem found.
 
-An unmarked block is not a problem (it is work not done yet: a re-run does it); a marker whose
-checksums do not match the bytes, duplicate uids, NaN/inf in finished valid rows, or attrs
-that break the format are.
+Rows still to do are not a problem (work not done yet: a re-run does it).  Problems: a marker
+whose checksums do not match the bytes, or that names rows outside its block, failures outside
+its done rows, sources the store does not record, or a uid that is not the row's; a row not
+done that is marked valid; duplicate or empty uids; rows whose source is not recorded; an array
+shorter than n_rows; NaN/inf in valid rows; attrs that break the format; an index entry that
+disagrees with its marker file.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import format as fmt
+from .progress import done_ranges, mask_of
 from .store import Store
 from .writer import block_checksums
 
@@ -22,58 +26,131 @@ def verify(store: Store) -> dict:
     n, r = store.n_rows, store.rows_per_shard
     if not isinstance(meta.get("rows_per_shard"), int) or r < 1:
         problems.append(f"attrs.featstore.rows_per_shard is {meta.get('rows_per_shard')!r}, not a positive int")
-    for field in store.sample_fields():
-        length = store.root[f"{fmt.SAMPLES}/{field}"].shape[0]
-        if length < n:
-            problems.append(f"samples/{field} has {length} rows but the store has {n}")
-        elif length > n:
-            notes.append(f"samples/{field} has {length - n} rows past n_rows (an interrupted registration; the next extract overwrites them)")
-    uids = store.uids()
-    if n:
-        values, counts = np.unique(uids.astype(object).astype(str), return_counts=True)
-        if (counts > 1).any():
-            dup = values[counts > 1]
-            problems.append(f"{len(dup)} uids appear more than once, e.g. {', '.join(map(str, dup[:3]))}")
-        if (values == "").any():
-            problems.append("some registered rows have an empty uid")
-
+    if store.format < fmt.FORMAT_VERSION:
+        notes.append(f"store format {store.format}: read-only here; `featstore upgrade --store {store.path}` converts it")
+    _check_samples(store, problems, notes)
     checked = 0
     for name in store.feature_set_names():
-        fs = store.feature_set(name)
-        if not fs.identity:
-            problems.append(f"features/{name} has no identity in its attrs")
-        for path, arr in fs.arrays().items():
-            if arr.shape[0] != n:
-                problems.append(f"{path} has {arr.shape[0]} rows but the store has {n}")
-        if fs.pixels_name and fs.pixels_name not in store.pixels_names():
-            problems.append(f"features/{name} names pixels/{fs.pixels_name}, which does not exist")
-        markers = fs.markers()
-        done = fs.done_blocks(markers)
-        stale = sorted(set(markers) - set(done))
-        if stale:
-            notes.append(f"features/{name}: {len(stale)} block(s) grew since they were written and will be recomputed")
-        for b in done:
-            m = markers[b]
-            start, stop = store.block_range(b)
-            actual = block_checksums(store, name, b)
-            expected = m.get("checksums", {})
-            for path in sorted(set(actual) | set(expected)):
-                if actual.get(path) != expected.get(path):
-                    problems.append(f"features/{name} block {b} (rows {start}-{stop}): {path} does not match its marker's checksum")
-            valid = np.asarray(fs.array("valid")[start:stop])
-            if int(valid.sum()) != m.get("n_valid"):
-                problems.append(f"features/{name} block {b}: {int(valid.sum())} valid rows, marker says {m.get('n_valid')}")
-            for key in ("pooled", "tokens"):
-                if key in fs.group and fs.array(key).dtype.kind == "f":
-                    x = np.asarray(fs.array(key)[start:stop])[valid]
-                    if x.size and not np.isfinite(x).all():
-                        problems.append(f"features/{name}/{key} block {b}: NaN or inf in valid rows")
-            checked += 1
-        missing = store.n_blocks - len(done)
-        if missing:
-            notes.append(f"features/{name}: {missing} of {store.n_blocks} blocks not written yet")
+        checked += _check_feature_set(store, name, problems, notes)
     for pname in store.pixels_names():
         owner = store.pixels(pname).attrs.get("feature_set")
         if owner not in store.feature_set_names():
             problems.append(f"pixels/{pname} belongs to feature set {owner!r}, which does not exist")
     return {"ok": not problems, "problems": problems, "notes": notes, "checked_blocks": checked}
+
+
+def _check_samples(store: Store, problems: list, notes: list) -> None:
+    n = store.n_rows
+    for field in store.sample_fields():
+        length = store.root[f"{fmt.SAMPLES}/{field}"].shape[0]
+        if length < n:
+            problems.append(f"samples/{field} has {length} rows but the store has {n}")
+        elif length > n:
+            notes.append(f"samples/{field} has {length - n} rows past n_rows (an interrupted registration; "
+                         "the next extract overwrites them)")
+    if n and fmt.UID not in store.sample_fields():
+        problems.append(f"the store has {n} rows but no samples/uid")
+        return
+    uids = store.uids().astype(object).astype(str)
+    if n:
+        values, counts = np.unique(uids, return_counts=True)
+        if (counts > 1).any():
+            dup = values[counts > 1]
+            problems.append(f"{len(dup)} uids appear more than once, e.g. {', '.join(map(str, dup[:3]))}")
+        if (uids == "").any():
+            problems.append(f"{int((uids == '').sum())} registered rows have an empty uid")
+    sources = store.sources
+    if store.format >= 2 and n:
+        if fmt.SOURCE not in store.sample_fields():
+            problems.append("samples/source is missing")
+            return
+        ids = np.asarray(store.samples(fmt.SOURCE), dtype=np.int64)
+        known = {int(s["id"]) for s in sources}
+        bad = ~np.isin(ids, list(known) + [-1])
+        if bad.any():
+            problems.append(f"{int(bad.sum())} rows name a source the store does not record, e.g. row {int(np.flatnonzero(bad)[0])}")
+        for s in sources:
+            have = int((ids == int(s["id"])).sum())
+            if have != int(s.get("rows", have)):
+                problems.append(f"source #{s['id']} ({s.get('location')}) registered {s.get('rows')} rows but "
+                                f"{have} rows name it")
+        if [int(s["id"]) for s in sources] != list(range(len(sources))):
+            problems.append("attrs.featstore.sources ids are not 0..k-1 in order")
+    record = store.manifest_record()
+    registered_total = sum(int(x.get("registered", 0)) for x in record.get("registrations", []))
+    if store.format >= 2 and registered_total > n:
+        problems.append(f"the manifest record says {registered_total} rows were registered but the store has {n}")
+
+
+def _check_feature_set(store: Store, name: str, problems: list, notes: list) -> int:
+    n = store.n_rows
+    fs = store.feature_set(name)
+    if not fs.identity:
+        problems.append(f"features/{name} has no identity in its attrs")
+    for path, arr in fs.arrays().items():
+        if arr.shape[0] < n:
+            problems.append(f"{path} has {arr.shape[0]} rows but the store has {n}")
+        elif arr.shape[0] > n:
+            notes.append(f"{path} has {arr.shape[0] - n} rows past n_rows (an interrupted registration)")
+    if fs.pixels_name and fs.pixels_name not in store.pixels_names():
+        problems.append(f"features/{name} names pixels/{fs.pixels_name}, which does not exist")
+        return 0
+    markers = fs.markers()
+    index = (store.files.read_json(f"{fmt.PROGRESS}/{name}/{fmt.INDEX}") or {}).get("markers", {})
+    known_sources = {str(s["id"]) for s in store.sources} | {"store", "upgraded"}
+    uids = store.uids()
+    valid_all = np.asarray(fs.array("valid")[:n]) if n else np.zeros(0, bool)
+    checked = 0
+    for b, m in sorted(markers.items()):
+        where = f"features/{name} block {b}"
+        start, stop = m["rows"]
+        if start != b * store.rows_per_shard or stop > n or stop <= start or stop > start + store.rows_per_shard:
+            problems.append(f"{where}: marker extent rows {start}-{stop} does not fit the block grid of {n} rows")
+            continue
+        done = mask_of(done_ranges(m), start, stop)
+        outside = [x for x in done_ranges(m) if x[0] < start or x[1] > stop]
+        if outside:
+            problems.append(f"{where}: marker names rows {outside[0]} outside its extent {start}-{stop}")
+        actual = block_checksums(store, name, b, (start, stop))
+        expected = m.get("checksums", {})
+        for path in sorted(set(actual) | set(expected)):
+            if actual.get(path) != expected.get(path):
+                problems.append(f"{where} (rows {start}-{stop}): {path} does not match its marker's checksum")
+        valid = valid_all[start:stop]
+        if (valid & ~done).any():
+            problems.append(f"{where}: {int((valid & ~done).sum())} rows not done are marked valid")
+        if int(valid[done].sum()) != m.get("n_valid"):
+            problems.append(f"{where}: {int(valid[done].sum())} valid rows, marker says {m.get('n_valid')}")
+        for f in m.get("failures", []):
+            row = int(f["row"])
+            if not (start <= row < stop) or not done[row - start]:
+                problems.append(f"{where}: failure of row {row} is not a done row of the block")
+                break
+            if f.get("uid") is not None and str(uids[row]) != str(f["uid"]):
+                problems.append(f"{where}: failure of row {row} names uid {f['uid']!r} but the row is {str(uids[row])!r}")
+                break
+        if "sources" in m:
+            unknown = sorted(set(m["sources"]) - known_sources)
+            if unknown:
+                problems.append(f"{where}: marker names source(s) {', '.join(unknown)} the store does not record")
+            covered = np.zeros(stop - start, bool)
+            for ranges in m["sources"].values():
+                covered |= mask_of(ranges, start, stop)
+            if (covered != done).any():
+                problems.append(f"{where}: the rows its sources computed are not the rows it names as done")
+        cached = index.get(str(b))
+        if cached is not None and cached.get("version") == m.get("version") and cached != m:
+            problems.append(f"{where}: the progress index disagrees with marker version {m.get('version')}")
+        for key in ("pooled", "tokens"):
+            if key in fs.group and fs.array(key).dtype.kind == "f":
+                x = np.asarray(fs.array(key)[start:stop])[valid & done]
+                if x.size and not np.isfinite(x).all():
+                    problems.append(f"features/{name}/{key} block {b}: NaN or inf in valid rows")
+        checked += 1
+    orphan = sorted(b for b in markers if b >= store.n_blocks)
+    if orphan:
+        problems.append(f"features/{name}: markers for blocks {orphan[:3]} past the store's {store.n_blocks} blocks")
+    done_rows = int(fs.done_mask(markers).sum())
+    if done_rows < n:
+        notes.append(f"features/{name}: {n - done_rows:,} of {n:,} rows still to do")
+    return checked

@@ -1,22 +1,29 @@
-"""Write one row block of one feature set: every array's shard whole, then the block's marker.
+"""Write rows of one row block of one feature set: every array's shard whole, then the block's marker.
 
-This is the only place feature bytes enter the store.  The order is the whole crash-safety
-story: a kill before the marker leaves an unmarked block (a re-run recomputes it); a kill
-after it leaves a finished block.  Nothing ever writes part of a shard, so two processes
-never touch the same shard file, and a block written twice (a Dask retry) is written with
-identical bytes, which the marker's checksums let `verify` prove.
+This is the only place feature bytes enter the store.  Under the block's lock:
+
+    re-open the store (n_rows and shapes as they are now) -> read the block's newest marker ->
+    read back the rows it names as done -> place the new rows beside them -> write every array
+    over the block's whole extent -> write marker version + 1 (done = old done + new rows)
+
+so a block that gained rows, or gets rows from a second source, is rewritten with its done rows
+copied byte for byte: growth never changes a computed row.  Rows a writer brings that are
+already done are left as they are (two runs of one feature set lose nothing and never write a
+row twice).  A kill before the marker leaves the old marker, still true for the rows it names
+(zarr writes each shard file atomically: temp file + rename); a re-run computes the rest.
+The marker's checksums over the extent let `verify` prove every byte.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import os
-import socket
 
 import numpy as np
 
 from . import format as fmt
-from .store import Store, _now
+from .files import now, owner
+from .progress import done_ranges, mask_of, ranges_of
 
 
 def checksum(data: np.ndarray) -> str:
@@ -27,71 +34,178 @@ def checksum(data: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def block_checksums(store: Store, name: str, block: int) -> dict[str, str]:
-    """Checksums of what the store holds now for one block of a feature set (for `verify`)."""
-    start, stop = store.block_range(block)
+def block_checksums(store, name: str, block: int, extent: tuple[int, int] | None = None) -> dict[str, str]:
+    """Checksums of what the store holds now for rows `extent` (default: the block) of a feature set."""
+    start, stop = extent or store.block_range(block)
     return {path: checksum(np.asarray(arr[start:stop])) for path, arr in store.feature_set(name).arrays().items()}
 
 
-def write_block(
-    store: Store,
-    name: str,
-    block: int,
-    columns: dict[str, np.ndarray],
-    valid: np.ndarray,
-    failures: list[dict] | None = None,
-    stats: dict | None = None,
-) -> dict:
-    """Write rows [start, stop) of block `block` for feature set `name`, then its marker.
+def write_block(store, name: str, block: int, columns: dict[str, np.ndarray], valid: np.ndarray,
+                failures: list[dict] | None = None, stats: dict | None = None, *, source: int | None = None) -> dict:
+    """Write every row of block `block` (as `store` sees the block now); see `write_rows`."""
+    start, stop = store.block_range(block)
+    return write_rows(store, name, block, np.arange(start, stop), columns, valid, failures, stats, source=source)
+
+
+def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray], valid: np.ndarray,
+               failures: list[dict] | None = None, stats: dict | None = None, *, source: int | None = None) -> dict:
+    """Write `rows` (absolute, inside block `block`) of feature set `name`, then the block's marker.
 
     `columns` maps "pooled", "tokens", "tokens_scale" and "pixels" (if the feature set has
-    pixels) to arrays with one row per block row; rows where `valid` is false are zeroed so
-    their bytes are deterministic.  `failures` are dicts with at least `row` (absolute) and
-    `reason`; `stats` (timings, worker) go into the marker as they are.  Returns the marker.
+    pixels) to arrays with one entry per row of `rows`; rows where `valid` is false are zeroed
+    so their bytes are deterministic.  `failures` are dicts with at least `row` (absolute) and
+    `reason`; `source` is the id of the source the rows were computed from (None: from the
+    store itself, e.g. its captions); `stats` go into the marker's `last_write`.  Returns the
+    marker now in force; its `last_write` says what this call added (0 rows when every row was
+    already done).
     """
-    fs = store.feature_set(name)
-    start, stop = store.block_range(block)
-    n = stop - start
+    rows = np.asarray(rows, dtype=np.int64)
     valid = np.asarray(valid, dtype=bool)
-    if valid.shape != (n,):
-        raise ValueError(f"block {block} has {n} rows, got valid of shape {valid.shape}")
-
-    targets = dict(fs.arrays())
-    targets[f"{fmt.FEATURES}/{name}/valid"] = fs.array("valid")
-    data: dict[str, np.ndarray] = {f"{fmt.FEATURES}/{name}/valid": valid}
-    for key, value in columns.items():
-        path = f"{fmt.PIXELS}/{fs.pixels_name}" if key == "pixels" else f"{fmt.FEATURES}/{name}/{key}"
-        if path not in targets:
-            raise ValueError(f"feature set '{name}' has no '{key}' array")
-        arr = targets[path]
-        value = np.asarray(value)
-        if value.shape != (n,) + arr.shape[1:]:
-            raise ValueError(f"{path}: expected shape {(n,) + arr.shape[1:]}, got {value.shape}")
-        value = value.astype(arr.dtype, copy=True)
-        value[~valid] = 0
-        data[path] = value
-    missing = sorted(set(targets) - set(data))
+    if valid.shape != rows.shape:
+        raise ValueError(f"block {block}: {len(rows)} rows but valid has shape {valid.shape}")
+    fs0 = store.feature_set(name)
+    expected = _expected_paths(fs0)
+    given = {_path(fs0, k): np.asarray(v) for k, v in columns.items()}
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise ValueError(f"feature set '{name}' has no '{unknown[0].rsplit('/', 1)[-1]}' array")
+    missing = sorted(set(expected) - set(given) - {f"{fmt.FEATURES}/{name}/valid"})
     if missing:
         raise ValueError(f"block {block} of '{name}' is missing arrays: {', '.join(missing)}")
+    for path, value in given.items():
+        tail = fs0.arrays()[path].shape[1:]
+        if value.shape != (len(rows),) + tail:
+            raise ValueError(f"{path}: expected shape {(len(rows),) + tail}, got {value.shape}")
+    failures = list(failures or [])
 
-    for path, value in data.items():
-        targets[path][start:stop] = value  # a whole shard: [start, stop) is exactly one shard
+    with store.block_lock(name, block):
+        cur = store.fresh()
+        fs = cur.feature_set(name)
+        start, stop = cur.block_range(block)
+        if len(rows) and (rows.min() < start or rows.max() >= stop):
+            raise ValueError(f"rows {rows.min()}..{rows.max()} are not all in block {block} (rows {start}-{stop})")
+        old = fs.progress.latest(block)
+        done = mask_of(done_ranges(old), start, stop) if old else np.zeros(stop - start, bool)
+        local = rows - start
+        take = ~done[local]
+        if not take.any():
+            return {**(old or {}), "last_write": {"rows": 0, "valid": 0, "failures": {}, "at": now()}}
+        new = np.zeros(stop - start, bool)
+        new[local[take]] = True
+        ok = valid[take]
+        data = _read_back(fs, start, stop, done)
+        vpath = f"{fmt.FEATURES}/{name}/valid"
+        data[vpath][local[take]] = ok
+        for path, value in given.items():
+            v = value[take].astype(data[path].dtype, copy=True)
+            v[~ok] = 0
+            data[path][local[take]] = v
+        arrays = fs.arrays()
+        for path, value in data.items():
+            arrays[path][start:stop] = value  # the block's whole extent: one shard, written whole
 
-    uids = store.samples(fmt.UID, start, stop)
-    failures = sorted(failures or [], key=lambda f: f["row"])
-    for f in failures:
-        f.setdefault("uid", str(uids[f["row"] - start]))
-    marker = {
-        "block": int(block),
-        "rows": [int(start), int(stop)],
-        "n_valid": int(valid.sum()),
-        "n_invalid": int(n - valid.sum()),
-        "failures": failures,
-        "checksums": {path: checksum(value) for path, value in sorted(data.items())},
-        "written_at": _now(),
-        "host": f"{socket.gethostname()}:{os.getpid()}",
-        **(stats or {}),
-    }
-    store.files.write_json(f"{fmt.PROGRESS}/{name}/{block}.json", marker)
-    return marker
+        taken_rows = set(rows[take].tolist())
+        added_failures = sorted((f for f in failures if f["row"] in taken_rows), key=lambda f: f["row"])
+        uids = cur.samples(fmt.UID, start, stop)
+        for f in added_failures:
+            f.setdefault("uid", str(uids[f["row"] - start]))
+        kept_failures = [f for f in (old or {}).get("failures", []) if done[f["row"] - start]] if old else []
+        all_done = done | new
+        sources = {k: list(v) for k, v in ((old or {}).get("sources") or {}).items()}
+        key = "store" if source is None else str(int(source))
+        sources[key] = _merge(sources.get(key, []), ranges_of(new, start))
+        valid_all = data[vpath]
+        marker = {
+            "format": fmt.FORMAT_VERSION,
+            "block": int(block),
+            "rows": [int(start), int(stop)],
+            "done": ranges_of(all_done, start),
+            "n_done": int(all_done.sum()),
+            "n_valid": int(valid_all[all_done].sum()),
+            "n_invalid": int(all_done.sum() - valid_all[all_done].sum()),
+            "sources": sources,
+            "failures": sorted(kept_failures + added_failures, key=lambda f: f["row"]),
+            "checksums": {path: checksum(value) for path, value in sorted(data.items())},
+            "written_at": now(),
+            "host": owner(),
+            "last_write": {
+                "rows": int(take.sum()), "valid": int(ok.sum()),
+                "failures": dict(collections.Counter(f["reason"] for f in added_failures).most_common()),
+                "source": None if source is None else int(source), "at": now(), **(stats or {}),
+            },
+        }
+        return fs.progress.write(block, marker, old)
 
+
+def reset_rows(store, name: str, block: int, rows) -> int:
+    """Send `rows` of block `block` back to to-do (their bytes zeroed, the marker rewritten).
+    Used when a row's input changed (a caption filled later).  Returns how many were done."""
+    with store.block_lock(name, block):
+        cur = store.fresh()
+        fs = cur.feature_set(name)
+        start, stop = cur.block_range(block)
+        old = fs.progress.latest(block)
+        if old is None:
+            return 0
+        done = mask_of(done_ranges(old), start, stop)
+        local = np.asarray(rows, dtype=np.int64) - start
+        local = local[(local >= 0) & (local < stop - start)]
+        hit = local[done[local]]
+        if not len(hit):
+            return 0
+        done[hit] = False
+        data = _read_back(fs, start, stop, done)
+        arrays = fs.arrays()
+        for path, value in data.items():
+            arrays[path][start:stop] = value
+        vpath = f"{fmt.FEATURES}/{name}/valid"
+        sources = {k: ranges_of(mask_of(v, start, stop) & done, start) for k, v in (old.get("sources") or {}).items()}
+        marker = {
+            **old,
+            "rows": [int(start), int(stop)],
+            "done": ranges_of(done, start),
+            "n_done": int(done.sum()),
+            "n_valid": int(data[vpath][done].sum()),
+            "n_invalid": int(done.sum() - data[vpath][done].sum()),
+            "sources": {k: v for k, v in sources.items() if v},
+            "failures": [f for f in old.get("failures", []) if start <= f["row"] < stop and done[f["row"] - start]],
+            "checksums": {path: checksum(value) for path, value in sorted(data.items())},
+            "written_at": now(),
+            "host": owner(),
+            "last_write": {"rows": 0, "reset": int(len(hit)), "at": now()},
+        }
+        fs.progress.write(block, marker, old)
+        return int(len(hit))
+
+
+def _read_back(fs, start: int, stop: int, done: np.ndarray) -> dict[str, np.ndarray]:
+    """Every array of the feature set over [start, stop): the done rows as stored, the rest zero."""
+    out = {}
+    for path, arr in fs.arrays().items():
+        shape = (stop - start,) + arr.shape[1:]
+        if done.any():
+            value = np.array(arr[start:stop], copy=True)
+            value[~done] = 0
+        else:
+            value = np.zeros(shape, dtype=arr.dtype)
+        out[path] = value
+    return out
+
+
+def _expected_paths(fs) -> list[str]:
+    return list(fs.arrays())
+
+
+def _path(fs, key: str) -> str:
+    return f"{fmt.PIXELS}/{fs.pixels_name}" if key == "pixels" else f"{fmt.FEATURES}/{fs.name}/{key}"
+
+
+def _merge(a: list, b: list) -> list[list[int]]:
+    ranges = sorted([list(x) for x in a] + [list(x) for x in b])
+    out: list[list[int]] = []
+    for lo, hi in ranges:
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return out

@@ -1,14 +1,16 @@
-"""Run extraction blocks on a Dask cluster: one task per row block.
+"""Run extraction work items on a Dask cluster: one task per work item (rows of one row block).
 
 The coordinator has already registered every row and created every array (`extract.prepare`);
-a task only computes its block and writes that block's shards and marker, so tasks never
-touch the same shard.  Dask may run a task twice (a worker presumed dead comes back, or a
-worker dies and the task is retried elsewhere): the block is written again with identical
-bytes, which the marker's checksums prove.
+a task computes its rows and writes them under its block's lock (`featstore.writer`), so two
+tasks of one block, or a task Dask runs twice (a worker presumed dead comes back, or a worker
+dies and the task is retried elsewhere), lose nothing and never write a row twice.
 
 `--workers N` starts a local cluster: on CPU N single-threaded worker processes; on CUDA one
 worker per GPU, each pinned to its device through CUDA_VISIBLE_DEVICES.  `--scheduler ADDR`
 uses a cluster that already runs (`dask scheduler` + `dask worker`, or dask-jobqueue).
+Each worker keeps one opened runner per (extraction, store identity): a store re-created,
+grown or re-registered since gets a fresh one.  Decode processes (`--num-workers`) become
+threads inside a worker (its process is daemonic and may not start children).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import collections
 import os
 import time
 
+from featstore.errors import FeatstoreError, WorkerError
 from featstore.store import Store
 
-from .extract import BlockRunner, ExtractSpec, _progress
+from .blocks import BlockRunner, ExtractSpec
+from .summary import progress_bar
 
 _RUNNERS: dict[str, BlockRunner] = {}  # per worker process: one opened runner per extraction
 
@@ -32,26 +36,48 @@ def _tune_zarr_for_workers() -> None:
     zarr.config.set({"async.concurrency": 8, "threading.max_workers": 2})
 
 
-def extract_block_task(spec: ExtractSpec, block: int) -> dict:
-    """The Dask task: compute and write one block; returns its marker and who computed it."""
-    key = repr(spec)
+def _worker_name() -> str:
+    try:
+        from dask.distributed import get_worker
+
+        return get_worker().address
+    except Exception:  # not inside a Dask worker (e.g. called directly)
+        return f"pid-{os.getpid()}"
+
+
+def _runner(spec: ExtractSpec) -> BlockRunner:
+    key = repr(spec)  # includes store_identity: path, store id, registration generation, n_rows
     runner = _RUNNERS.get(key)
     if runner is None:
+        for old in _RUNNERS.values():
+            old.close()
+        _RUNNERS.clear()
         _tune_zarr_for_workers()
         if spec.device.startswith("cuda"):
             import torch
 
             torch.cuda.set_device(0)  # the worker sees only its own GPU
-        runner = _RUNNERS[key] = BlockRunner(spec)
-    t0 = time.perf_counter()
-    marker = runner.run([block])[0]
-    try:
-        from dask.distributed import get_worker
+        store = Store.open(spec.store_path, mode="r+")
+        if spec.store_identity and store.identity[1] != spec.store_identity[1]:
+            raise WorkerError(f"{spec.store_path} on worker {_worker_name()} is not the store this job planned "
+                              "(it was re-created): run the extract again")
+        runner = _RUNNERS[key] = BlockRunner(spec, store=store)
+    return runner
 
-        worker = get_worker().address
-    except Exception:  # not inside a Dask worker (e.g. called directly)
-        worker = f"pid-{os.getpid()}"
-    return {"marker": marker, "worker": worker, "seconds": time.perf_counter() - t0}
+
+def extract_item_task(spec: ExtractSpec, item: dict) -> dict:
+    """The Dask task: compute and write one work item; returns its marker and who computed it.
+    An error that is not a FeatstoreError comes back as one line naming the worker and block."""
+    t0 = time.perf_counter()
+    try:
+        marker = _runner(spec).run([item])[0]
+    except FeatstoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every failure reaches the user as one line
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise WorkerError(f"worker {_worker_name()} failed on block {item['block']} of features/{spec.name}: "
+                          f"{type(err).__name__}: {first}") from None
+    return {"marker": marker, "worker": _worker_name(), "seconds": time.perf_counter() - t0}
 
 
 def start_local_cluster(workers: int, device: str):
@@ -68,9 +94,9 @@ def start_local_cluster(workers: int, device: str):
     return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
 
 
-def run_blocks(spec: ExtractSpec, blocks: list[int], *, workers: int | None = None, scheduler: str | None = None,
-               progress: bool = True, log=print, retries: int = 3) -> tuple[list[dict], dict]:
-    """Compute `blocks` on a cluster; returns (markers, per-worker stats)."""
+def run_items(spec: ExtractSpec, items: list, *, workers: int | None = None, scheduler: str | None = None,
+              progress: bool = True, log=print, retries: int = 3) -> tuple[list[dict], dict]:
+    """Compute work items on a cluster; returns (markers, per-worker stats)."""
     from dask.distributed import Client, as_completed
 
     cluster = None
@@ -81,25 +107,24 @@ def run_blocks(spec: ExtractSpec, blocks: list[int], *, workers: int | None = No
         client = Client(cluster)
     log(f"dask: {len(client.scheduler_info()['workers'])} workers ({'scheduler ' + scheduler if scheduler else 'local cluster'})")
     markers = []
-    per_worker: dict[str, dict] = collections.defaultdict(lambda: {"blocks": 0, "rows": 0, "seconds": 0.0})
+    per_worker: dict[str, dict] = collections.defaultdict(lambda: {"items": 0, "rows": 0, "seconds": 0.0})
     try:
         futures = [
-            client.submit(extract_block_task, spec, b, key=f"extract-{spec.name}-block-{b}-{time.time_ns()}",
+            client.submit(extract_item_task, spec, it.to_dict(), key=f"extract-{spec.name}-block-{it.block}-{time.time_ns()}",
                           pure=False, retries=retries)
-            for b in blocks
+            for it in items
         ]
-        store = Store.open(spec.store_path)
-        total_rows = sum(stop - start for start, stop in map(store.block_range, blocks))
-        with _progress(total_rows, f"extract {spec.name} (dask)", progress) as bar:
+        with progress_bar(sum(len(it.rows) for it in items), f"extract {spec.name} (dask)", progress) as bar:
             for fut in as_completed(futures):
                 res = fut.result()
                 m = res["marker"]
                 markers.append(m)
+                rows = m.get("last_write", {}).get("rows", 0)
                 w = per_worker[res["worker"]]
-                w["blocks"] += 1
-                w["rows"] += m["rows"][1] - m["rows"][0]
+                w["items"] += 1
+                w["rows"] += rows
                 w["seconds"] += res["seconds"]
-                bar.update(m["rows"][1] - m["rows"][0])
+                bar.update(rows)
     finally:
         client.close()
         if cluster is not None:

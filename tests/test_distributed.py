@@ -93,3 +93,46 @@ def test_workers_flag_starts_a_local_cluster(tmp_path, shards, single_process):
     s = extract(b, shards, "minilm", field="caption", rows_per_shard=6, workers=2, **QUIET)
     assert s["blocks_written"] == 4
     assert feature_bytes(a, "minilm") == feature_bytes(b, "minilm")
+
+
+def test_decode_processes_inside_dask_workers(tmp_path, shards, tiny_dinov2_path, single_process, cluster):
+    # Dask worker processes are daemonic and may not start children: --num-workers decodes in threads there
+    path = tmp_path / "dask.zarr"
+    s = extract(path, shards, tiny_dinov2_path, name="dino", rows_per_shard=2, batch_size=2, num_workers=2,
+                scheduler=cluster.scheduler_address, **QUIET)
+    assert s["valid"] == 24
+    assert feature_bytes(path, "dino") == feature_bytes(single_process, "dino")
+
+
+def test_a_recreated_store_is_never_served_from_a_workers_cache(tmp_path, shards, tiny_dinov2_path, cluster):
+    import shutil
+
+    path = tmp_path / "dask.zarr"
+    extract(path, shards, tiny_dinov2_path, name="dino", rows_per_shard=2, batch_size=2,
+            scheduler=cluster.scheduler_address, **QUIET)
+    shutil.rmtree(path)  # the same path, another layout: the workers' cached runners must not be reused
+    s = extract(path, shards, tiny_dinov2_path, name="dino", rows_per_shard=5, batch_size=2,
+                scheduler=cluster.scheduler_address, **QUIET)
+    assert s["rows_written"] == 24 and s["rows_usable"] == 24
+    clean = tmp_path / "clean.zarr"
+    extract(clean, shards, tiny_dinov2_path, name="dino", rows_per_shard=5, batch_size=2, **QUIET)
+    assert feature_bytes(path, "dino") == feature_bytes(clean, "dino")
+    assert verify(Store.open(path))["ok"]
+
+
+def test_a_workers_error_reaches_the_user_as_one_line(tmp_path, shards, tiny_dinov2_path, cluster):
+    from dask.distributed import Client
+
+    from featstore.errors import WorkerError
+    from featstore.pipelines.distributed import extract_item_task
+    from featstore.pipelines.extract import prepare
+
+    spec, _, _, _ = prepare(tmp_path / "s.zarr", shards, tiny_dinov2_path, name="dino", rows_per_shard=4,
+                            log=lambda *_: None)
+    bad = {"block": 1, "rows": [0, 1], "refs": ["00000.tar:000000000", "00000.tar:000000001"],
+           "source": spec.source, "source_id": 0}  # rows of block 0 sent as block 1
+    with Client(cluster) as client:
+        with pytest.raises(WorkerError) as err:
+            client.submit(extract_item_task, spec, bad, pure=False).result()
+    message = str(err.value)
+    assert "\n" not in message and "block 1 of features/dino" in message and "ValueError" in message

@@ -187,9 +187,10 @@ def test_kill_mid_extract_then_rerun_gives_the_same_bytes(tmp_path, shards, tiny
     subprocess.run([FEATSTORE, *args, "--store", str(tmp_path / "clean.zarr")], check=True, capture_output=True)
     proc = subprocess.Popen([FEATSTORE, *args, "--store", str(tmp_path / "killed.zarr")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "killed.zarr" / "_progress" / "dino" / "0.json"
+    progress = tmp_path / "killed.zarr" / "_progress" / "dino"
     deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
+    while not (progress.exists() and any(n.endswith("-1.json") for n in os.listdir(progress))) \
+            and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -11,7 +11,7 @@ import zarr
 
 from featstore.store import Store
 from featstore.verify import verify
-from featstore.writer import write_block
+from featstore.writer import write_block, write_rows
 from storeutil import block_features, make_store
 
 WRITER = textwrap.dedent("""
@@ -100,3 +100,68 @@ def test_sigkill_mid_write_then_rerun_completes_identically(tmp_path):
     assert done.feature_set("img").missing_blocks() == []
     assert verify(done)["ok"]
     assert _arrays_bytes(tmp_path / "killed.zarr") == _arrays_bytes(tmp_path / "clean.zarr")
+
+
+def test_rows_of_a_block_from_two_writers_are_merged_byte_for_byte(tmp_path):
+    store = Store.create(tmp_path / "s.zarr", rows_per_shard=8)
+    for k in range(2):
+        store.register([f"u{i}" for i in range(4 * k, 4 * k + 4)],
+                       source={"type": "folder", "location": f"/data/{k}", "options": {}, "fingerprint": "f"})
+    store.create_feature_set("img", {"model": "synthetic-img"}, 4)
+    x = block_features("img", 0, 8, 4)
+    m = write_rows(store, "img", 0, [0, 2, 4], {"pooled": x[[0, 2, 4]]}, np.ones(3, bool), source=0)
+    assert m["done"] == [[0, 1], [2, 3], [4, 5]] and m["version"] == 1
+    first = np.asarray(store.feature_set("img").array("pooled")[:]).tobytes()
+    # a second writer brings rows 1-5: rows 2 and 4 are already done and stay as they are
+    m = write_rows(store, "img", 0, [1, 2, 3, 4, 5], {"pooled": -x[1:6]}, np.array([1, 1, 1, 1, 0], bool),
+                   [{"row": 5, "reason": "corrupt-image"}], source=1)
+    assert m["done"] == [[0, 6]] and m["version"] == 2 and m["n_valid"] == 5 and m["n_invalid"] == 1
+    assert m["sources"] == {"0": [[0, 1], [2, 3], [4, 5]], "1": [[1, 2], [3, 4], [5, 6]]}
+    assert m["last_write"]["rows"] == 3 and m["failures"] == [{"row": 5, "reason": "corrupt-image", "uid": "u5"}]
+    pooled = np.asarray(store.feature_set("img").array("pooled")[:])
+    assert pooled[[0, 2, 4]].tobytes() == np.frombuffer(first, np.float16).reshape(8, 4)[[0, 2, 4]].tobytes()
+    np.testing.assert_array_equal(pooled[[1, 3]], (-x[[1, 3]]).astype(np.float16))
+    assert (pooled[5:] == 0).all()
+    assert store.feature_set("img").usable_rows().tolist() == [True] * 5 + [False] * 3
+    assert sorted(os.listdir(tmp_path / "s.zarr" / "_progress" / "img")) == ["0-2.json"]  # the old version is gone
+    assert verify(store)["ok"], verify(store)["problems"]
+
+
+def test_progress_reads_cost_a_listing_and_the_index(tmp_path):
+    from featstore.progress import Progress
+
+    store = make_store(tmp_path / "s.zarr", n=64, rows_per_shard=8, features={"img": 4})
+    reads = []
+    real = store.files.read_json
+    store.files.read_json = lambda key: (reads.append(key), real(key))[1]  # count what is read
+    with store.lock():
+        Progress(store.files, "img").compact()
+    reads.clear()
+    assert len(store.feature_set("img").markers()) == 8
+    assert reads == ["_progress/img/index.json"]
+    # a block rewritten after the compaction: only its new marker is read besides the index
+    store.register(["late"])
+    write_block(store, "img", 8, {"pooled": block_features("img", 8, 1, 4)}, np.ones(1, bool))
+    reads.clear()
+    markers = store.feature_set("img").markers()
+    assert len(markers) == 9 and reads == ["_progress/img/index.json", "_progress/img/8-1.json"]
+
+
+def test_verify_catches_what_would_mislabel_or_lose_rows(tmp_path):
+    store = make_store(tmp_path / "s.zarr", n=32, rows_per_shard=16, features={"img": 8}, invalid_every=5)
+    assert verify(store)["ok"]
+    fs = store.feature_set("img")
+    m = fs.marker(1)
+    fs.progress.write(1, {**m, "failures": [{**m["failures"][0], "uid": "someone-else"}]}, m)
+    assert any("names uid 'someone-else'" in p for p in verify(store)["problems"])
+    m = fs.marker(1)
+    fs.progress.write(1, {**m, "done": [[16, 40]]}, m)
+    assert any("outside its extent" in p for p in verify(store)["problems"])
+    store.root["samples/uid"][3] = "uid-000004"  # a duplicate uid
+    assert any("more than once" in p for p in verify(store)["problems"])
+    meta = store.meta
+    meta["n_rows"] = 40
+    store.root.attrs["featstore"] = meta
+    problems = verify(Store.open(tmp_path / "s.zarr"))["problems"]
+    assert any("samples/uid has 32 rows but the store has 40" in p for p in problems)
+    assert any("features/img/pooled has 32 rows" in p for p in problems)

@@ -1,0 +1,269 @@
+"""The block stage of extraction: compute work items (rows of one row block) and write them.
+
+    one item:  read the rows' image bytes from their source (or their captions from the store)
+               -> decode+preprocess in a pool, running ahead of the forward pass -> backbone
+               forward in batches (autocast) -> `featstore.writer.write_rows` (under the block's
+               lock: done rows read back, the whole block written, then its marker)
+
+Where a sample's bytes become a feature row: `BlockRunner` below.  A bad sample never stops the
+job: it becomes `valid=False` with its reason in the block's marker.  Batches never span blocks,
+and captions are length-sorted within each item, so an item's bytes depend only on its rows.
+The same code runs in one process and in each Dask worker (`pipelines.distributed`).
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+
+from featstore import format as fmt
+from featstore.errors import BadSample
+from featstore.store import Store
+from featstore.tokens import quantize_int8
+from featstore.writer import write_rows
+
+from . import plan
+from .backbones import Backbone, load_backbone
+from .preprocess import Preprocess, load_and_preprocess
+from .sources import open_source
+
+
+@dataclass
+class ExtractSpec:
+    """Everything a process needs to compute any work item of one extraction (picklable: Dask
+    ships it to workers, which re-open the store and the backbone from it).  Paths are absolute."""
+
+    store_path: str
+    name: str
+    source: dict | None  # Source.spec() of the source given to this run (None: recorded sources)
+    backbone: str
+    field: str = "image"  # image | caption
+    pooling: str | None = None
+    layer: int | None = None
+    tokens: bool = False
+    token_dtype: str = "float16"
+    pixels: str | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+    precision: str = "fp32"
+    num_workers: int = 0
+    trust_remote_code: bool = False
+    store_identity: tuple | None = None  # Store.identity when the job was planned
+    source_id: int | None = None  # the given source's id in the store
+
+    def load_backbone(self) -> Backbone:
+        return load_backbone(self.backbone, pooling=self.pooling, layer=self.layer, tokens=self.tokens,
+                             device=self.device, precision=self.precision, trust_remote_code=self.trust_remote_code)
+
+
+# ---- decoding (runs in worker processes or threads) ------------------------------------------
+def decode_batch(items: list, pre: Preprocess) -> tuple[np.ndarray, list[tuple[str, str] | None]]:
+    """Decode + preprocess a batch of raw image bytes (or BadSample from the source).
+
+    Returns uint8 crops (k, 3, H, W) for the good ones and, per item, None or (reason, detail)."""
+    crops, errors = [], []
+    for item in items:
+        try:
+            if isinstance(item, BadSample):
+                raise item
+            crops.append(load_and_preprocess(item, pre))
+            errors.append(None)
+        except BadSample as e:
+            errors.append((e.reason, e.detail))
+        except Exception as e:  # a decoder bug on one file must not stop the job
+            errors.append(("decode-error", f"{type(e).__name__}: {e}"))
+    shape = (0, 3, pre.crop, pre.crop)
+    return (np.stack(crops) if crops else np.zeros(shape, np.uint8)), errors
+
+
+def make_pool(num_workers: int) -> Executor:
+    """K decode processes; with 0, one background thread (PIL releases the GIL while decoding,
+    so decode still overlaps the forward pass).  Inside a daemonic process (a Dask worker) no
+    child process may start: K threads decode there instead."""
+    if num_workers > 0 and not multiprocessing.current_process().daemon:
+        return ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"))
+    return ThreadPoolExecutor(max(1, num_workers))
+
+
+def caption_reason(text: str | None) -> tuple[str, str] | None:
+    if text is None or not str(text).strip():
+        return ("empty-caption", "no caption text")
+    if "\ufffd" in text:
+        return ("non-utf8-caption", "caption bytes were not valid UTF-8")
+    return None
+
+
+class BlockRunner:
+    """Computes and writes work items of one feature set; holds the opened store, sources,
+    backbone and the decode pool so consecutive items reuse them (decode runs ahead across items)."""
+
+    def __init__(self, spec: ExtractSpec, backbone: Backbone | None = None, store: Store | None = None):
+        self.spec = spec
+        self.store = store or Store.open(spec.store_path, mode="r+")
+        self.backbone = backbone or spec.load_backbone()
+        self.pool: Executor | None = None
+        self.lookahead = max(2, 2 * spec.num_workers)
+        self._sources: dict[str, object] = {}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def source(self, spec: dict):
+        key = repr(sorted(spec.items()))
+        if key not in self._sources:
+            self._sources[key] = open_source(**spec)
+        return self._sources[key]
+
+    def run(self, items: list, on_rows=None) -> list[dict]:
+        """Compute and write `items` (WorkItems, their dicts, or whole block numbers read from the
+        spec's source) in order; returns the markers.  `on_rows(n)` reports progress."""
+        items = self._as_items(items)
+        markers = []
+        if self.spec.field == "image":
+            self.pool = self.pool or make_pool(self.spec.num_workers)
+            batches = self._decoded_batches(items)
+            for item in items:
+                markers.append(self._image_item(item, batches, on_rows))
+        else:
+            for item in items:
+                markers.append(self._caption_item(item, on_rows))
+        return markers
+
+    def _as_items(self, items) -> list[plan.WorkItem]:
+        out = [plan.WorkItem(**it) if isinstance(it, dict) else it for it in items]
+        blocks = [b for b in out if isinstance(b, (int, np.integer))]
+        if blocks:
+            fs = self.store.fresh().feature_set(self.spec.name)
+            source = open_source(**self.spec.source) if self.spec.source else None
+            out = plan.for_blocks(self.store.fresh(), fs, source, self.spec.source_id, [int(b) for b in blocks])
+        return out
+
+    def _image_batches(self, items):
+        """(item index, rows, raw items) for every batch of every item, in order."""
+        b = self.spec.batch_size
+        for k, item in enumerate(items):
+            raw = list(self.source(item.source).read_images(item.refs))
+            rows = np.asarray(item.rows, dtype=np.int64)
+            for i in range(0, len(rows), b):
+                yield k, rows[i : i + b], raw[i : i + b]
+
+    def _decoded_batches(self, items):
+        """Decoded batches in order, with up to `lookahead` batches decoding ahead."""
+        pending: collections.deque[tuple[int, np.ndarray, Future]] = collections.deque()
+        pre = self.backbone.preprocess
+        for k, rows, raw in self._image_batches(items):
+            pending.append((k, rows, self.pool.submit(decode_batch, raw, pre)))
+            if len(pending) >= self.lookahead:
+                kk, r, fut = pending.popleft()
+                yield kk, r, fut.result()
+        while pending:
+            kk, r, fut = pending.popleft()
+            yield kk, r, fut.result()
+
+    def _image_item(self, item: plan.WorkItem, batches, on_rows) -> dict:
+        rows_all = np.asarray(item.rows, dtype=np.int64)
+        n = len(rows_all)
+        t0 = time.perf_counter()
+        bb, spec = self.backbone, self.spec
+        pooled = np.zeros((n, bb.dim), np.float32)
+        tokens = np.zeros((n,) + tuple(bb.token_shape), np.float32) if spec.tokens else None
+        pixels = np.zeros((n, 3, bb.preprocess.crop, bb.preprocess.crop), np.uint8) if spec.pixels else None
+        valid = np.zeros(n, bool)
+        failures = []
+        forward_s = 0.0
+        done = 0
+        while done < n:
+            _, rows, (crops, errors) = next(batches)
+            ok = np.array([e is None for e in errors], bool)
+            local = np.arange(done, done + len(rows))
+            for r, e in zip(rows, errors):
+                if e is not None:
+                    failures.append({"row": int(r), "reason": e[0], "detail": e[1][:200]})
+            if ok.any():
+                tf = time.perf_counter()
+                out = bb.encode_images(torch.from_numpy(crops))
+                forward_s += time.perf_counter() - tf
+                idx = local[ok]
+                pooled[idx] = out["pooled"].numpy()
+                if tokens is not None:
+                    tokens[idx] = out["tokens"].numpy()
+                if pixels is not None:
+                    pixels[idx] = crops
+                valid[idx] = _finite(out, failures, rows[ok])
+            done += len(rows)
+            if on_rows:
+                on_rows(len(rows))
+        columns = {"pooled": pooled}
+        if tokens is not None:
+            columns.update(self._token_columns(tokens))
+        if pixels is not None:
+            columns["pixels"] = pixels
+        stats = {"seconds": round(time.perf_counter() - t0, 3), "forward_seconds": round(forward_s, 3),
+                 "worker": f"pid-{os.getpid()}"}
+        return write_rows(self.store, spec.name, item.block, rows_all, columns, valid, failures, stats,
+                          source=item.source_id)
+
+    def _token_columns(self, tokens: np.ndarray) -> dict:
+        if self.spec.token_dtype == "int8":
+            q, scale = quantize_int8(tokens)
+            return {"tokens": q, "tokens_scale": scale}
+        return {"tokens": tokens}
+
+    def _caption_item(self, item: plan.WorkItem, on_rows) -> dict:
+        rows = np.asarray(item.rows, dtype=np.int64)
+        n = len(rows)
+        t0 = time.perf_counter()
+        bb = self.backbone
+        store = self.store.fresh()  # captions as registered now (a later run may have filled them)
+        start, stop = store.block_range(item.block)
+        if fmt.CAPTION in store.sample_fields():
+            captions = store.samples(fmt.CAPTION, start, stop).astype(object)[rows - start].tolist()
+        else:
+            captions = [None] * n
+        pooled = np.zeros((n, bb.dim), np.float32)
+        valid = np.zeros(n, bool)
+        failures, good = [], []
+        for i, text in enumerate(captions):
+            reason = caption_reason(text)
+            if reason:
+                failures.append({"row": int(rows[i]), "reason": reason[0], "detail": reason[1]})
+            else:
+                good.append(i)
+        # length-sorted batches (longest first), ties by row: deterministic for the item's rows
+        lengths = bb.text_lengths([captions[i] for i in good]) if good else []
+        order = [good[j] for j in sorted(range(len(good)), key=lambda j: (-lengths[j], good[j]))]
+        forward_s = 0.0
+        for k in range(0, len(order), self.spec.batch_size):
+            idx = np.array(order[k : k + self.spec.batch_size])
+            tf = time.perf_counter()
+            out = bb.encode_texts([captions[i] for i in idx])
+            forward_s += time.perf_counter() - tf
+            pooled[idx] = out["pooled"].numpy()
+            valid[idx] = _finite(out, failures, rows[idx])
+            if on_rows:
+                on_rows(len(idx))
+        if on_rows:
+            on_rows(n - len(order))
+        stats = {"seconds": round(time.perf_counter() - t0, 3), "forward_seconds": round(forward_s, 3),
+                 "worker": f"pid-{os.getpid()}"}
+        return write_rows(self.store, self.spec.name, item.block, rows, {"pooled": pooled}, valid, failures, stats)
+
+
+def _finite(out: dict, failures: list, rows: np.ndarray) -> np.ndarray:
+    """True per row unless the backbone produced NaN/inf for it (recorded as a failure)."""
+    ok = np.isfinite(out["pooled"].numpy()).all(axis=1)
+    if "tokens" in out:
+        ok &= np.isfinite(out["tokens"].numpy()).reshape(len(ok), -1).all(axis=1)
+    for r in np.asarray(rows)[~ok]:
+        failures.append({"row": int(r), "reason": "non-finite-output", "detail": "the backbone produced NaN/inf"})
+    return ok
