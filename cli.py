@@ -102,7 +102,7 @@ def download(urls, out, url_col, caption_col, uid_col, image_size, processes, th
 @click.option("--text-column", help="HF dataset: caption column.")
 @click.option("--label-column", help="HF dataset column / webdataset json field holding a class label.")
 @click.option("--rows-per-shard", type=int, help=f"Rows per shard when creating the store (default {4096}); an existing store keeps its own.")
-@click.option("--backbone", required=True, help="Alias (dinov2-small, clip-vit-b16, efficientnet-lite0, minilm, ...) or a local model path.")
+@click.option("--backbone", required=True, help="Alias (dinov2 = ShareLock's, dinov2-small, clip-vit-b16, llama3-8b, minilm, ...; see `featstore backbones`), a hub id or a local model path.")
 @click.option("--name", help="Feature set name (default: the alias, or the path's base name).")
 @click.option("--field", type=click.Choice(["image", "caption"]), default="image", show_default=True, help="What to encode.")
 @click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), help="Pooling for generic models.")
@@ -130,6 +130,21 @@ def extract(store_path, source_path, as_json, no_progress, **options):
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     s = run_extract(store_path, source_path, options.pop("backbone"), progress=not no_progress, log=log, **options)
     click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+@_friendly
+def backbones(as_json):
+    """List the backbone registry: alias, modality, pooled width, weights source, recipe and its
+    image preprocessing.  Any hub id or local model directory works too (its config picks the recipe)."""
+    from featstore.pipelines.backbones import describe_registry, format_registry
+
+    rows = describe_registry()
+    if as_json:
+        _echo_json(rows)
+    else:
+        click.echo(format_registry(rows))
 
 
 CONFIG = [
