@@ -233,37 +233,45 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
 
 
 @main.command("eval")
-@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head run directory.")
+@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head run directory, or an imported checkpoint.")
 @STORE
-@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False), help="Class names, one per line (index order of samples/label).")
+@click.option("--classes", help="Class names: a built-in curated list (imagenet1k, cifar10, cifar100) or a file, one name per line (default: the store's label names).")
 @click.option("--label-field", default="label", show_default=True, help="Sample field with class indices (names in its attrs).")
-@click.option("--templates", default="sharelock", show_default=True, help="sharelock ('a photo of a {c}.'), openai (80 templates) or a file of templates.")
-@click.option("--all", "all_rows", is_flag=True, help="Evaluate on all rows, not only the held-out split.")
+@click.option("--templates", default=None, help="Prompt templates: imagenet1k/openai (80), cifar10, cifar100, sharelock, simple, or a file (default: the class list's CLIP_benchmark templates, else the 80 OpenAI ones).")
+@click.option("--split", is_flag=True, help="Evaluate only the rows the training run held out (default: every row, as CLIP_benchmark).")
+@click.option("--all", "all_rows", is_flag=True, help="Every row of the store (the default; kept for old scripts).")
+@click.option("--text", default=None, help="Text feature set(s) holding the captions for retrieval, comma-separated (default: the ones trained on).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--confusion", "plot_path", type=click.Path(dir_okay=False), help="Write a confusion-matrix PNG (up to 50 classes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_friendly
-def eval_(checkpoint_dir, store_path, classes_file, label_field, templates, all_rows, device, plot_path, as_json):
-    """Zero-shot classification (prompts through the same text backbone, cached in the store) and
-    image<->text retrieval on the held-out split."""
+def eval_(checkpoint_dir, store_path, classes, label_field, templates, split, all_rows, text, device, plot_path, as_json):
+    """CLIP_benchmark's protocol: zero-shot classification (acc1, acc5, mean per-class recall; prompts
+    through the checkpoint's text backbone, cached in the store) and image<->text retrieval
+    (recall@1/5/10, several captions per image), on every row of the store."""
     from featstore.trainers.evaluate import evaluate
 
-    r = evaluate(checkpoint_dir, store_path, classes_file=classes_file, label_field=label_field, templates=templates,
-                 all_rows=all_rows, device=device, plot_path=plot_path)
+    r = evaluate(checkpoint_dir, store_path, classes=classes, label_field=label_field, templates=templates,
+                 split=split, all_rows=all_rows or None, text=text, device=device, plot_path=plot_path)
     if as_json:
         _echo_json(r)
         return
-    click.echo(f"checkpoint {r['checkpoint']} (step {r['step']}) on {r['store']} [{r['split']}]")
+    click.echo(f"checkpoint {r['checkpoint']} (step {r['step']}) on {r['store']} [{r['split']} rows]")
     zs = r.get("zero_shot")
     if zs:
-        click.echo(f"  zero-shot over {zs['classes']} classes on {zs['rows']:,} rows ({zs['n_templates']} templates): "
-                   f"top-1 {100 * zs['top1']:.1f}%  top-5 {100 * zs['top5']:.1f}%  (chance {100 * zs['chance']:.1f}%)")
+        click.echo(f"  zero-shot over {zs['classes']} classes ({zs['class_names']}) on {zs['rows']:,} images, "
+                   f"{zs['n_templates']} templates ({zs['templates']}): acc1 {100 * zs['acc1']:.2f}%  "
+                   f"acc5 {100 * zs['acc5']:.2f}%  mean per-class recall {100 * zs['mean_per_class_recall']:.2f}%  "
+                   f"(chance {100 * zs['chance']:.2f}%)")
         if zs.get("confusion_png"):
             click.echo(f"  confusion matrix: {zs['confusion_png']}")
     rt = r.get("retrieval")
     if rt:
-        click.echo(f"  retrieval on {rt['rows']:,} pairs: image->text R@1/5/10 {100 * rt['i2t_r1']:.1f}/{100 * rt['i2t_r5']:.1f}/{100 * rt['i2t_r10']:.1f}%"
-                   f"  text->image {100 * rt['t2i_r1']:.1f}/{100 * rt['t2i_r5']:.1f}/{100 * rt['t2i_r10']:.1f}%")
+        def recalls(kind):
+            return "/".join(f"{100 * rt[kind + '_retrieval_recall@' + str(k)]:.1f}" for k in (1, 5, 10))
+
+        click.echo(f"  retrieval on {rt['images']:,} images / {rt['texts']:,} captions: image_retrieval (text->image) "
+                   f"R@1/5/10 {recalls('image')}%  text_retrieval (image->text) {recalls('text')}%")
     for note in r.get("notes", []):
         click.echo(f"  note: {note}")
 
