@@ -188,7 +188,7 @@ def _print_train_summary(s: dict, as_json: bool) -> None:
 @main.command("train-head")
 @STORE
 @click.option("--image", required=True, help="Image feature set name.")
-@click.option("--text", required=True, help="Text feature set name.")
+@click.option("--text", required=True, help="Text feature set name, or several comma-separated (e.g. caption sets of one LLM): each row draws one per step.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, curves).")
 @_with(CONFIG)
 @_friendly
