@@ -281,7 +281,7 @@ def test_fixed_validation_row_count_and_several_caption_sets(tmp_path):
     """val_rows holds out exactly that many rows, found again by eval --split; several text
     feature sets (ShareLock's several caption files) are drawn per row."""
     from featstore.trainers.evaluate import evaluate
-    from featstore.trainers.train_head import _train_text
+    from featstore.trainers.text_sets import train_text as _train_text
 
     store = make_aligned_store(tmp_path / "s.zarr", n=800, more_captions=("txt2",))
     over = ["hidden_dim=128", "batch_size=64", "accumulation_steps=2", "steps=30", "warmup_steps=3", "patience=null",

@@ -36,16 +36,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from featstore.errors import ConfigError
-from featstore.errors import IdentityMismatch
 from featstore.loader import Loader
 from featstore.store import Store
 
 from . import checkpoint
-from .backbone_link import NOT_POOLED
 from .config import Config, apply, load_config, resolve_device
 from .contrastive import info_nce, retrieval_recall
 from .heldout import heldout
 from .sharelock import ShareLockModel, count_parameters
+from .text_sets import check_one_backbone, text_names, train_text, val_choices, val_text
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -84,11 +83,11 @@ def train_head(
 
     # ---- data: the uid-hash held-out rows, aligned columns --------------------------------------
     store = Store.open(store_path)
-    texts = _text_names(text)
+    texts = text_names(text)
     feature_sets = {"image": checkpoint.describe(store, image),
                     "texts": [checkpoint.describe(store, t) for t in texts]}
     feature_sets["text"] = feature_sets["texts"][0]  # the one prompts are encoded with
-    _check_text_sets(feature_sets["texts"])
+    check_one_backbone(feature_sets["texts"])
     if ckpt:  # a resumed run must see the same features
         recorded = ckpt.state["feature_sets"]
         recorded_texts = recorded.get("texts") or [recorded["text"]]
@@ -110,8 +109,7 @@ def train_head(
                           f"fewer than one batch ({cfg.batch_size}): lower batch_size")
     if len(val_loader.served) < 2:
         raise ConfigError(f"the validation split has {len(val_loader.served)} usable rows: raise val_fraction or val_rows")
-    # per row, which text set each validation sees (fixed, so val losses compare); training draws per step
-    val_choice = torch.randint(len(texts), (store.n_rows,), generator=torch.Generator().manual_seed(cfg.seed + 7919))
+    val_choice = val_choices(store.n_rows, len(texts), cfg.seed)  # training draws per step, below
 
     # ---- model and optimizer -----------------------------------------------------------------
     threads_before = torch.get_num_threads()
@@ -159,7 +157,7 @@ def train_head(
 
     def validate_and_keep_best(record: dict) -> None:
         nonlocal best, bad_validations, early_stop_best
-        record.update(validate(model, val_loader, cfg, dev, autocast, pick_text=lambda b: _val_text(b, text_columns, val_choice)))
+        record.update(validate(model, val_loader, cfg, dev, autocast, pick_text=lambda b: val_text(b, text_columns, val_choice)))
         value = record[cfg.best_metric]
         if better(value, early_stop_best, cfg.min_delta):
             early_stop_best, bad_validations = value, 0
@@ -191,7 +189,7 @@ def train_head(
             for _ in range(cfg.accumulation_steps):  # negatives only within each micro-batch
                 batch = next(batches)
                 x_image = batch["image"].to(dev, non_blocking=True).float()
-                x_text = _train_text(batch, text_columns, draw).to(dev, non_blocking=True).float()
+                x_text = train_text(batch, text_columns, draw).to(dev, non_blocking=True).float()
                 with autocast:
                     z_image, z_text = model(x_image, x_text)
                 loss = info_nce(z_image, z_text, model.logit_scale)
@@ -293,42 +291,6 @@ def validation_due(step: int, cfg: Config) -> bool:
     if v and v / per_step <= max(1, cfg.steps // 10):
         return (step * per_step) // v > ((step - 1) * per_step) // v
     return step % _val_every(cfg) == 0
-
-
-def _text_names(text) -> list[str]:
-    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
-    if not names or not all(names) or len(set(names)) != len(names):
-        raise ConfigError(f"text must name one or more distinct text feature sets (a,b,c), got {text!r}")
-    return names
-
-
-def _check_text_sets(described: list[dict]) -> None:
-    """Several caption sets must come from one text backbone: same width, same identity but for
-    how they were stored or which field they encode."""
-    first = described[0]
-    for other in described[1:]:
-        a = {k: v for k, v in first["identity"].items() if k not in NOT_POOLED}
-        b = {k: v for k, v in other["identity"].items() if k not in NOT_POOLED}
-        if a != b or first["dim"] != other["dim"]:
-            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["dim"]
-            raise IdentityMismatch(f"text feature sets '{first['name']}' and '{other['name']}' come from different "
-                                   f"text backbones (they differ in {', '.join(keys)}): sample only caption sets of "
-                                   "one backbone")
-
-
-def _train_text(batch: dict, columns: list[str], draw: torch.Generator) -> torch.Tensor:
-    """Each row's text features from one of the text sets, drawn uniformly (one set: itself)."""
-    if len(columns) == 1:
-        return batch[columns[0]]
-    choice = torch.randint(len(columns), (len(batch["image"]),), generator=draw)
-    return torch.stack([batch[c] for c in columns])[choice, torch.arange(len(choice))]
-
-
-def _val_text(batch: dict, columns: list[str], choice_by_row: torch.Tensor) -> torch.Tensor:
-    if len(columns) == 1:
-        return batch[columns[0]]
-    choice = choice_by_row[batch["row"]]
-    return torch.stack([batch[c] for c in columns])[choice, torch.arange(len(choice))]
 
 
 def _forever(loader: Loader):
