@@ -276,6 +276,35 @@ def eval_(checkpoint_dir, store_path, classes, label_field, templates, split, al
         click.echo(f"  note: {note}")
 
 
+@main.command("import-sharelock")
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the featstore checkpoint.")
+@click.option("--store", "store_path", help="A store whose feature sets the heads will read (records their identities).")
+@click.option("--image", help="Image feature set of --store (extracted with --backbone dinov2 for the official checkpoints).")
+@click.option("--text", help="Text feature set of --store, or a text backbone (llama3-8b, or a path) when the store has no captions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_friendly
+def import_sharelock(ckpt, out, store_path, image, text, as_json):
+    """Convert an official ShareLock Lightning checkpoint (ShareLock-CC3M.ckpt, ShareLock-CC12M.ckpt)
+    into a featstore checkpoint for `featstore eval` and ShareLock.load; loaded with
+    torch.load(weights_only=True) and an explicit allow-list (omegaconf is not needed)."""
+    from featstore.trainers.import_sharelock import import_sharelock as run
+
+    s = run(ckpt, out, store=store_path, image=image, text=text)
+    if as_json:
+        _echo_json(s)
+        return
+    click.echo(f"imported {ckpt} (step {s['step']}, {s['params']:,} parameters) -> {s['out_dir']}")
+    official = s["backbones"]
+    click.echo(f"  official backbones: vision {official.get('vision')}, language {official.get('language')}")
+    for role in ("image", "text"):
+        fs = s[role]
+        if fs["identity"] is None:
+            click.echo(f"  {role}: {fs['dim']}-d features, no identity recorded (pass --store S --image NAME --text NAME for eval)")
+        else:
+            click.echo(f"  {role}: '{fs['name']}' ({fs['identity'].get('model')}, {fs['dim']}-d)")
+
+
 @main.command()
 @STORE
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
