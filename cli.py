@@ -109,6 +109,7 @@ def download(urls, out, url_col, caption_col, uid_col, image_size, processes, th
 @click.option("--layer", type=int, help="Take features from this hidden layer.")
 @click.option("--tokens", is_flag=True, help="Also store patch tokens (N, T, D).")
 @click.option("--token-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype of the pooled features (float32: e.g. LLM features with large activations).")
 @click.option("--pixels", help="Also store the exact preprocessed crops as uint8 under pixels/NAME.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K.")

@@ -269,6 +269,7 @@ def prepare(
     num_workers: int = 0,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    dtype: str = "float16",
     log=print,
 ) -> tuple[ExtractSpec, Store, Backbone, dict]:
     """Validate, register the manifest, load the backbone once and create the feature set.
@@ -278,6 +279,8 @@ def prepare(
         raise ConfigError(f"--field must be image or caption, not {field!r}")
     if token_dtype not in ("float16", "int8"):
         raise ConfigError(f"--token-dtype must be float16 or int8, not {token_dtype!r}")
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"--dtype (of the pooled features) must be float16 or float32, not {dtype!r}")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
     if batch_size < 1:
@@ -320,8 +323,10 @@ def prepare(
     identity = dict(bb.identity, field=field, precision=precision)
     if tokens:
         identity["token_dtype"] = token_dtype
+    if dtype != "float16":  # another storage dtype is another feature set (float16 identities stay as they were)
+        identity["pooled_dtype"] = dtype
     store.create_feature_set(
-        name, identity, bb.dim,
+        name, identity, bb.dim, dtype=dtype,
         tokens=bb.token_shape if tokens else None, token_dtype=token_dtype,
         pixels=pixels, pixels_shape=(3, bb.preprocess.crop, bb.preprocess.crop) if pixels else None,
         pixels_identity=bb.preprocess.identity() if pixels else None,

@@ -312,3 +312,33 @@ def test_caption_sets_of_other_backbones_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="distinct"):
         train_head(store.path, "img", "txt,txt", tmp_path / "b", overrides=TINY, progress=False)
     assert other.feature_set_names() == ["img", "other"]
+
+
+def test_float32_pooled_features_end_to_end(tmp_path, tiny_dinov2_path):
+    """`extract --dtype float32` keeps pooled features in float32 (LLM features have large
+    activations); training and the checkpoint see float32; asking float16 of that name is refused."""
+    from PIL import Image
+
+    from featstore.pipelines.extract import extract
+
+    from imagedata import real_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    captions = {}
+    for i, (name, img) in enumerate(real_images(40)):
+        img.resize((48, 40)).save(folder / f"{i:03d}.png")
+        captions[f"{i:03d}"] = f"a picture called {name.replace('-', ' ')} number {i}"
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    store = tmp_path / "s.zarr"
+    quiet = dict(progress=False, log=lambda *_: None, captions=str(tmp_path / "captions.json"), rows_per_shard=16)
+    extract(store, folder, tiny_dinov2_path, name="img", dtype="float32", **quiet)
+    extract(store, folder, "minilm", field="caption", name="cap", dtype="float32", **quiet)
+    s = Store.open(store)
+    assert s.array("features/cap/pooled").dtype == np.float32 and s.feature_set("cap").identity["pooled_dtype"] == "float32"
+    summary = train_head(store, "img", "cap", tmp_path / "run", progress=False,
+                         overrides=TINY + ["batch_size=8", "steps=3", "val_fraction=0.3"])
+    state = json.load(open(tmp_path / "run" / "last" / "checkpoint.json"))
+    assert summary["step"] == 3 and state["feature_sets"]["text"]["dtype"] == "float32"
+    with pytest.raises(IdentityMismatch, match="pooled_dtype"):
+        extract(store, folder, "minilm", field="caption", name="cap", **quiet)
