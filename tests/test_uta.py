@@ -275,7 +275,7 @@ def test_evaluate_and_zero_shot_through_cached_prompts(main_run, tmp_path):
     zs = r["zero_shot"]  # random tiny CLIP: near chance; the plumbing is what is checked here
     assert zs["classes"] == 10 and 0 <= zs["top1"] <= 1 and 0 <= zs["teacher_top1"] <= 1 and zs["text"] == "clip-text"
     texts = np.asarray(Store.open(store_path).root["prompts/clip-text/text"][:]).tolist()
-    assert "a photo of a seven." in texts  # encoded once by the text tower, cached in the store
+    assert "A photo of a seven" in texts  # encoded once by the text tower, cached in the store
     # a later run's final validation reads the cached prompts (and never encodes text itself)
     s = train_uta(store_path, "clip", "crops", tmp_path / "again", steps=2,
                   overrides=SMALL + ["zero_shot_text=clip-text", "zero_shot_templates=sharelock"], progress=False)
