@@ -104,7 +104,7 @@ def evaluate(
         feats = prompts.prompt_features(store.path, trained["text"], [p for ps in per_class for p in ps], device,
                                         encoder=text_encoder)
         classifier = zero_shot_classifier(model, feats.view(len(names), len(tpls), -1), dev)
-        z_image, row = _embed(store, image_path, model.encode_image, rows & (labels >= 0), dev, batch_size)
+        z_image, row = _embed(store, image_path, model.encode_image, rows & (labels >= 0), dev, batch_size, model.embed_dim)
         if len(row):
             logits = 100.0 * F.normalize(z_image, dim=-1) @ classifier
             zs = zero_shot_metrics(logits, labels[row], names, plot_path)
@@ -229,10 +229,10 @@ def _text_sets(store: Store, ckpt, text) -> tuple[list[str], list[str]]:
 
 
 def _retrieval(store, model, image_path, text_names, rows, dev, batch_size, notes) -> dict | None:
-    z_image, image_rows = _embed(store, image_path, model.encode_image, rows, dev, batch_size)
+    z_image, image_rows = _embed(store, image_path, model.encode_image, rows, dev, batch_size, model.embed_dim)
     texts, owners = [], []
     for name in text_names:
-        z, text_rows = _embed(store, f"{fmt.FEATURES}/{name}/pooled", model.encode_text, rows, dev, batch_size)
+        z, text_rows = _embed(store, f"{fmt.FEATURES}/{name}/pooled", model.encode_text, rows, dev, batch_size, model.embed_dim)
         keep = np.isin(text_rows, image_rows)
         texts.append(z[torch.from_numpy(keep)])
         owners.append(text_rows[keep])
@@ -253,13 +253,13 @@ def _retrieval(store, model, image_path, text_names, rows, dev, batch_size, note
 
 
 @torch.no_grad()
-def _embed(store: Store, path: str, head, rows: np.ndarray, dev, batch_size: int):
-    """Head embeddings of the `rows` valid in the feature set at `path`, in row order, and those rows."""
+def _embed(store: Store, path: str, head, rows: np.ndarray, dev, batch_size: int, dim: int):
+    """Head embeddings (rows, dim) of the `rows` valid in the feature set at `path`, and those rows."""
     loader = Loader(store, {"x": path}, batch_size, shuffle=False, rows=rows)
     out, served = [], []
     for batch in loader:
         out.append(head(batch["x"].to(dev).float()).float().cpu())
         served.append(batch["row"].numpy())
     if not out:
-        return torch.zeros(0, 0), np.zeros(0, np.int64)
+        return torch.zeros(0, dim), np.zeros(0, np.int64)
     return torch.cat(out), np.concatenate(served)

@@ -116,9 +116,9 @@ def load_lightning_checkpoint(path) -> dict:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except (pickle.UnpicklingError, TypeError, AttributeError, RuntimeError, ValueError, EOFError) as e:
         what = re.search(r"GLOBAL ([\w.]+)", str(e))
-        detail = f"it holds {what.group(1)}, which is not on the allow-list" if what else str(e).splitlines()[0][:200]
-        raise CheckpointError(f"{path} cannot be loaded as a ShareLock checkpoint without unpickling arbitrary "
-                              f"objects ({detail}); nothing was loaded") from None
+        detail = (f"it holds {what.group(1)}, which is not on the allow-list of what a ShareLock checkpoint holds"
+                  if what else (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+        raise CheckpointError(f"{path} cannot be loaded as a ShareLock checkpoint ({detail}); nothing was loaded") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
     return ckpt
@@ -244,6 +244,7 @@ def import_sharelock(ckpt_path, out_dir, *, store=None, image: str | None = None
         raise CheckpointError(f"{ckpt_path} has no {LANGUAGE}* weights: is it a ShareLock checkpoint?")
     vision = head_of(state_dict, VISION, ckpt_path)
     text_shape, vision_shape = language[1], vision[1] if vision else None
+    _check_against_hyper_parameters(hp, text_shape, vision_shape, ckpt_path)
     cfg = _config(hp, text_shape, vision_shape)
     image_dim = vision_shape["in"] if vision else text_shape["out"]
 
@@ -278,6 +279,17 @@ def import_sharelock(ckpt_path, out_dir, *, store=None, image: str | None = None
             "backbones": state["imported_from"]["backbones"]}
 
 
+def _check_against_hyper_parameters(hp: dict, text: dict, vision: dict | None, where: str) -> None:
+    """The depths the weights have must be the ones the run's config says (when it says)."""
+    model = hp.get("model") or {}
+    for name, shape in (("language_projector", text), ("vision_projector", vision)):
+        said = (model.get(name) or {}).get("num_layers")
+        has = shape["layers"] if shape else 0
+        if isinstance(said, int) and said != has and not (said < 1 and has == 0):
+            raise CheckpointError(f"{where}: its config says model.{name}.num_layers={said} but its weights have {has} "
+                                  "Linear layers: the file is inconsistent")
+
+
 def _best_score(ckpt: dict):
     for key, value in (ckpt.get("callbacks") or {}).items():
         if str(key).startswith("ModelCheckpoint") and isinstance(value, dict):
@@ -289,7 +301,9 @@ def _best_score(ckpt: dict):
 
 def _check_out_dir(out_dir: str, sha: str) -> None:
     """`out_dir` must be new, empty, or this same import done before (a re-run replaces it)."""
-    if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"{out_dir} is a file: pick a new --out directory")
+    if not os.path.exists(out_dir) or not os.listdir(out_dir):
         return
     try:
         previous = checkpoint.read_state(out_dir)

@@ -42,7 +42,7 @@ from featstore.store import Store
 from . import checkpoint
 from .config import Config, apply, load_config, resolve_device
 from .contrastive import info_nce, retrieval_recall
-from .heldout import heldout
+from .heldout import heldout, heldout_rows
 from .sharelock import ShareLockModel, count_parameters
 from .text_sets import check_one_backbone, text_names, train_text, val_choices, val_text
 
@@ -100,7 +100,12 @@ def train_head(
     text_columns = ["text"] if len(texts) == 1 else [f"text{i}" for i in range(len(texts))]
     columns.update({c: f"features/{t}/pooled" for c, t in zip(text_columns, texts)})
     usable = np.logical_and.reduce([store.feature_set(n).usable_rows() for n in [image, *texts]])
-    train_mask, val_mask, heldout_record = heldout(store.uids(), cfg.val_fraction, cfg.val_rows, usable)
+    if ckpt and ckpt.state.get("heldout"):  # resumed: the very rows it held out (even if the store grew)
+        heldout_record = ckpt.state["heldout"]
+        val_mask = heldout_rows(store.uids(), heldout_record)
+        train_mask = usable & ~val_mask
+    else:
+        train_mask, val_mask, heldout_record = heldout(store.uids(), cfg.val_fraction, cfg.val_rows, usable)
     train_loader = Loader(store, columns, cfg.batch_size, shuffle=True, seed=cfg.seed, rows=train_mask,
                           drop_last=True, cache=cfg.cache, pin_memory=dev.type == "cuda")
     val_loader = Loader(store, columns, cfg.batch_size, shuffle=False, rows=val_mask, cache=cfg.cache)
