@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.11"
 	$(BIN)/pip install -q -e ".[test]"
+	# CLIP_benchmark for the eval parity test, without its torchvision/open_clip dependencies
+	# (they cannot load beside this torch); its metrics modules need only torch, tqdm, scikit-learn
+	$(BIN)/pip install -q --no-deps "clip-benchmark==1.6.2"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

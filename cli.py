@@ -93,12 +93,12 @@ def download(urls, out, url_col, caption_col, uid_col, image_size, processes, th
 
 
 def _extract_choices():
-    from featstore.pipelines.choices import FIELDS, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
+    from featstore.pipelines.choices import FIELDS, POOLED_DTYPES, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
 
-    return FIELDS, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
+    return FIELDS, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES, POOLED_DTYPES
 
 
-_FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES = _extract_choices()
+_FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES, _POOLED_DTYPES = _extract_choices()
 
 
 @main.command()
@@ -114,13 +114,14 @@ _FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES = _extract_choices
 @click.option("--label-column", help="HF dataset column / webdataset json field holding a class label.")
 @click.option("--update-metadata", is_flag=True, help="Replace stored captions/labels that differ from the source's (refused otherwise).")
 @click.option("--rows-per-shard", type=int, help="Rows per shard when creating the store (default 4096); an existing store keeps its own.")
-@click.option("--backbone", required=True, help="Alias (dinov2-small, clip-vit-b16, efficientnet-lite0, minilm, ...) or a local model path.")
+@click.option("--backbone", required=True, help="Alias (dinov2 = ShareLock's, dinov2-small, clip-vit-b16, llama3-8b, minilm, ...; see `featstore backbones`), a hub id or a local model path.")
 @click.option("--name", help="Feature set name (default: the alias, or the path's base name).")
 @click.option("--field", type=click.Choice(_FIELDS), default="image", show_default=True, help="What to encode.")
 @click.option("--pooling", type=click.Choice(_POOLINGS), help="Pooling for generic models.")
 @click.option("--layer", type=int, help="Take features from this hidden layer.")
 @click.option("--tokens", is_flag=True, help="Also store patch tokens (N, T, D).")
 @click.option("--token-dtype", type=click.Choice(_TOKEN_DTYPES), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(_POOLED_DTYPES), default="float16", show_default=True, help="Storage dtype of the pooled features (float32: e.g. LLM features with large activations).")
 @click.option("--pixels", help="Also store the exact preprocessed crops as uint8 under pixels/NAME.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K.")
@@ -164,6 +165,21 @@ def upgrade(store_path):
                f"{r['markers']} markers converted, {r['arrays']} arrays given dimension names")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+@_friendly
+def backbones(as_json):
+    """List the backbone registry: alias, modality, pooled width, weights source, recipe and its
+    image preprocessing.  Any hub id or local model directory works too (its config picks the recipe)."""
+    from featstore.pipelines.backbones import describe_registry, format_registry
+
+    rows = describe_registry()
+    if as_json:
+        _echo_json(rows)
+    else:
+        click.echo(format_registry(rows))
+
+
 CONFIG = [
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config (see configs/)."),
     click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable); unknown keys are refused."),
@@ -205,7 +221,7 @@ def _print_train_summary(s: dict, as_json: bool) -> None:
 @main.command("train-head")
 @STORE
 @click.option("--image", required=True, help="Image feature set name.")
-@click.option("--text", required=True, help="Text feature set name.")
+@click.option("--text", required=True, help="Text feature set name, or several comma-separated (e.g. caption sets of one LLM): each row draws one per step.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, curves).")
 @_with(CONFIG)
 @_friendly
@@ -251,49 +267,87 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
 
 
 @main.command("eval")
-@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head or train-uta run directory.")
+@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head or train-uta run directory, or an imported ShareLock checkpoint.")
 @STORE
-@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False), help="Class names, one per line (index order of samples/label).")
+@click.option("--classes", help="Class names: a built-in curated list (imagenet1k, cifar10, cifar100) or a file, one name per line (default: the store's label names).")
 @click.option("--label-field", default="label", show_default=True, help="Sample field with class indices (names in its attrs).")
-@click.option("--templates", default="sharelock", show_default=True, help="sharelock ('a photo of a {c}.'), openai (80 templates) or a file of templates.")
-@click.option("--all", "all_rows", is_flag=True, help="Evaluate on all rows, not only the held-out split.")
+@click.option("--templates", default=None, help="Prompt templates: imagenet1k/openai (80), cifar10, cifar100, sharelock, simple, or a file (default: the class list's CLIP_benchmark templates, else the 80 OpenAI ones).")
+@click.option("--split", is_flag=True, help="Evaluate only the rows the training run held out (default: every row, as CLIP_benchmark).")
+@click.option("--all", "all_rows", is_flag=True, help="Every row of the store (the default; kept for old scripts).")
+@click.option("--text", default=None, help="Text feature set(s) holding the captions for retrieval, comma-separated (default: the ones trained on).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--confusion", "plot_path", type=click.Path(dir_okay=False), help="Write a confusion-matrix PNG (up to 50 classes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_friendly
-def eval_(checkpoint_dir, store_path, classes_file, label_field, templates, all_rows, device, plot_path, as_json):
-    """Zero-shot classification (prompts through the same text backbone, cached in the store) and
-    image<->text retrieval on the held-out split.  A train-uta run: alignment and zero-shot of the
-    student's CLS beside the teacher's (prompts by the teacher's text tower)."""
+def eval_(checkpoint_dir, store_path, classes, label_field, templates, split, all_rows, text, device, plot_path, as_json):
+    """CLIP_benchmark's protocol: zero-shot classification (acc1, acc5, mean per-class recall; prompts
+    through the checkpoint's text backbone, cached in the store) and image<->text retrieval
+    (recall@1/5/10, several captions per image), on every row of the store.  A train-uta run:
+    alignment and zero-shot of the student's CLS beside the teacher's (prompts by the teacher's
+    text tower)."""
     from featstore.trainers.uta import is_uta_checkpoint
 
     if is_uta_checkpoint(checkpoint_dir):
         from featstore.trainers.evaluate_uta import evaluate_uta, format_result
 
-        r = evaluate_uta(checkpoint_dir, store_path, classes_file=classes_file, label_field=label_field,
-                         templates=templates, all_rows=all_rows, device=device, plot_path=plot_path)
+        r = evaluate_uta(checkpoint_dir, store_path, classes_file=classes, label_field=label_field, text=text,
+                         templates=templates, all_rows=not split, device=device, plot_path=plot_path)
         click.echo(json.dumps(r, indent=1, default=str) if as_json else format_result(r))
         return
     from featstore.trainers.evaluate import evaluate
 
-    r = evaluate(checkpoint_dir, store_path, classes_file=classes_file, label_field=label_field, templates=templates,
-                 all_rows=all_rows, device=device, plot_path=plot_path)
+    r = evaluate(checkpoint_dir, store_path, classes=classes, label_field=label_field, templates=templates,
+                 split=split, all_rows=all_rows or None, text=text, device=device, plot_path=plot_path)
     if as_json:
         _echo_json(r)
         return
-    click.echo(f"checkpoint {r['checkpoint']} (step {r['step']}) on {r['store']} [{r['split']}]")
+    click.echo(f"checkpoint {r['checkpoint']} (step {r['step']}) on {r['store']} [{r['split']} rows]")
     zs = r.get("zero_shot")
     if zs:
-        click.echo(f"  zero-shot over {zs['classes']} classes on {zs['rows']:,} rows ({zs['n_templates']} templates): "
-                   f"top-1 {100 * zs['top1']:.1f}%  top-5 {100 * zs['top5']:.1f}%  (chance {100 * zs['chance']:.1f}%)")
+        click.echo(f"  zero-shot over {zs['classes']} classes ({zs['class_names']}) on {zs['rows']:,} images, "
+                   f"{zs['n_templates']} templates ({zs['templates']}): acc1 {100 * zs['acc1']:.2f}%  "
+                   f"acc5 {100 * zs['acc5']:.2f}%  mean per-class recall {100 * zs['mean_per_class_recall']:.2f}%  "
+                   f"(chance {100 * zs['chance']:.2f}%)")
         if zs.get("confusion_png"):
             click.echo(f"  confusion matrix: {zs['confusion_png']}")
     rt = r.get("retrieval")
     if rt:
-        click.echo(f"  retrieval on {rt['rows']:,} pairs: image->text R@1/5/10 {100 * rt['i2t_r1']:.1f}/{100 * rt['i2t_r5']:.1f}/{100 * rt['i2t_r10']:.1f}%"
-                   f"  text->image {100 * rt['t2i_r1']:.1f}/{100 * rt['t2i_r5']:.1f}/{100 * rt['t2i_r10']:.1f}%")
+        def recalls(kind):
+            return "/".join(f"{100 * rt[kind + '_retrieval_recall@' + str(k)]:.1f}" for k in (1, 5, 10))
+
+        click.echo(f"  retrieval on {rt['images']:,} images / {rt['texts']:,} captions: image_retrieval (text->image) "
+                   f"R@1/5/10 {recalls('image')}%  text_retrieval (image->text) {recalls('text')}%")
     for note in r.get("notes", []):
         click.echo(f"  note: {note}")
+
+
+@main.command("import-sharelock")
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the featstore checkpoint.")
+@click.option("--store", "store_path", help="A store whose feature sets the heads will read (records their identities).")
+@click.option("--image", help="Image feature set of --store (extracted with --backbone dinov2 for the official checkpoints).")
+@click.option("--text", help="Text feature set of --store, or a text backbone (llama3-8b, or a path) when the store has no captions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_friendly
+def import_sharelock(ckpt, out, store_path, image, text, as_json):
+    """Convert an official ShareLock Lightning checkpoint (ShareLock-CC3M.ckpt, ShareLock-CC12M.ckpt)
+    into a featstore checkpoint for `featstore eval` and ShareLock.load; loaded with
+    torch.load(weights_only=True) and an explicit allow-list (omegaconf is not needed)."""
+    from featstore.trainers.import_sharelock import import_sharelock as run
+
+    s = run(ckpt, out, store=store_path, image=image, text=text)
+    if as_json:
+        _echo_json(s)
+        return
+    click.echo(f"imported {ckpt} (step {s['step']}, {s['params']:,} parameters) -> {s['out_dir']}")
+    official = s["backbones"]
+    click.echo(f"  official backbones: vision {official.get('vision')}, language {official.get('language')}")
+    for role in ("image", "text"):
+        fs = s[role]
+        if fs["identity"] is None:
+            click.echo(f"  {role}: {fs['dim']}-d features, no identity recorded (pass --store S --image NAME --text NAME for eval)")
+        else:
+            click.echo(f"  {role}: '{fs['name']}' ({fs['identity'].get('model')}, {fs['dim']}-d)")
 
 
 @main.command()

@@ -117,7 +117,7 @@ def main() -> int:
     run("train-head", "--store", store, "--image", "efficientnet-lite0", "--text", "minilm", "--out", f"{out}/run",
         "--config", os.path.join(ROOT, "configs", "demo.yaml"))
     result = json.loads(run("eval", "--checkpoint", f"{out}/run", "--store", store, "--classes", classes,
-                            "--templates", templates, "--json", capture=True))
+                            "--templates", templates, "--split", "--json", capture=True))
     zs = result["zero_shot"]
     print("\n" + "=" * 72)
     print(f"zero-shot digit classification on {zs['rows']} held-out images, prompts like {EVAL_TEMPLATES[0]!r}:")

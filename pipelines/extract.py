@@ -26,7 +26,7 @@ from featstore.store import Store, store_exists
 from . import plan
 from .backbones import load_backbone
 from .blocks import BlockRunner, ExtractSpec
-from .choices import FIELDS, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
+from .choices import FIELDS, POOLED_DTYPES, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
 from .sources import open_source
 from .summary import format_summary, progress_bar, summarize_run
 
@@ -36,12 +36,14 @@ __all__ = ["extract", "prepare", "format_summary", "BlockRunner", "ExtractSpec",
            "TOKEN_DTYPES", "PRECISIONS", "SOURCE_TYPES"]
 
 
-def _check_options(field, token_dtype, precision, batch_size, pixels, tokens, device, rows_per_shard, pooling,
+def _check_options(field, token_dtype, dtype, precision, batch_size, pixels, tokens, device, rows_per_shard, pooling,
                    num_workers, source_path, source_options, update_metadata, store_path):
     if field not in FIELDS:
         raise ConfigError(f"--field must be one of {', '.join(FIELDS)}, not {field!r}")
     if token_dtype not in TOKEN_DTYPES:
         raise ConfigError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, not {token_dtype!r}")
+    if dtype not in POOLED_DTYPES:
+        raise ConfigError(f"--dtype (of the pooled features) must be one of {', '.join(POOLED_DTYPES)}, not {dtype!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if pooling is not None and pooling not in POOLINGS:
@@ -71,8 +73,8 @@ def _store_exists(path) -> bool:
 
 def prepare(store_path, source_path=None, backbone=None, *, name=None, field="image", source_type="auto",
             captions=None, labels=None, uid_field=None, image_column=None, text_column=None, label_column=None,
-            rows_per_shard=None, pooling=None, layer=None, tokens=False, token_dtype="float16", pixels=None,
-            batch_size=64, device="cpu", precision="fp32", num_workers=0, overwrite=False, update_metadata=False,
+            rows_per_shard=None, pooling=None, layer=None, tokens=False, token_dtype="float16", dtype="float16",
+            pixels=None, batch_size=64, device="cpu", precision="fp32", num_workers=0, overwrite=False, update_metadata=False,
             trust_remote_code=False, log=print):
     """Validate, register the source, load the backbone once and create the feature set.
 
@@ -83,7 +85,7 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     source_options = {"captions": captions, "labels": labels, "uid_field": uid_field, "image_column": image_column,
                       "text_column": text_column, "label_column": label_column}
     store_path = str(store_path) if "://" in str(store_path) else os.path.abspath(os.path.expanduser(str(store_path)))
-    _check_options(field, token_dtype, precision, batch_size, pixels, tokens, device, rows_per_shard, pooling,
+    _check_options(field, token_dtype, dtype, precision, batch_size, pixels, tokens, device, rows_per_shard, pooling,
                    num_workers, source_path, source_options, update_metadata, store_path)
     if name is not None:
         check_name(name)
@@ -104,6 +106,8 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     identity = dict(bb.identity, field=field, precision=precision)
     if tokens:
         identity["token_dtype"] = token_dtype
+    if dtype != "float16":  # another storage dtype is another feature set (float16 identities stay as they were)
+        identity["pooled_dtype"] = dtype
     identity = jsonable(identity)
     layout = dict(tokens=bb.token_shape if tokens else None, token_dtype=token_dtype, pixels=pixels)
     if existing is not None and name in existing.feature_set_names() and not overwrite:
@@ -141,7 +145,7 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     if overwrite and name in store.feature_set_names():
         store.remove_feature_set(name)
     store.create_feature_set(
-        name, identity, bb.dim,
+        name, identity, bb.dim, dtype=dtype,
         tokens=bb.token_shape if tokens else None, token_dtype=token_dtype,
         pixels=pixels, pixels_shape=(3, bb.preprocess.crop, bb.preprocess.crop) if pixels else None,
         pixels_identity=bb.preprocess.identity() if pixels else None,

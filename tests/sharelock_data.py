@@ -44,7 +44,10 @@ def text_view(z, rng=None):
 
 
 def make_aligned_store(path, n: int = 2000, rows_per_shard: int = 128, seed: int = 0, image_identity=None,
-                       text_identity=None, image_name: str = "img", text_name: str = "txt") -> Store:
+                       text_identity=None, image_name: str = "img", text_name: str = "txt",
+                       more_captions: tuple[str, ...] = ()) -> Store:
+    """`more_captions` names further text feature sets: other noisy caption views of the same rows
+    by the same text backbone (identity field "caption2", "caption3", ...), like several caption files."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, N_CLASSES, n)
     z = M["centres"][labels] + 0.7 * rng.standard_normal((n, LATENT))
@@ -52,7 +55,10 @@ def make_aligned_store(path, n: int = 2000, rows_per_shard: int = 128, seed: int
     store = Store.create(str(path), rows_per_shard=rows_per_shard)
     store.register([f"s{i:05d}" for i in range(n)], captions=[f"a {CLASS_NAMES[y]}" for y in labels], labels=labels,
                    label_names=CLASS_NAMES)
-    views = ((image_name, image_identity or IMAGE_IDENTITY, img), (text_name, text_identity or TEXT_IDENTITY, txt))
+    views = [(image_name, image_identity or IMAGE_IDENTITY, img), (text_name, text_identity or TEXT_IDENTITY, txt)]
+    for i, name in enumerate(more_captions):
+        other = text_view(z + 0.3 * rng.standard_normal(z.shape), rng).astype(np.float32)
+        views.append((name, {**(text_identity or TEXT_IDENTITY), "field": f"caption{i + 2}"}, other))
     for name, identity, x in views:
         store.create_feature_set(name, identity, x.shape[1])
         for b in range(store.n_blocks):

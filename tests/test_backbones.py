@@ -102,7 +102,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 # which saved tiny model stands in for each hub alias (the real hub repo's layout: a full CLIPModel
 # for both CLIP towers, a full SiglipModel, a LlamaForCausalLM)
 HUB_STAND_INS = {
-    "dinov2-small": "dinov2", "dinov2-base": "dinov2", "dinov2-large": "dinov2", "dinov2-giant": "dinov2",
+    "dinov2": "dinov2", "dinov2-small": "dinov2", "dinov2-base": "dinov2", "dinov2-large": "dinov2", "dinov2-giant": "dinov2",
     "clip-vit-b16": "clip-full", "clip-vit-l14": "clip-full", "clip-text-b16": "clip-full", "clip-text-l14": "clip-full",
     "siglip": "siglip-full", "llama3-8b": "llama",
 }
@@ -168,6 +168,7 @@ def test_every_registry_entry_loads_by_alias(alias, fake_hub_cache, use_cache):
     assert ident["weights_hash"].startswith("sha256:")
     if entry.source.startswith("package:"):
         assert ident["package"]
+        assert b.dim == entry.dim  # real packaged weights: the listed width is the real one
     else:
         assert ident["model"] == entry.source and ident["revision"] == FAKE_SHA
     if b.modality == "image":
@@ -176,6 +177,8 @@ def test_every_registry_entry_loads_by_alias(alias, fake_hub_cache, use_cache):
         assert out["pooled"].shape == (2, b.dim) and out["pooled"].dtype == torch.float32
         assert out["tokens"].shape == (2, *b.token_shape) and out["tokens"].dtype == torch.float32
         assert ident["preprocess"] == b.preprocess.identity()
+        if entry.preprocess is not None:  # an alias with a fixed recipe keeps it whatever the weights ship
+            assert b.preprocess == entry.preprocess
         again = b.encode_images(pixels(2, s))
         assert again["pooled"].numpy().tobytes() == out["pooled"].numpy().tobytes()
         assert again["tokens"].numpy().tobytes() == out["tokens"].numpy().tobytes()
@@ -222,7 +225,7 @@ def test_unknown_alias_lists_valid_names():
         assert alias in msg
 
 
-@pytest.mark.parametrize("name", ["facebook/dinov2-small", "dinov2-base", "llama3-8b"])
+@pytest.mark.parametrize("name", ["facebook/dinov2-small", "dinov2", "dinov2-base", "llama3-8b"])
 def test_hub_name_offline_fails_fast_with_one_line(name, tmp_path, use_cache):
     use_cache(tmp_path)  # an empty cache
     t0 = time.perf_counter()
@@ -230,7 +233,37 @@ def test_hub_name_offline_fails_fast_with_one_line(name, tmp_path, use_cache):
         load_backbone(name)
     assert time.perf_counter() - t0 < 5
     msg = str(info.value)
-    assert "\n" not in msg and "local path" in msg and "save_pretrained" in msg
+    hub_id = REGISTRY[name].source if name in REGISTRY else name
+    assert "\n" not in msg and "local path" in msg and "save_pretrained" in msg and hub_id in msg
+
+
+def test_sharelock_aliases(fake_hub_cache, use_cache):
+    """`dinov2` is ShareLock's DINOv2 ViT-B/14 with the official extraction's bilinear 256 -> 224;
+    `dinov2-base` is the same weights with the image processor they ship (bicubic)."""
+    from featstore.pipelines.backbones.dinov2 import SHARELOCK_PREPROCESS
+
+    use_cache(fake_hub_cache)
+    assert REGISTRY["dinov2"].source == REGISTRY["dinov2-base"].source == "facebook/dinov2-base"
+    assert REGISTRY["llama3-8b"].source == "meta-llama/Meta-Llama-3-8B" and REGISTRY["llama3-8b"].dim == 4096
+    sharelock, base = load_backbone("dinov2"), load_backbone("dinov2-base")
+    assert sharelock.identity["model"] == "facebook/dinov2-base" and sharelock.identity["alias"] == "dinov2"
+    assert sharelock.preprocess == SHARELOCK_PREPROCESS
+    assert sharelock.identity["preprocess"]["interpolation"] == "bilinear"
+    assert (sharelock.identity["preprocess"]["resize"], sharelock.identity["preprocess"]["crop"]) == (256, 224)
+    assert base.preprocess == Preprocess(40, 32, interpolation="bicubic")  # the stand-in's processor config
+    differ = {k for k in sharelock.identity if sharelock.identity[k] != base.identity.get(k)}
+    assert differ == {"alias", "preprocess", "token_shape"}  # same weights, pooling, layer, model id
+
+
+def test_registry_listing_covers_every_entry():
+    rows = bb.describe_registry()
+    assert [r["alias"] for r in rows] == sorted(REGISTRY)
+    for r in rows:
+        entry = REGISTRY[r["alias"]]
+        assert (r["source"], r["modality"], r["dim"], r["recipe"]) == (entry.source, entry.modality, entry.dim, entry.recipe)
+        assert r["recipe"] in bb.RECIPES
+        assert (r["preprocess"] is None) == (entry.modality == "text")
+    assert json.loads(json.dumps(rows)) == rows
 
 
 def test_path_without_config(tmp_path):
@@ -536,3 +569,50 @@ def test_input_size_the_model_cannot_take_fails_at_load(tiny, tmp_path):
     (bad / "preprocessor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(BackboneError, match="48x48"):
         load_backbone(str(bad))
+
+
+# ------------------------------------------------------------------------ the commands
+
+
+FEATSTORE = str(Path(__import__("sys").executable).parent / "featstore")
+
+
+def _cli(*args, env=None):
+    import os
+    import subprocess
+
+    out = subprocess.run([FEATSTORE, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_backbones_command_lists_the_registry():
+    from click.testing import CliRunner
+
+    from featstore.command.cli import main
+
+    rows = json.loads(CliRunner().invoke(main, ["backbones", "--json"]).output)  # in-process: one import of torch
+    assert rows == bb.describe_registry()
+    table = _cli("backbones")
+    assert all(alias in table for alias in REGISTRY)
+    line = next(l for l in table.splitlines() if l.startswith("dinov2 "))
+    assert "facebook/dinov2-base" in line and "bilinear" in line and "768" in line
+
+
+def test_extract_dinov2_is_sharelocks_backbone(fake_hub_cache, tmp_path):
+    """`featstore extract --backbone dinov2`, the mission's command, runs facebook/dinov2-base
+    (here its tiny stand-in in a hub cache) with the official bilinear 256 -> 224 recipe."""
+    from featstore.store import Store
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("chelsea", "coffee", "astronaut"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    store = tmp_path / "s.zarr"
+    _cli("extract", "--store", store, "--source", folder, "--backbone", "dinov2", "--no-progress",
+         env={"HF_HUB_CACHE": str(fake_hub_cache)})
+    fs = Store.open(store).feature_set("dinov2")
+    ident = fs.identity
+    assert ident["model"] == "facebook/dinov2-base" and ident["alias"] == "dinov2" and ident["revision"] == FAKE_SHA
+    assert ident["preprocess"]["interpolation"] == "bilinear" and ident["preprocess"]["crop"] == 224
+    assert fs.usable_rows().sum() == 3

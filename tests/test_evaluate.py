@@ -10,7 +10,7 @@ from featstore.split import split_by_uid
 from featstore.store import Store
 from featstore.trainers import backbone_link
 from featstore.trainers.evaluate import evaluate
-from featstore.trainers.prompts import OPENAI_IMAGENET_TEMPLATES, load_templates
+from featstore.trainers.prompts import OPENAI_IMAGENET_TEMPLATES, classnames, load_templates, templates
 
 from sharelock_data import CLASS_NAMES, IMAGE_IDENTITY, FakeTextBackbone, make_aligned_store, one_thread, trained_run
 
@@ -27,37 +27,51 @@ def fake_backbone(monkeypatch):
 
 def test_zero_shot_and_retrieval_far_above_chance(tmp_path_factory, tmp_path, fake_backbone):
     store_path, run_dir, _ = trained_run(tmp_path_factory)
-    result = evaluate(run_dir, store_path, templates="openai", plot_path=tmp_path / "confusion.png")
+    result = evaluate(run_dir, store_path, split=True, plot_path=tmp_path / "confusion.png")
     json.dumps(result)  # JSON-able
     zs = result["zero_shot"]
     store = Store.open(store_path)
     n_val = int(split_by_uid(store.uids(), 0.1)[1].sum())
-    assert result["split"] == "val" and zs["rows"] == n_val and zs["classes"] == 10 and zs["n_templates"] == 80
-    assert zs["top1"] > 0.6 and zs["top5"] >= zs["top1"]  # chance: 0.1
+    assert result["split"] == "val" and zs["rows"] == n_val and zs["classes"] == 10
+    assert zs["templates"] == "imagenet1k" and zs["n_templates"] == 80  # CLIP_benchmark's default: the 80 OpenAI templates
+    assert zs["class_names"] == "samples/label"
+    assert zs["acc1"] > 0.6 and zs["acc5"] >= zs["acc1"] and zs["acc1"] == zs["top1"]  # chance: 0.1
+    assert zs["mean_per_class_recall"] == pytest.approx(np.mean(list(zs["per_class_top1"].values())))
     assert np.asarray(zs["confusion"]).sum() == n_val
     with open(tmp_path / "confusion.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
     r = result["retrieval"]
-    assert r["rows"] == n_val and r["i2t_r1"] > 0.5 and r["t2i_r1"] > 0.5 and r["i2t_r10"] >= r["i2t_r5"] >= r["i2t_r1"]
+    assert r["images"] == r["texts"] == n_val and r["text_sets"] == ["txt"] and r["captions_per_image"]["max"] == 1
+    assert r["image_retrieval_recall@1"] > 0.5 and r["text_retrieval_recall@1"] > 0.5
+    assert r["image_retrieval_recall@10"] >= r["image_retrieval_recall@5"] >= r["image_retrieval_recall@1"]
     assert result["step"] == json.load(open(f"{run_dir}/best/checkpoint.json"))["step"]
+
+
+def test_every_row_by_default(tmp_path_factory, fake_backbone):
+    store_path, run_dir, _ = trained_run(tmp_path_factory)
+    result = evaluate(run_dir, store_path, templates="sharelock")
+    assert result["split"] == "all" and result["zero_shot"]["rows"] == Store.open(store_path).n_rows
+    assert result["retrieval"]["images"] == Store.open(store_path).n_rows
+    with pytest.raises(ConfigError, match="not both"):
+        evaluate(run_dir, store_path, split=True, all_rows=True)
 
 
 def test_prompt_features_cached_in_store(tmp_path_factory, tmp_path, fake_backbone):
     store_path, run_dir, _ = trained_run(tmp_path_factory)
     store = make_aligned_store(tmp_path / "s.zarr", n=400)  # a fresh store: an empty cache
-    first = evaluate(run_dir, store.path)  # sharelock template: one prompt per class
+    first = evaluate(run_dir, store.path, templates="sharelock")  # ShareLock's template: one prompt per class
     assert sum(len(c) for c in fake_backbone.calls) == 10
     group = zarr.open_group(store.path, mode="r")["prompts/txt"]  # plain zarr can read it
-    assert sorted(group["text"][:]) == sorted(f"a photo of a {c}." for c in CLASS_NAMES)
+    assert sorted(group["text"][:]) == sorted(f"A photo of a {c}" for c in CLASS_NAMES)
     assert group["pooled"].shape == (10, 80) and group["pooled"].dtype == np.float16
     assert group.attrs["identity"] == json.loads(json.dumps(fake_backbone.identity))
 
     fake_backbone.calls.clear()
-    again = evaluate(run_dir, store.path)
+    again = evaluate(run_dir, store.path, templates="sharelock")
     assert fake_backbone.calls == [] and again["zero_shot"] == first["zero_shot"]  # all from the cache
 
     tpl = tmp_path / "templates.txt"
-    tpl.write_text("a photo of a {c}.\na drawing of the number {c}.\n")
+    tpl.write_text("A photo of a {c}\na drawing of the number {c}.\n")
     evaluate(run_dir, store.path, templates=str(tpl))
     assert sorted(fake_backbone.calls[0]) == sorted(f"a drawing of the number {c}." for c in CLASS_NAMES)  # only new texts
     assert zarr.open_group(store.path, mode="r")["prompts/txt"].attrs["n"] == 20
@@ -67,12 +81,14 @@ def test_all_rows_and_classes_file(tmp_path_factory, tmp_path, fake_backbone):
     store_path, run_dir, _ = trained_run(tmp_path_factory)
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(CLASS_NAMES) + "\n")
-    result = evaluate(run_dir, store_path, classes_file=str(classes), all_rows=True)
+    result = evaluate(run_dir, store_path, classes=str(classes), all_rows=True, templates="simple")
     assert result["split"] == "all" and result["zero_shot"]["rows"] == Store.open(store_path).n_rows
-    assert result["zero_shot"]["top1"] > 0.6
+    assert result["zero_shot"]["top1"] > 0.6 and result["zero_shot"]["class_names"] == f"file:{classes}"
     classes.write_text("zero\none\n")
     with pytest.raises(ConfigError, match="class names"):
-        evaluate(run_dir, store_path, classes_file=str(classes))
+        evaluate(run_dir, store_path, classes=str(classes))
+    with pytest.raises(ConfigError, match="built-in"):
+        evaluate(run_dir, store_path, classes="imagenet-21k")
 
 
 def test_identity_mismatch_refused_naming_both(tmp_path_factory, tmp_path, fake_backbone):
@@ -88,7 +104,7 @@ def test_other_feature_set_names_and_no_text_features(tmp_path_factory, tmp_path
     _, run_dir, _ = trained_run(tmp_path_factory)
     store = make_aligned_store(tmp_path / "r.zarr", n=300, image_name="img-renamed", text_name="other-text",
                                text_identity={"model": "unrelated"})
-    result = evaluate(run_dir, store.path, image="img-renamed", text="txt")  # the store lacks 'txt'
+    result = evaluate(run_dir, store.path, image="img-renamed", templates="sharelock")  # the store lacks 'txt'
     assert result["zero_shot"]["top1"] > 0.5 and result["retrieval"] is None
     assert any("retrieval skipped" in n for n in result["notes"])
     with pytest.raises(IdentityMismatch):
@@ -98,7 +114,15 @@ def test_other_feature_set_names_and_no_text_features(tmp_path_factory, tmp_path
 def test_templates():
     assert len(OPENAI_IMAGENET_TEMPLATES) == len(set(OPENAI_IMAGENET_TEMPLATES)) == 80
     assert all("{c}" in t for t in OPENAI_IMAGENET_TEMPLATES)
-    assert "itap of a {c}." in OPENAI_IMAGENET_TEMPLATES and load_templates("sharelock") == ["a photo of a {c}."]
+    assert "itap of a {c}." in OPENAI_IMAGENET_TEMPLATES and load_templates("sharelock") == ["A photo of a {c}"]
+    assert load_templates("openai") == templates("imagenet1k") == OPENAI_IMAGENET_TEMPLATES
+    assert len(templates("cifar10")) == len(templates("cifar100")) == 18 and load_templates("simple") == ["a photo of a {c}."]
+    assert len(classnames("imagenet1k")) == 1000 and len(set(classnames("imagenet1k"))) == 998  # OpenAI's list names
+    # two pairs of classes alike ("missile", "sunglasses"), as CLIP_benchmark evaluates it
+    assert classnames("imagenet1k")[:3] == ["tench", "goldfish", "great white shark"]
+    assert classnames("cifar10")[0] == "airplane" and len(classnames("cifar100")) == 100
+    with pytest.raises(ConfigError, match="built-in"):
+        classnames("imagenet22k")
     with pytest.raises(ConfigError):
         load_templates("no-such-file.txt")
     with pytest.raises(ConfigError, match="class name goes"):
@@ -154,10 +178,10 @@ def test_digits_zero_shot_far_above_chance(digits_store, tmp_path):
     classes.write_text("\n".join(WORDS) + "\n")
     templates = tmp_path / "templates.txt"  # worded unlike any caption: no digit / number / numeral / hand
     templates.write_text("a grey picture of a {c}.\nan image that shows a {c}.\n{c}\n")
-    result = evaluate(run, digits_store, classes_file=str(classes), templates=str(templates))  # the real MiniLM
+    result = evaluate(run, digits_store, classes=str(classes), templates=str(templates), split=True)  # the real MiniLM
     zs = result["zero_shot"]
     assert zs["rows"] >= 15 and zs["top1"] > 0.4, zs  # chance: 0.1
-    assert result["retrieval"]["i2t_r5"] > 5 * 5 / result["retrieval"]["rows"]
+    assert result["retrieval"]["text_retrieval_recall@5"] > 5 * 5 / result["retrieval"]["images"]
     group = zarr.open_group(digits_store, mode="r")["prompts/minilm"]
     assert group.attrs["n"] == 30 and group.attrs["identity"]["alias"] == "minilm"
 

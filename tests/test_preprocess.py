@@ -382,3 +382,59 @@ def test_from_hf_processor_object_and_path(tmp_path):
     proc.save_pretrained(tmp_path)
     assert Preprocess.from_hf(tmp_path) == pre
     assert Preprocess.from_hf(str(tmp_path / "preprocessor_config.json")) == pre
+
+
+# ---------------------------------------------------------------------------- ShareLock's DINOv2 recipe
+# An independent reference for torchvision's documented `Resize(256) -> CenterCrop(224) -> ToTensor
+# -> Normalize(ImageNet)` on PIL images (ShareLock's official feature extraction; torchvision itself
+# cannot be imported here): the shorter side becomes 256 and the longer int(256 * long / short);
+# the resize is PIL's antialiased resampling with the default *bilinear* filter, i.e. a separable
+# triangle filter stretched by the downscale factor, computed here in float64 with numpy (PIL works
+# in fixed point with a rounded intermediate, hence the 1-level tolerance); the crop starts at
+# int(round((size - 224) / 2)); ToTensor divides by 255; Normalize subtracts the mean and divides by the std.
+
+
+def _filter_matrix(n_in: int, n_out: int, kernel, support: float) -> np.ndarray:
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    weights = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - support * stretch + 0.5), 0), min(int(centre + support * stretch + 0.5), n_in)
+        taps = kernel((np.arange(lo, hi) - centre + 0.5) / stretch)
+        weights[i, lo:hi] = taps / taps.sum()
+    return weights
+
+
+def _torchvision_reference(img: Image.Image, size=256, crop=224) -> np.ndarray:
+    """uint8-valued float (3, crop, crop) of Resize(size, bilinear) + CenterCrop(crop)."""
+    triangle = lambda x: np.clip(1.0 - np.abs(x), 0.0, None)  # noqa: E731
+    a = np.asarray(img, dtype=np.float64)
+    h, w = a.shape[:2]
+    out_w, out_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    out = (_filter_matrix(h, out_h, triangle, 1.0) @ a.reshape(h, -1)).reshape(out_h, w, 3)  # vertical
+    out = (out.transpose(0, 2, 1) @ _filter_matrix(w, out_w, triangle, 1.0).T).transpose(0, 2, 1)  # horizontal
+    out = np.clip(np.rint(out), 0, 255)
+    top, left = int(round((out_h - crop) / 2.0)), int(round((out_w - crop) / 2.0))
+    return out[top : top + crop, left : left + crop].transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"])
+def test_sharelock_dinov2_recipe_matches_torchvision_semantics(name):
+    from featstore.pipelines.backbones.dinov2 import SHARELOCK_PREPROCESS as recipe
+
+    assert recipe.identity() == {"name": "featstore-pil-v1", "resize": 256, "crop": 224, "interpolation": "bilinear",
+                                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize_mode": "shortest"}
+    img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    ours = recipe(img).astype(np.float64)
+    ref = _torchvision_reference(img)
+    diff = np.abs(ours - ref)
+    # measured on these five images: max 1 level, mean 0.10-0.19 levels
+    assert diff.max() <= 1 and diff.mean() < 0.25, (diff.max(), diff.mean())
+    # the tolerance separates the filters: bicubic (featstore's dinov2-base recipe) is far off
+    bicubic = Preprocess(256, 224, interpolation="bicubic")(img).astype(np.float64)
+    assert np.abs(bicubic - ref).max() > 10 and np.abs(bicubic - ref).mean() > 0.4
+    # and the normalized input the backbone sees
+    mean, std = np.array(recipe.mean)[:, None, None], np.array(recipe.std)[:, None, None]
+    x = recipe.normalize(torch.from_numpy(recipe(img))[None]).numpy()[0]
+    assert np.abs(x - (ref / 255.0 - mean) / std).max() <= 1 / 255 / min(recipe.std) + 1e-5

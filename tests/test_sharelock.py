@@ -148,3 +148,20 @@ def test_api_encode_image_decodes_preprocesses_and_runs_the_backbone(tmp_path_fa
     expected = sl.encode_image_features(fake.encode_images(pixels)["pooled"].half().float())
     assert z.shape == (2, 48) and torch.allclose(z, expected, atol=1e-6)
     assert torch.allclose(sl.encode_image(img), z[:1], atol=1e-6)
+
+
+def test_caption_retrieval_definitions_and_ties():
+    from featstore.trainers.contrastive import caption_retrieval
+
+    torch.manual_seed(0)
+    image = torch.randn(50, 16)
+    text = torch.cat([image + 0.01 * torch.randn(50, 16), torch.randn(50, 16)])  # caption 1 matches, caption 2 is noise
+    owner = torch.cat([torch.arange(50), torch.arange(50)])
+    r = caption_retrieval(image, text, owner, ks=(1, 5))
+    assert r["text_retrieval_recall@1"] == 1.0  # every image finds one of its captions first
+    assert 0.5 <= r["image_retrieval_recall@1"] < 0.6  # half the captions find their image
+    # a collapsed model (every score tied) scores chance, not 0 or 1: P(a positive in the top k)
+    flat = caption_retrieval(torch.ones(10, 4), torch.ones(20, 4), torch.arange(20) % 10, ks=(1, 5))
+    assert flat["image_retrieval_recall@1"] == pytest.approx(1 / 10) and flat["image_retrieval_recall@5"] == pytest.approx(5 / 10)
+    assert flat["text_retrieval_recall@1"] == pytest.approx(2 / 20)  # 2 positives among 20 tied captions
+    assert flat["text_retrieval_recall@5"] == pytest.approx(1 - (18 * 17 * 16 * 15 * 14) / (20 * 19 * 18 * 17 * 16))

@@ -16,10 +16,10 @@ from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
 from featstore.trainers import train_head as train_head_module
-from featstore.trainers.config import Config
+from featstore.trainers.config import Config, load_config
 from featstore.trainers.train_head import lr_at, train_head
 
-from sharelock_data import IMAGE_IDENTITY, RUN_OVERRIDES, make_aligned_store, one_thread, trained_run
+from sharelock_data import IMAGE_IDENTITY, RUN_OVERRIDES, FakeTextBackbone, make_aligned_store, one_thread, trained_run
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -215,3 +215,130 @@ def test_sigkill_then_resume_reaches_the_same_weights(tmp_path_factory, tmp_path
     _assert_same(load_file(tmp_path / "straight" / "last" / "optimizer.safetensors"),
                  load_file(out / "last" / "optimizer.safetensors"))
     assert _metrics(tmp_path / "straight") == _metrics(out)
+
+
+# ---- ShareLock's official training protocol (configs/sharelock.yaml) ----------------------------
+def test_validation_every_500_micro_batches():
+    from featstore.trainers.train_head import validation_due
+
+    cfg = Config(steps=5000, accumulation_steps=16, val_every_batches=500)
+    due = [s for s in range(1, 5001) if validation_due(s, cfg)]
+    # after the optimizer step that completes micro-batch 500, 1000, ... (Lightning validates at the micro-batch)
+    assert due[:4] == [32, 63, 94, 125] and len(due) == 5000 * 16 // 500 and due[-1] == 5000  # the 160th is the end
+    assert all(s * 16 >= k * 500 > (s - 1) * 16 for k, s in enumerate(due[:-1], start=1))
+    coarse = Config(steps=100, accumulation_steps=1, val_every_batches=500)  # coarser than steps/10: steps/10 wins
+    assert [s for s in range(1, 101) if validation_due(s, coarse)] == list(range(10, 101, 10))
+
+
+def test_warmup_from_zero_is_transformers_cosine_schedule():
+    """ShareLock's schedule is transformers' get_cosine_schedule_with_warmup(150, 5000)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg = load_config(os.path.join(os.path.dirname(TESTS), "configs", "sharelock.yaml"))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=150, num_training_steps=5000)
+    theirs = []
+    for _ in range(5000):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [lr_at(s, cfg) for s in range(5000)]
+    assert ours[0] == 0.0 and ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+
+
+def _fake_validations(monkeypatch, values, key="val_loss"):
+    calls = []
+
+    def scripted(*args, **kwargs):
+        calls.append(1)
+        v = values[min(len(calls), len(values)) - 1]
+        return {"val_loss": v if key == "val_loss" else 1.0, "val_i2t_r1": 0.0, "val_t2i_r1": v if key != "val_loss" else 0.0}
+
+    monkeypatch.setattr(train_head_module, "validate", scripted)
+
+
+def test_early_stopping_min_delta_and_best_checkpoint(tmp_path_factory, tmp_path, monkeypatch):
+    """Lightning's EarlyStopping(min_delta=0.1): only a loss lower than the best by more than 0.1
+    resets the count; ModelCheckpoint still keeps the lowest loss (every small improvement)."""
+    store_path, _, _ = trained_run(tmp_path_factory)
+    _fake_validations(monkeypatch, [1.0, 0.96, 0.92, 0.88, 0.84])
+    summary = train_head(store_path, "img", "txt", tmp_path / "run", progress=False,
+                         overrides=TINY + ["steps=100", "patience=2", "min_delta=0.1"])
+    assert summary["stopped_early"] and summary["step"] == 20  # 0.96 and 0.92 are not 0.1 below 1.0
+    assert summary["best"] == {"val_loss": 0.92, "step": 20}
+    assert json.load(open(tmp_path / "run" / "best" / "checkpoint.json"))["step"] == 20
+
+
+def test_best_metric_higher_is_better(tmp_path_factory, tmp_path, monkeypatch):
+    store_path, _, _ = trained_run(tmp_path_factory)
+    _fake_validations(monkeypatch, [0.1, 0.5, 0.3, 0.2], key="val_t2i_r1")
+    summary = train_head(store_path, "img", "txt", tmp_path / "run", progress=False,
+                         overrides=TINY + ["steps=100", "patience=2", "best_metric=val_t2i_r1"])
+    assert summary["step"] == 30 and summary["best"] == {"val_loss": 1.0, "val_t2i_r1": 0.5, "step": 10}
+
+
+def test_fixed_validation_row_count_and_several_caption_sets(tmp_path):
+    """val_rows holds out exactly that many rows, found again by eval --split; several text
+    feature sets (ShareLock's several caption files) are drawn per row."""
+    from featstore.trainers.evaluate import evaluate
+    from featstore.trainers.text_sets import train_text as _train_text
+
+    store = make_aligned_store(tmp_path / "s.zarr", n=800, more_captions=("txt2",))
+    over = ["hidden_dim=128", "batch_size=64", "accumulation_steps=2", "steps=30", "warmup_steps=3", "patience=null",
+            "val_rows=150", "val_every_batches=5"]
+    summary = train_head(store.path, "img", "txt,txt2", tmp_path / "run", overrides=over, progress=False)
+    assert summary["val_rows"] == 150 and summary["heldout"]["kind"] == "count" and summary["text_sets"] == ["txt", "txt2"]
+    assert [r["step"] for r in _metrics(tmp_path / "run") if "val_loss" in r] == [0, 3, 5, 8, 10, 13, 15, 18, 20, 23, 25, 28, 30]
+    state = json.load(open(tmp_path / "run" / "last" / "checkpoint.json"))
+    assert [t["name"] for t in state["feature_sets"]["texts"]] == ["txt", "txt2"] and state["feature_sets"]["text"]["name"] == "txt"
+    result = evaluate(tmp_path / "run", store.path, split=True, templates="sharelock", text_encoder=FakeTextBackbone())
+    assert result["zero_shot"]["rows"] == 150
+    assert result["retrieval"]["images"] == 150 and result["retrieval"]["texts"] == 300  # two captions per image
+    assert result["retrieval"]["captions_per_image"] == {"min": 2, "max": 2, "mean": 2.0}
+    # each row draws its caption set uniformly, as a pure function of (seed, step)
+    batch = {"image": torch.zeros(4000, 1), "text0": torch.zeros(4000, 1), "text1": torch.ones(4000, 1)}
+    drawn = _train_text(batch, ["text0", "text1"], torch.Generator().manual_seed(5))
+    assert 0.45 < drawn.mean() < 0.55
+    assert torch.equal(drawn, _train_text(batch, ["text0", "text1"], torch.Generator().manual_seed(5)))
+    with pytest.raises(ConfigError, match="same --text"):
+        train_head(store.path, "img", "txt", tmp_path / "run", steps=40, resume=True, progress=False)
+
+
+def test_caption_sets_of_other_backbones_are_refused(tmp_path):
+    store = make_aligned_store(tmp_path / "s.zarr", n=300, more_captions=("txt2",))
+    other = make_aligned_store(tmp_path / "o.zarr", n=300, text_name="other", text_identity={"model": "another-llm"})
+    with pytest.raises(IdentityMismatch, match="different text backbones"):
+        train_head(store.path, "img", "txt,img", tmp_path / "a", overrides=TINY, progress=False)
+    with pytest.raises(ConfigError, match="distinct"):
+        train_head(store.path, "img", "txt,txt", tmp_path / "b", overrides=TINY, progress=False)
+    assert other.feature_set_names() == ["img", "other"]
+
+
+def test_float32_pooled_features_end_to_end(tmp_path, tiny_dinov2_path):
+    """`extract --dtype float32` keeps pooled features in float32 (LLM features have large
+    activations); training and the checkpoint see float32; asking float16 of that name is refused."""
+    from PIL import Image
+
+    from featstore.pipelines.extract import extract
+
+    from imagedata import real_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    captions = {}
+    for i, (name, img) in enumerate(real_images(40)):
+        img.resize((48, 40)).save(folder / f"{i:03d}.png")
+        captions[f"{i:03d}"] = f"a picture called {name.replace('-', ' ')} number {i}"
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    store = tmp_path / "s.zarr"
+    quiet = dict(progress=False, log=lambda *_: None, captions=str(tmp_path / "captions.json"), rows_per_shard=16)
+    extract(store, folder, tiny_dinov2_path, name="img", dtype="float32", **quiet)
+    extract(store, folder, "minilm", field="caption", name="cap", dtype="float32", **quiet)
+    s = Store.open(store)
+    assert s.array("features/cap/pooled").dtype == np.float32 and s.feature_set("cap").identity["pooled_dtype"] == "float32"
+    summary = train_head(store, "img", "cap", tmp_path / "run", progress=False,
+                         overrides=TINY + ["batch_size=8", "steps=3", "val_fraction=0.3"])
+    state = json.load(open(tmp_path / "run" / "last" / "checkpoint.json"))
+    assert summary["step"] == 3 and state["feature_sets"]["text"]["dtype"] == "float32"
+    with pytest.raises(IdentityMismatch, match="pooled_dtype"):
+        extract(store, folder, "minilm", field="caption", name="cap", **quiet)

@@ -236,7 +236,7 @@ def _clip_text_features(clip_dir, texts):
 def test_eval_zero_shot_through_the_teachers_text_tower(main_run, digits, tmp_path):
     store_path, out, summary = main_run
     _, root = digits
-    r = evaluate_uta(out, store_path, templates="sharelock")
+    r = evaluate_uta(out, store_path, templates="simple")
     best = next(m for m in _metrics(out) if m["step"] == summary["best"]["step"] and "val_loss" in m)
     assert r["step"] == summary["best"]["step"] and r["rows"] == summary["val_rows"]
     assert r["token_cos"] == pytest.approx(best["val_token_cos"], abs=1e-5)
@@ -260,7 +260,7 @@ def test_eval_zero_shot_through_the_teachers_text_tower(main_run, digits, tmp_pa
     assert zs["teacher_cls"]["top1"] == pytest.approx(float((pred == labels).float().mean()))
 
     # the command: `featstore eval` on a UTA run prints the four embeddings side by side
-    cmd = [FEATSTORE, "eval", "--checkpoint", str(out), "--store", store_path, "--templates", "sharelock"]
+    cmd = [FEATSTORE, "eval", "--checkpoint", str(out), "--store", store_path, "--templates", "simple", "--split"]
     shown = subprocess.run(cmd, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     for label in ("student CLS", "student token mean", "teacher CLS (pooled)", "teacher patch mean", "chance"):
@@ -270,10 +270,10 @@ def test_eval_zero_shot_through_the_teachers_text_tower(main_run, digits, tmp_pa
 
     # a later run's final validation reads the cached prompts (and never encodes text itself)
     s = train_uta(store_path, "clip", "crops", tmp_path / "again", steps=2,
-                  overrides=SMALL + ["zero_shot_text=clip.text", "zero_shot_templates=sharelock"], progress=False)
+                  overrides=SMALL + ["zero_shot_text=clip.text", "zero_shot_templates=simple"], progress=False)
     assert 0 <= s["final"]["val_zero_shot_top1"] <= 1 and "val_teacher_zero_shot_top1" in s["final"] and not s["notes"]
     s = train_uta(store_path, "clip", "crops", tmp_path / "uncached", steps=2,
-                  overrides=SMALL + ["zero_shot_text=clip-text", "zero_shot_templates=sharelock"], progress=False)
+                  overrides=SMALL + ["zero_shot_text=clip-text", "zero_shot_templates=simple"], progress=False)
     assert any("not cached" in n for n in s["notes"]) and "val_zero_shot_top1" not in s["final"]
 
 

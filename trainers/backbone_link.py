@@ -13,7 +13,7 @@ from featstore.errors import CheckpointError, IdentityMismatch
 
 # Keys of a stored identity that say how it was stored or what else was kept, not what the pooled
 # features are: a backbone loaded only to encode pooled features may differ in them.
-NOT_POOLED = ("tokens", "token_shape", "token_dtype", "field")
+NOT_POOLED = ("tokens", "token_shape", "token_dtype", "field", "pooled_dtype")
 
 
 def load_options(identity: dict) -> tuple[str, dict]:

@@ -2,11 +2,14 @@
 
     cfg = load_config("configs/demo.yaml", ["steps=200", "lr=3e-4"])
 
-Defaults are ShareLock's published ones (Ruthardt et al., 2024): a 4-layer language MLP at width
-4096 with BatchNorm and dropout 0.2, identity vision head, symmetric InfoNCE at a fixed logit scale
-of 1/0.07, Adam (lr 1e-3, weight decay 1e-4), 150 warm-up steps then cosine, grad-norm clip 1.0,
-micro-batches of 1024 (negatives only within a micro-batch) accumulated 16 times, 5000 steps.
-Unknown keys and badly typed values are refused with one line that lists the valid keys.
+The model and optimiser defaults are ShareLock's published ones (Ruthardt et al., 2024): a 4-layer
+language MLP at width 4096 with BatchNorm and dropout 0.2, identity vision head, symmetric InfoNCE
+at a fixed logit scale of 1/0.07, Adam (lr 1e-3, weight decay 1e-4), 150 warm-up steps then cosine,
+grad-norm clip 1.0, micro-batches of 1024 (negatives only within a micro-batch) accumulated 16
+times, 5000 steps.  The training protocol defaults suit any store (10% held out, validation every
+steps/10, patience 5); `configs/sharelock.yaml` sets the official protocol (50,000 held-out rows,
+validation every 500 micro-batches, patience 50 with min_delta 0.1, warm-up from lr 0, logit scale
+exp(2.6592)).  Unknown keys and badly typed values are refused with one line that lists the valid keys.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from dataclasses import dataclass, fields
 import yaml
 
 from featstore.errors import ConfigError
+
+
+# what validation measures (train_head.validate): the loss is lower-is-better, the recalls higher
+BEST_METRICS = ("val_loss", "val_i2t_r1", "val_i2t_r5", "val_t2i_r1", "val_t2i_r5")
 
 
 def need(ok: bool, what: str) -> None:
@@ -76,16 +83,21 @@ class Config(ConfigBase):
     warmup_steps: int = 150
     max_warmup_fraction: float = 0.1  # warm-up never longer than this fraction of `steps`
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    warmup_from_zero: bool = False  # the first warm-up update gets lr 0 (ShareLock's schedule), else lr / warmup
     grad_clip: float = 1.0  # max grad norm; 0 turns clipping off
     # ---- data ----
-    seed: int = 0  # model init, dropout and the data order
+    seed: int = 0  # model init, dropout, the data order and which text set each row gets
     val_fraction: float = 0.1  # held out by uid hash (featstore.split), the same split for eval
+    val_rows: int | None = None  # hold out exactly this many rows (smallest uid hash) instead; ShareLock: 50000
     cache: str | None = None  # None streams from the store; "ram" reads the train columns once
     cpu_threads: int | None = None  # torch threads when training on CPU; None = torch's default (small heads: 1 is fastest)
     # ---- validation, early stopping, checkpoints ----
     val_every: int | None = None  # None = steps // 10; never more than that
+    val_every_batches: int | None = None  # validate after every this many micro-batches instead (ShareLock: 500)
     val_max_rows: int = 10000  # retrieval recall during training on at most this many val rows
-    patience: int | None = 5  # stop after this many validations without a better val loss; None = never
+    best_metric: str = "val_loss"  # picks the best checkpoint and drives early stopping (or val_i2t_r1, ...: higher)
+    patience: int | None = 5  # stop after this many validations without an improvement; None = never
+    min_delta: float = 0.0  # an improvement must beat the best by more than this (ShareLock: 0.1)
     save_every: int = 500  # write the `last` checkpoint every this many steps (and at the end)
     log_every: int = 10  # a metrics.jsonl line every this many steps (and on validation steps)
 
@@ -102,6 +114,11 @@ class Config(ConfigBase):
         need(self.accumulation_steps >= 1, f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
         need(self.val_max_rows >= 2, f"val_max_rows must be >= 2, got {self.val_max_rows}")
         need(self.patience is None or self.patience >= 1, f"patience must be >= 1 or null, got {self.patience}")
+        need(self.min_delta >= 0, f"min_delta must be >= 0, got {self.min_delta}")
+        need(self.best_metric in BEST_METRICS, f"best_metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
+        need(self.val_rows is None or self.val_rows >= 2, f"val_rows must be >= 2 or null, got {self.val_rows}")
+        need(self.val_every_batches is None or self.val_every_batches >= 1,
+             f"val_every_batches must be >= 1 or null, got {self.val_every_batches}")
         self._check_common()
         return self
 

@@ -1,116 +1,158 @@
-"""Evaluate a trained ShareLock head on a store: zero-shot classification and retrieval.
+"""Evaluate a trained ShareLock head on a store with CLIP_benchmark's protocol.
 
-    result = evaluate("run/", "s.zarr", templates="openai", plot_path="run/confusion.png")
+    result = evaluate("run/", "imagenet.zarr", classes="imagenet1k")
 
-Zero-shot: class names (a file, or `samples/<label_field>` attrs "names") × templates → prompts →
-text features by the checkpoint's own text backbone (cached in the store, see prompts.py) →
-language head → per-class mean of the normalized embeddings, renormalized → top-1/top-5 of the
-vision-head embeddings of the labelled held-out rows (the same uid-hash split training held out;
-every row with `all_rows`).  Retrieval: recall@1/5/10 image→text and text→image among the
-held-out rows that have both features.  Feature sets whose identity differs from the ones the
-checkpoint was trained on are refused (IdentityMismatch).
+Zero-shot classification is CLIP_benchmark's ``zeroshot_classification`` (the protocol behind
+ShareLock's published numbers): class names (a built-in curated list such as ``imagenet1k``, a
+file, or the store's ``samples/<label_field>`` names) × templates (by default the class list's
+CLIP_benchmark templates: the 80 OpenAI ImageNet templates unless the list has its own) → prompt
+features by the checkpoint's own text backbone (cached in the store, see prompts.py) → language
+head → per class the mean of the normalized prompt embeddings, renormalized → logits
+``100 · normalize(image embedding) · classifier`` → ``acc1``, ``acc5`` and
+``mean_per_class_recall`` over **every labelled row** of the store (``split=True``: only the rows
+the checkpoint's training run held out).
+
+Retrieval is CLIP_benchmark's ``zeroshot_retrieval`` with its names: each image's captions are its
+rows in one or more text feature sets (the checkpoint's, e.g. several caption sets);
+``image_retrieval_recall@k`` is text → image, ``text_retrieval_recall@k`` image → text (a hit when
+any of the image's captions is in the top k), k = 1, 5, 10.
+
+Feature sets whose identity differs from the ones the checkpoint was trained on are refused.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from featstore import format as fmt
-from featstore.errors import ConfigError
+from featstore.errors import CheckpointError, ConfigError
 from featstore.loader import Loader
-from featstore.split import split_by_uid
 from featstore.store import Store
 
 from . import checkpoint, prompts
+from .backbone_link import NOT_POOLED
 from .config import resolve_device
-from .contrastive import retrieval_recall
+from .contrastive import caption_retrieval
+from .heldout import heldout_rows
 
 
 def evaluate(
     checkpoint_dir,
     store_path,
     *,
-    classes_file=None,
+    classes=None,
     label_field: str = fmt.LABEL,
-    templates="sharelock",
-    all_rows: bool = False,
+    templates=None,
+    split: bool = False,
+    all_rows: bool | None = None,
     device: str = "cpu",
     batch_size: int = 4096,
     plot_path=None,
     which: str = "best",
     image: str | None = None,
-    text: str | None = None,
+    text=None,
     text_encoder=None,
 ) -> dict:
-    """Returns a JSON-able dict: {"checkpoint", "step", "store", "split", "image", "text",
-    "zero_shot": {...} | None, "retrieval": {...} | None, "notes": [...]}.  `image`/`text` name the
-    store's feature sets when they differ from the names trained on (same identities required);
+    """Returns a JSON-able dict: {"checkpoint", "step", "store", "split", "image", "text", "texts",
+    "zero_shot": {...} | None, "retrieval": {...} | None, "notes": [...]}.
+
+    `classes`: a built-in list name (`prompts.class_lists()`), a file, or None for the store's label
+    names.  `templates`: a built-in set name, a file, a list, or None for the class list's own.
+    `split`: evaluate only the held-out rows of the run (`all_rows=True` is the default, kept for
+    old callers).  `image`/`text` name the store's feature sets when they differ from the names
+    trained on (same identities required; `text` may be several, comma-separated or a list);
     `text_encoder` replaces the recorded text backbone (tests)."""
+    if split and all_rows:
+        raise ConfigError("pass either --split (the held-out rows) or --all (every row, the default), not both")
     dev = resolve_device(device)
     ckpt = checkpoint.load(checkpoint_dir, which=which)
     model = ckpt.model.to(dev).eval()
     trained = ckpt.state["feature_sets"]
+    if trained["image"].get("identity") is None or trained["text"].get("identity") is None:
+        raise CheckpointError(f"checkpoint {ckpt.path} records no feature-set identities (imported without a store): "
+                              "re-run `featstore import-sharelock CKPT --out DIR --store S --image NAME --text NAME`")
     store = Store.open(store_path)
-    image_name, text_name = image or trained["image"]["name"], text or trained["text"]["name"]
+    image_name = image or trained["image"]["name"]
     checkpoint.check_identity(trained["image"], checkpoint.describe(store, image_name), ckpt.path, store.path)
-    has_text = text_name in store.feature_set_names()
-    if has_text:
-        checkpoint.check_identity(trained["text"], checkpoint.describe(store, text_name), ckpt.path, store.path)
+    text_names, notes = _text_sets(store, ckpt, text)
 
     uids = store.uids()
-    rows = np.ones(len(uids), bool) if all_rows else split_by_uid(uids, ckpt.config.val_fraction)[1]
-    result = {"checkpoint": ckpt.path, "step": ckpt.step, "store": store.path, "split": "all" if all_rows else "val",
-              "image": image_name, "text": text_name, "zero_shot": None, "retrieval": None, "notes": []}
+    if split:
+        record = ckpt.state.get("heldout", {"kind": "fraction", "val_fraction": ckpt.config.val_fraction})
+        if record is None:
+            raise ConfigError(f"checkpoint {ckpt.path} was not trained by featstore: its held-out rows are unknown, "
+                              "so --split cannot be evaluated (evaluate every row of a test store instead)")
+        rows = heldout_rows(uids, record)
+    else:
+        rows = np.ones(len(uids), bool)
+    result = {"checkpoint": ckpt.path, "step": ckpt.step, "store": store.path, "split": "val" if split else "all",
+              "image": image_name, "text": trained["text"]["name"], "texts": text_names, "zero_shot": None,
+              "retrieval": None, "notes": notes}
+    image_path = f"{fmt.FEATURES}/{image_name}/pooled"
 
     # ---- zero-shot classification -------------------------------------------------------------
-    names = None
-    if label_field in store.sample_fields():
-        if classes_file is not None or store.array(f"{fmt.SAMPLES}/{label_field}").attrs.get("names"):
-            names = prompts.read_class_names(store, classes_file, label_field)
-        else:
-            result["notes"].append(f"samples/{label_field} has no class names: pass --classes FILE for zero-shot")
-    elif classes_file is not None:
-        raise ConfigError(f"the store has no samples/{label_field} to score zero-shot against (--label-field?)")
-    else:
-        result["notes"].append(f"no samples/{label_field} in the store: zero-shot skipped")
+    names, source = _class_names(store, classes, label_field, result["notes"])
     if names is not None:
-        tpls = prompts.load_templates(templates)
-        per_class = prompts.class_prompts(names, tpls)
-        feats = prompts.prompt_features(store.path, trained["text"], [p for ps in per_class for p in ps], device,
-                                        encoder=text_encoder)
-        with torch.no_grad():
-            emb = _encode(model.encode_text, feats, dev, batch_size).view(len(names), len(tpls), -1)
-            classifier = torch.nn.functional.normalize(emb.mean(1), dim=-1)
+        tpl_name = templates if templates is not None else _default_templates(classes, names)
+        tpls = prompts.load_templates(tpl_name)
         labels = store.samples(label_field)
         if labels.max(initial=-1) >= len(names):
             raise ConfigError(f"samples/{label_field} has label {labels.max()} but only {len(names)} class names are given")
-        z_image, row = _embed_rows(store, {"image": f"{fmt.FEATURES}/{image_name}/pooled"}, rows & (labels >= 0),
-                                   model, dev, batch_size)
+        per_class = prompts.class_prompts(names, tpls)
+        feats = prompts.prompt_features(store.path, trained["text"], [p for ps in per_class for p in ps], device,
+                                        encoder=text_encoder)
+        classifier = zero_shot_classifier(model, feats.view(len(names), len(tpls), -1), dev)
+        z_image, row = _embed(store, image_path, model.encode_image, rows & (labels >= 0), dev, batch_size, model.embed_dim)
         if len(row):
-            result["zero_shot"] = _zero_shot(z_image["image"] @ classifier.T, labels[row], names, plot_path)
-            result["zero_shot"].update(templates=templates if isinstance(templates, str) else "custom", n_templates=len(tpls))
+            logits = 100.0 * F.normalize(z_image, dim=-1) @ classifier
+            zs = zero_shot_metrics(logits, labels[row], names, plot_path)
+            zs.update(class_names=source, templates=tpl_name if isinstance(tpl_name, str) else "custom",
+                      n_templates=len(tpls))
+            result["zero_shot"] = zs
         else:
-            result["notes"].append("no labelled rows with image features in the evaluated split")
+            result["notes"].append("no labelled rows with image features in the evaluated rows")
 
     # ---- retrieval ----------------------------------------------------------------------------
-    if has_text:
-        cols = {"image": f"{fmt.FEATURES}/{image_name}/pooled", "text": f"{fmt.FEATURES}/{text_name}/pooled"}
-        z, row = _embed_rows(store, cols, rows, model, dev, batch_size)
-        if len(row) >= 2:
-            result["retrieval"] = {"rows": int(len(row)), **retrieval_recall(z["image"], z["text"], ks=(1, 5, 10))}
-        else:
-            result["notes"].append("fewer than 2 rows with both features in the evaluated split: retrieval skipped")
-    else:
-        result["notes"].append(f"the store has no feature set '{text_name}': retrieval skipped")
+    if text_names:
+        result["retrieval"] = _retrieval(store, model, image_path, text_names, rows, dev, batch_size, result["notes"])
     return result
+
+
+# ---- zero-shot ------------------------------------------------------------------------------
+@torch.no_grad()
+def zero_shot_classifier(model, prompt_features: torch.Tensor, dev) -> torch.Tensor:
+    """(D, classes): per class, the mean of its normalized prompt embeddings, renormalized
+    (CLIP_benchmark's `zero_shot_classifier`, one class's prompts per forward as there).
+    `prompt_features` is (classes, templates, text dim)."""
+    columns = []
+    for feats in prompt_features:
+        emb = F.normalize(model.encode_text(feats.to(dev).float()).float(), dim=-1).mean(0)
+        columns.append(emb / emb.norm())
+    return torch.stack(columns, dim=1).cpu()
+
+
+def zero_shot_metrics(logits: torch.Tensor, labels: np.ndarray, names: list[str], plot_path=None) -> dict:
+    """CLIP_benchmark's metrics of (rows, classes) logits: `acc1`, `acc5` (nan under 5 classes),
+    `mean_per_class_recall` (balanced accuracy over the classes present); plus `top1`/`top5`
+    (top-min(5, classes)), the confusion matrix (up to 50 classes) and per-class top-1."""
+    out = _zero_shot(logits, labels, names, plot_path)
+    truth = torch.as_tensor(labels.astype(np.int64))
+    k = min(5, len(names))
+    top = logits.topk(k, 1, True, True)[1].t()
+    correct = top.eq(truth.view(1, -1).expand_as(top))
+    out["acc1"] = float(correct[:1].reshape(-1).float().sum()) / len(truth)
+    out["acc5"] = float(correct[:5].reshape(-1).float().sum()) / len(truth) if len(names) >= 5 else float("nan")
+    out["mean_per_class_recall"] = float(np.mean(list(out["per_class_top1"].values())))
+    return out
 
 
 def _zero_shot(logits: torch.Tensor, labels: np.ndarray, names: list[str], plot_path) -> dict:
     k = min(5, len(names))
     top = logits.topk(k, dim=1).indices.numpy()
     truth = labels.astype(np.int64)
-    pred = top[:, 0]
+    pred = logits.argmax(1).numpy()
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     np.add.at(confusion, (truth, pred), 1)
     out = {
@@ -134,23 +176,90 @@ def _zero_shot(logits: torch.Tensor, labels: np.ndarray, names: list[str], plot_
     return out
 
 
+def _class_names(store: Store, classes, label_field: str, notes: list) -> tuple[list[str] | None, str | None]:
+    if label_field not in store.sample_fields():
+        if classes is not None:
+            raise ConfigError(f"the store has no samples/{label_field} to score zero-shot against (--label-field?)")
+        notes.append(f"no samples/{label_field} in the store: zero-shot skipped")
+        return None, None
+    if classes is None and not store.array(f"{fmt.SAMPLES}/{label_field}").attrs.get("names"):
+        notes.append(f"samples/{label_field} has no class names: pass --classes "
+                     f"{'|'.join(prompts.class_lists())} or FILE for zero-shot")
+        return None, None
+    names = prompts.read_class_names(store, classes, label_field)
+    if classes is not None and str(classes) in prompts.class_lists():
+        return names, str(classes)
+    if classes is not None:
+        return names, f"file:{classes}"
+    match = prompts.builtin_match(names)
+    source = f"samples/{label_field}" + (f" (= {match})" if match else "")
+    if not match and len(names) in {len(prompts.classnames(n)) for n in prompts.class_lists()}:
+        notes.append(f"class names are the store's own samples/{label_field} names; CLIP_benchmark's protocol uses "
+                     f"curated ones: pass --classes {'|'.join(prompts.class_lists())} if this is one of those datasets")
+    return names, source
+
+
+def _default_templates(classes, names: list[str]) -> str:
+    """CLIP_benchmark's choice: the dataset's own templates, else the 80 ImageNet ones."""
+    dataset = str(classes) if classes is not None and str(classes) in prompts.class_lists() else prompts.builtin_match(names)
+    return dataset if dataset in prompts.template_sets() else "imagenet1k"
+
+
+# ---- retrieval ------------------------------------------------------------------------------
+def _text_sets(store: Store, ckpt, text) -> tuple[list[str], list[str]]:
+    """The text feature sets to take captions from (checked against the training identities)."""
+    trained = ckpt.state["feature_sets"]
+    recorded = {t["name"]: t for t in trained.get("texts") or [trained["text"]]}
+    notes = []
+    if text is None:
+        names = [n for n in recorded if n in store.feature_set_names()]
+        if not names:
+            notes.append(f"the store has none of the text feature sets trained on ({', '.join(recorded)}): retrieval skipped")
+    else:
+        names = [t for t in (text.split(",") if isinstance(text, str) else text) if t]
+    for name in names:
+        current = checkpoint.describe(store, name)
+        want = recorded.get(name, trained["text"])
+        if name in recorded:
+            checkpoint.check_identity(want, current, ckpt.path, store.path)
+        else:  # a renamed or other caption set: the same text backbone is what matters
+            strip = lambda d: {**d, "identity": {k: v for k, v in d["identity"].items() if k not in NOT_POOLED}}  # noqa: E731
+            checkpoint.check_identity(strip(want), strip(current), ckpt.path, store.path)
+    return names, notes
+
+
+def _retrieval(store, model, image_path, text_names, rows, dev, batch_size, notes) -> dict | None:
+    z_image, image_rows = _embed(store, image_path, model.encode_image, rows, dev, batch_size, model.embed_dim)
+    texts, owners = [], []
+    for name in text_names:
+        z, text_rows = _embed(store, f"{fmt.FEATURES}/{name}/pooled", model.encode_text, rows, dev, batch_size, model.embed_dim)
+        keep = np.isin(text_rows, image_rows)
+        texts.append(z[torch.from_numpy(keep)])
+        owners.append(text_rows[keep])
+    order = np.argsort(image_rows, kind="stable")
+    image_rows, z_image = image_rows[order], z_image[torch.from_numpy(order)]
+    owner_rows = np.concatenate(owners)
+    captioned = np.isin(image_rows, owner_rows)  # images without any caption are not in the gallery
+    image_rows, z_image = image_rows[captioned], z_image[torch.from_numpy(captioned)]
+    if len(image_rows) < 2:
+        notes.append("fewer than 2 images with a caption in the evaluated rows: retrieval skipped")
+        return None
+    owner = np.searchsorted(image_rows, owner_rows)
+    per_image = np.bincount(owner, minlength=len(image_rows))
+    out = {"images": int(len(image_rows)), "texts": int(len(owner)), "text_sets": list(text_names),
+           "captions_per_image": {"min": int(per_image.min()), "max": int(per_image.max()), "mean": float(per_image.mean())}}
+    out.update(caption_retrieval(z_image, torch.cat(texts), owner, ks=(1, 5, 10)))
+    return out
+
+
 @torch.no_grad()
-def _embed_rows(store: Store, columns: dict, rows: np.ndarray, model, dev, batch_size: int):
-    """Embeddings of `rows` (in row order) for each column through its head, and the rows served
-    (those valid in every column's feature set)."""
-    heads = {"image": model.encode_image, "text": model.encode_text}
-    loader = Loader(store, columns, batch_size, shuffle=False, rows=rows)
-    out = {k: [] for k in columns}
-    served = []
+def _embed(store: Store, path: str, head, rows: np.ndarray, dev, batch_size: int, dim: int):
+    """Head embeddings (rows, dim) of the `rows` valid in the feature set at `path`, and those rows."""
+    loader = Loader(store, {"x": path}, batch_size, shuffle=False, rows=rows)
+    out, served = [], []
     for batch in loader:
-        for k in columns:
-            out[k].append(heads[k](batch[k].to(dev).float()).float().cpu())
+        out.append(head(batch["x"].to(dev).float()).float().cpu())
         served.append(batch["row"].numpy())
-    dim = getattr(model, "embed_dim", 0)
-    return ({k: torch.cat(v) if v else torch.zeros(0, dim) for k, v in out.items()},
-            np.concatenate(served) if served else np.zeros(0, np.int64))
-
-
-@torch.no_grad()
-def _encode(head, x: torch.Tensor, dev, batch_size: int) -> torch.Tensor:
-    return torch.cat([head(x[i : i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)])
+    if not out:
+        return torch.zeros(0, dim), np.zeros(0, np.int64)
+    return torch.cat(out), np.concatenate(served)

@@ -1,5 +1,9 @@
 """Zero-shot prompts: class names × templates → text features, cached in the store.
 
+The built-in class lists and templates are CLIP_benchmark's (shipped as data files in
+`trainers/data/`): ``classnames("imagenet1k")``, ``templates("imagenet1k")`` (the 80 OpenAI
+templates), ``classnames("cifar10")``, ``templates("cifar10")``, ...
+
 Prompt features come from the SAME text backbone (same identity) that made the checkpoint's text
 feature set, and are kept under `prompts/<text feature set name>/` (a `text` str array and a
 `pooled` array in the feature set's dtype, attrs = that identity), keyed by the prompt text: a
@@ -8,6 +12,8 @@ later eval encodes only texts it has not seen.  The store is opened r+ only to a
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import numpy as np
@@ -17,106 +23,63 @@ from featstore import format as fmt
 from featstore.errors import ConfigError
 from featstore.store import Store
 
-SHARELOCK_TEMPLATES = ["a photo of a {c}."]
-
-# The 80 ImageNet prompt templates of CLIP (Radford et al., 2021; "Prompt_Engineering_for_ImageNet").
-OPENAI_IMAGENET_TEMPLATES = [
-    'a bad photo of a {c}.',
-    'a photo of many {c}.',
-    'a sculpture of a {c}.',
-    'a photo of the hard to see {c}.',
-    'a low resolution photo of the {c}.',
-    'a rendering of a {c}.',
-    'graffiti of a {c}.',
-    'a bad photo of the {c}.',
-    'a cropped photo of the {c}.',
-    'a tattoo of a {c}.',
-    'the embroidered {c}.',
-    'a photo of a hard to see {c}.',
-    'a bright photo of a {c}.',
-    'a photo of a clean {c}.',
-    'a photo of a dirty {c}.',
-    'a dark photo of the {c}.',
-    'a drawing of a {c}.',
-    'a photo of my {c}.',
-    'the plastic {c}.',
-    'a photo of the cool {c}.',
-    'a close-up photo of a {c}.',
-    'a black and white photo of the {c}.',
-    'a painting of the {c}.',
-    'a painting of a {c}.',
-    'a pixelated photo of the {c}.',
-    'a sculpture of the {c}.',
-    'a bright photo of the {c}.',
-    'a cropped photo of a {c}.',
-    'a plastic {c}.',
-    'a photo of the dirty {c}.',
-    'a jpeg corrupted photo of a {c}.',
-    'a blurry photo of the {c}.',
-    'a photo of the {c}.',
-    'a good photo of the {c}.',
-    'a rendering of the {c}.',
-    'a {c} in a video game.',
-    'a photo of one {c}.',
-    'a doodle of a {c}.',
-    'a close-up photo of the {c}.',
-    'a photo of a {c}.',
-    'the origami {c}.',
-    'the {c} in a video game.',
-    'a sketch of a {c}.',
-    'a doodle of the {c}.',
-    'a origami {c}.',
-    'a low resolution photo of a {c}.',
-    'the toy {c}.',
-    'a rendition of the {c}.',
-    'a photo of the clean {c}.',
-    'a photo of a large {c}.',
-    'a rendition of a {c}.',
-    'a photo of a nice {c}.',
-    'a photo of a weird {c}.',
-    'a blurry photo of a {c}.',
-    'a cartoon {c}.',
-    'art of a {c}.',
-    'a sketch of the {c}.',
-    'a embroidered {c}.',
-    'a pixelated photo of a {c}.',
-    'itap of the {c}.',
-    'a jpeg corrupted photo of the {c}.',
-    'a good photo of a {c}.',
-    'a plushie {c}.',
-    'a photo of the nice {c}.',
-    'a photo of the small {c}.',
-    'a photo of the weird {c}.',
-    'the cartoon {c}.',
-    'art of the {c}.',
-    'a drawing of the {c}.',
-    'a photo of the large {c}.',
-    'a black and white photo of a {c}.',
-    'the plushie {c}.',
-    'a dark photo of a {c}.',
-    'itap of a {c}.',
-    'graffiti of the {c}.',
-    'a toy {c}.',
-    'itap of my {c}.',
-    'a photo of a cool {c}.',
-    'a photo of a small {c}.',
-    'a tattoo of the {c}.',
-]
+_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
-def load_templates(templates) -> list[str]:
-    """"sharelock", "openai", a file (one template per line, `{c}` or `{}` for the class) or a list."""
-    if isinstance(templates, (list, tuple)):
-        out = [str(t) for t in templates]
-    elif templates == "sharelock":
-        out = list(SHARELOCK_TEMPLATES)
-    elif templates == "openai":
-        out = list(OPENAI_IMAGENET_TEMPLATES)
-    elif isinstance(templates, (str, os.PathLike)) and os.path.isfile(templates):
-        with open(templates) as f:
+@functools.lru_cache(maxsize=None)
+def _lists(fname: str) -> dict[str, tuple[str, ...]]:
+    with open(os.path.join(_DATA, fname), encoding="utf-8") as f:
+        return {k: tuple(v) for k, v in json.load(f)["lists"].items()}
+
+
+def template_sets() -> list[str]:
+    """Names `templates(name)` knows (plus "openai", the 80 ImageNet templates)."""
+    return sorted([*_lists("templates.json"), "openai"])
+
+
+def class_lists() -> list[str]:
+    """Names `classnames(name)` knows: imagenet1k, cifar10, cifar100."""
+    return sorted(_lists("classnames.json"))
+
+
+def templates(name: str) -> list[str]:
+    """A built-in template list ({c} = the class name), as CLIP_benchmark uses them:
+    "imagenet1k" (= "openai": OpenAI's 80 ImageNet templates, CLIP_benchmark's fallback for any
+    dataset), "cifar10"/"cifar100" (CLIP's 18 CIFAR templates), "sharelock" (the one template of
+    ShareLock's official extraction, "A photo of a {c}"), "simple" ("a photo of a {c}.")."""
+    lists = _lists("templates.json")
+    key = "imagenet1k" if name == "openai" else name
+    if key not in lists:
+        raise ConfigError(f"unknown template set {name!r}; built-in: {', '.join(template_sets())}, or a file")
+    return list(lists[key])
+
+
+def classnames(name: str) -> list[str]:
+    """A built-in class list in label order, as CLIP_benchmark evaluates the dataset: "imagenet1k"
+    (OpenAI's curated 1000 names), "cifar10", "cifar100" (the datasets' label names)."""
+    lists = _lists("classnames.json")
+    if name not in lists:
+        raise ConfigError(f"unknown class list {name!r}; built-in: {', '.join(class_lists())}, or a file (one name per line)")
+    return list(lists[name])
+
+
+SHARELOCK_TEMPLATES = templates("sharelock")
+OPENAI_IMAGENET_TEMPLATES = templates("imagenet1k")  # the 80 templates of CLIP's Prompt_Engineering_for_ImageNet
+
+
+def load_templates(templates_) -> list[str]:
+    """A built-in set name (see `templates`), a file (one template per line, `{c}` or `{}` for the
+    class) or a list."""
+    if isinstance(templates_, (list, tuple)):
+        out = [str(t) for t in templates_]
+    elif isinstance(templates_, str) and templates_ in template_sets():
+        out = templates(templates_)
+    elif isinstance(templates_, (str, os.PathLike)) and os.path.isfile(templates_):
+        with open(templates_) as f:
             out = [line.rstrip("\n") for line in f if line.strip()]
     else:
-        raise ConfigError(f"templates must be sharelock, openai or a file of templates, got {templates!r} (no such file)")
+        raise ConfigError(f"templates must be one of {', '.join(template_sets())} or a file of templates, "
+                          f"got {templates_!r} (no such file)")
     bad = [t for t in out if "{c}" not in t and "{}" not in t]
     if not out or bad:
         raise ConfigError(f"every template needs {{c}} where the class name goes: {bad[0] if bad else '(none given)'}")
@@ -132,18 +95,29 @@ def class_prompts(class_names, templates) -> list[list[str]]:
     return [[fill(t, c) for t in templates] for c in class_names]
 
 
-def read_class_names(store: Store, classes_file=None, label_field: str = fmt.LABEL) -> list[str]:
-    if classes_file is not None:
+def read_class_names(store: Store, classes=None, label_field: str = fmt.LABEL) -> list[str]:
+    """Class names in label order: a built-in list (`classnames`), a file (one name per line), or
+    (None) the names the store keeps in `samples/<label_field>` attrs."""
+    if classes is not None and str(classes) in class_lists():
+        return classnames(str(classes))
+    if classes is not None:
         try:
-            with open(classes_file) as f:
+            with open(classes) as f:
                 names = [line.strip() for line in f if line.strip()]
         except FileNotFoundError:
-            raise ConfigError(f"classes file {classes_file} does not exist") from None
+            raise ConfigError(f"classes {classes} is neither a built-in list ({', '.join(class_lists())}) "
+                              "nor an existing file") from None
     else:
         names = list(store.array(f"{fmt.SAMPLES}/{label_field}").attrs.get("names") or [])
     if not names:
-        raise ConfigError(f"no class names for samples/{label_field} in {store.path}: pass --classes FILE (one name per line)")
+        raise ConfigError(f"no class names for samples/{label_field} in {store.path}: pass --classes "
+                          f"{'|'.join(class_lists())} or FILE (one name per line)")
     return names
+
+
+def builtin_match(names: list[str]) -> str | None:
+    """The built-in class list `names` equals, if any (a CIFAR store made from its dataset)."""
+    return next((n for n in class_lists() if classnames(n) == list(names)), None)
 
 
 def prompt_features(store_path, text_set: dict, texts: list[str], device="cpu", batch_size: int = 256,

@@ -2,6 +2,7 @@
 
     summary = train_head("s.zarr", image="dinov2-small", text="minilm", out_dir="run/",
                          config_file="configs/demo.yaml", overrides=["steps=200"])
+    train_head("cc3m.zarr", "dinov2", "llama-cap,llama-synth", "run/", config_file="configs/sharelock.yaml")
 
 Writes into `out_dir`:
     metrics.jsonl   one json per logged step: step, loss, lr, grad_norm; on validation steps also
@@ -10,9 +11,14 @@ Writes into `out_dir`:
     config.yaml     the resolved config (the checkpoints carry it too)
     last/, best/    checkpoints (see checkpoint.py)
 
-Validation runs at step 0, every `val_every` (at most steps/10) steps, and at the end.  A step
-never decodes an image nor runs a backbone: it reads two stored fp16 columns and casts them to
-fp32 on the device.  `resume=True` continues the `last` checkpoint exactly: weights, Adam state,
+Validation runs at step 0, every `val_every` (at most steps/10) steps — or, with
+`val_every_batches`, after the optimizer step completing each such number of micro-batches
+(ShareLock's official cadence: 500) — and at the end.  The best checkpoint is the validation with
+the best `best_metric`; early stopping counts validations that do not beat the best by more than
+`min_delta`.  Several text feature sets (`text="a,b,c"`, e.g. several caption sets) are sampled
+uniformly per row and step, as ShareLock picks one caption file per sample.  A step never decodes
+an image nor runs a backbone: it reads stored columns (fp16, or fp32 when extracted so) and casts
+them to fp32 on the device.  `resume=True` continues the `last` checkpoint exactly: weights, Adam state,
 RNG state and the loader's (seed, epoch, offset), so a killed run ends with the same weights as
 one never killed (on CPU; GPU kernels may not be bitwise deterministic).
 """
@@ -24,19 +30,21 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from featstore.errors import ConfigError
 from featstore.loader import Loader
-from featstore.split import split_by_uid
 from featstore.store import Store
 
 from . import checkpoint
 from .config import Config, apply, load_config, resolve_device
 from .contrastive import info_nce, retrieval_recall
+from .heldout import heldout, heldout_rows
 from .sharelock import ShareLockModel, count_parameters
+from .text_sets import check_one_backbone, text_names, train_text, val_choices, val_text
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -44,7 +52,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 def train_head(
     store_path,
     image: str,
-    text: str,
+    text,
     out_dir,
     *,
     config: Config | None = None,
@@ -57,7 +65,8 @@ def train_head(
     progress: bool = True,
 ) -> dict:
     """Train (or, with `resume`, continue) a ShareLock head on `features/<image>/pooled` and
-    `features/<text>/pooled`; returns a JSON-able summary.  Config: `config` (default: ShareLock's),
+    `features/<text>/pooled` (`text`: one name, or several as "a,b,c" or a list, sampled per
+    row); returns a JSON-able summary.  Config: `config` (default: ShareLock's),
     then `config_file`, then `overrides` ("KEY=VALUE"), then `steps`; on resume the checkpoint's
     config replaces `config`."""
     t0 = time.time()
@@ -72,22 +81,40 @@ def train_head(
     if steps is not None:
         cfg = apply(cfg, {"steps": steps}, "--steps")
 
-    # ---- data: the shared uid-hash split, two aligned columns --------------------------------
+    # ---- data: the uid-hash held-out rows, aligned columns --------------------------------------
     store = Store.open(store_path)
-    feature_sets = {"image": checkpoint.describe(store, image), "text": checkpoint.describe(store, text)}
-    if ckpt:
-        for role in ("image", "text"):
-            checkpoint.check_identity(ckpt.state["feature_sets"][role], feature_sets[role], ckpt.path, store.path)
-    train_mask, val_mask = split_by_uid(store.uids(), cfg.val_fraction)
-    columns = {"image": f"features/{image}/pooled", "text": f"features/{text}/pooled"}
+    texts = text_names(text)
+    feature_sets = {"image": checkpoint.describe(store, image),
+                    "texts": [checkpoint.describe(store, t) for t in texts]}
+    feature_sets["text"] = feature_sets["texts"][0]  # the one prompts are encoded with
+    check_one_backbone(feature_sets["texts"])
+    if ckpt:  # a resumed run must see the same features
+        recorded = ckpt.state["feature_sets"]
+        recorded_texts = recorded.get("texts") or [recorded["text"]]
+        if len(recorded_texts) != len(texts):
+            raise ConfigError(f"{out_dir} was trained on {len(recorded_texts)} text feature set(s) "
+                              f"({', '.join(t['name'] for t in recorded_texts)}), not {len(texts)}: resume with the same --text")
+        for then, now in [(recorded["image"], feature_sets["image"]), *zip(recorded_texts, feature_sets["texts"])]:
+            checkpoint.check_identity(then, now, ckpt.path, store.path)
+    columns = {"image": f"features/{image}/pooled"}
+    text_columns = ["text"] if len(texts) == 1 else [f"text{i}" for i in range(len(texts))]
+    columns.update({c: f"features/{t}/pooled" for c, t in zip(text_columns, texts)})
+    usable = np.logical_and.reduce([store.feature_set(n).usable_rows() for n in [image, *texts]])
+    if ckpt and ckpt.state.get("heldout"):  # resumed: the very rows it held out (even if the store grew)
+        heldout_record = ckpt.state["heldout"]
+        val_mask = heldout_rows(store.uids(), heldout_record)
+        train_mask = usable & ~val_mask
+    else:
+        train_mask, val_mask, heldout_record = heldout(store.uids(), cfg.val_fraction, cfg.val_rows, usable)
     train_loader = Loader(store, columns, cfg.batch_size, shuffle=True, seed=cfg.seed, rows=train_mask,
                           drop_last=True, cache=cfg.cache, pin_memory=dev.type == "cuda")
     val_loader = Loader(store, columns, cfg.batch_size, shuffle=False, rows=val_mask, cache=cfg.cache)
     if len(train_loader) == 0:
-        raise ConfigError(f"the train split has {len(train_loader.served)} rows with both '{image}' and '{text}', "
+        raise ConfigError(f"the train split has {len(train_loader.served)} rows with '{image}' and every text set, "
                           f"fewer than one batch ({cfg.batch_size}): lower batch_size")
     if len(val_loader.served) < 2:
-        raise ConfigError(f"the validation split has {len(val_loader.served)} usable rows: raise val_fraction")
+        raise ConfigError(f"the validation split has {len(val_loader.served)} usable rows: raise val_fraction or val_rows")
+    val_choice = val_choices(store.n_rows, len(texts), cfg.seed)  # training draws per step, below
 
     # ---- model and optimizer -----------------------------------------------------------------
     threads_before = torch.get_num_threads()
@@ -97,8 +124,10 @@ def train_head(
     model = ShareLockModel(feature_sets["image"]["dim"], feature_sets["text"]["dim"], cfg).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast = torch.autocast(dev.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
-    val_every = _val_every(cfg)
-    step, best, bad_validations, stopped_early = 0, {"val_loss": math.inf, "step": None}, 0, False
+    higher_is_better = cfg.best_metric != "val_loss"
+    worst = -math.inf if higher_is_better else math.inf
+    step, best, bad_validations, stopped_early = 0, {cfg.best_metric: worst, "step": None}, 0, False
+    early_stop_best = worst  # the value improvements are measured against (moves only by more than min_delta)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
     # ---- resume: weights, Adam state, RNG, data position ---------------------------------------
@@ -109,6 +138,7 @@ def train_head(
         train_loader.load_state_dict(ckpt.state["loader"])
         step, best = ckpt.step, ckpt.state["best"]
         bad_validations, stopped_early = ckpt.state["bad_validations"], ckpt.state["stopped_early"]
+        early_stop_best = ckpt.state.get("early_stop_best", best[cfg.best_metric])
         _truncate_metrics(metrics_path, step)
     else:
         os.makedirs(out_dir, exist_ok=True)
@@ -119,21 +149,28 @@ def train_head(
     def state(step: int) -> dict:
         return {"step": step, "steps": cfg.steps, "config": cfg.to_dict(), "loader": train_loader.state_dict(),
                 "best": best, "bad_validations": bad_validations, "stopped_early": stopped_early,
-                "feature_sets": feature_sets, "store": os.path.abspath(store.path), "precision": precision,
-                "device": str(dev), "torch": torch.__version__}
+                "early_stop_best": early_stop_best, "heldout": heldout_record, "feature_sets": feature_sets,
+                "store": os.path.abspath(store.path), "precision": precision, "device": str(dev),
+                "torch": torch.__version__}
 
     def log(record: dict) -> None:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def better(value, than, margin=0.0) -> bool:
+        return value > than + margin if higher_is_better else value < than - margin
+
     def validate_and_keep_best(record: dict) -> None:
-        nonlocal best, bad_validations
-        record.update(validate(model, val_loader, cfg, dev, autocast))
-        if record["val_loss"] < best["val_loss"]:
-            best, bad_validations = {"val_loss": record["val_loss"], "step": record["step"]}, 0
-            checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
+        nonlocal best, bad_validations, early_stop_best
+        record.update(validate(model, val_loader, cfg, dev, autocast, pick_text=lambda b: val_text(b, text_columns, val_choice)))
+        value = record[cfg.best_metric]
+        if better(value, early_stop_best, cfg.min_delta):
+            early_stop_best, bad_validations = value, 0
         else:
             bad_validations += 1
+        if better(value, best[cfg.best_metric]):
+            best = {"val_loss": record["val_loss"], cfg.best_metric: value, "step": record["step"]}
+            checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
 
     # ---- the loop ----------------------------------------------------------------------------
     n_params = count_parameters(model)
@@ -153,10 +190,11 @@ def train_head(
             model.train()
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=dev)
+            draw = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # which text set per row: f(seed, step)
             for _ in range(cfg.accumulation_steps):  # negatives only within each micro-batch
                 batch = next(batches)
                 x_image = batch["image"].to(dev, non_blocking=True).float()
-                x_text = batch["text"].to(dev, non_blocking=True).float()
+                x_text = train_text(batch, text_columns, draw).to(dev, non_blocking=True).float()
                 with autocast:
                     z_image, z_text = model(x_image, x_text)
                 loss = info_nce(z_image, z_text, model.logit_scale)
@@ -167,7 +205,7 @@ def train_head(
             step += 1
 
             record = {"step": step, "loss": loss_sum.item() / cfg.accumulation_steps, "lr": lr, "grad_norm": float(grad_norm)}
-            if step % val_every == 0 or step == cfg.steps:
+            if validation_due(step, cfg):
                 validate_and_keep_best(record)
                 stopped_early = cfg.patience is not None and bad_validations >= cfg.patience
             if "val_loss" in record or step % cfg.log_every == 0:
@@ -197,6 +235,8 @@ def train_head(
         "params": n_params,
         "train_rows": int(train_loader.num_rows),
         "val_rows": int(len(val_loader.served)),
+        "heldout": heldout_record,
+        "text_sets": texts,
         "steps_per_s": (step - start_step) / seconds if step > start_step and seconds > 0 else None,
         "seconds": time.time() - t0,
         "resumed_from": ckpt.step if ckpt else None,
@@ -206,15 +246,17 @@ def train_head(
 
 
 @torch.no_grad()
-def validate(model: ShareLockModel, loader: Loader, cfg: Config, dev: torch.device, autocast) -> dict:
+def validate(model: ShareLockModel, loader: Loader, cfg: Config, dev: torch.device, autocast, pick_text=None) -> dict:
     """Val loss (InfoNCE in micro-batches of `batch_size`, as in training, weighted by rows) and
-    recall@1/5 both ways among the first `val_max_rows` val rows."""
+    recall@1/5 both ways among the first `val_max_rows` val rows.  `pick_text(batch)` gives the
+    text column of a batch (default: `batch["text"]`)."""
     model.eval()
     loader.set_epoch(0)
     total, n, z_images, z_texts, kept = 0.0, 0, [], [], 0
     for batch in loader:
+        x_text = pick_text(batch) if pick_text else batch["text"]
         with autocast:
-            z_image, z_text = model(batch["image"].to(dev).float(), batch["text"].to(dev).float())
+            z_image, z_text = model(batch["image"].to(dev).float(), x_text.to(dev).float())
         if len(z_image) >= 2:
             total += float(info_nce(z_image, z_text, model.logit_scale)) * len(z_image)
             n += len(z_image)
@@ -229,10 +271,12 @@ def validate(model: ShareLockModel, loader: Loader, cfg: Config, dev: torch.devi
 
 def lr_at(step: int, cfg: Config) -> float:
     """The learning rate of update number `step` (0-based): linear warm-up over
-    min(warmup_steps, max_warmup_fraction * steps) updates, then a cosine to lr * min_lr_ratio."""
+    min(warmup_steps, max_warmup_fraction * steps) updates, then a cosine to lr * min_lr_ratio.
+    The warm-up's first update gets lr/warmup, or 0 with `warmup_from_zero` (transformers'
+    get_cosine_schedule_with_warmup, which ShareLock uses)."""
     warmup = min(cfg.warmup_steps, int(cfg.max_warmup_fraction * cfg.steps))
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return cfg.lr * (step if getattr(cfg, "warmup_from_zero", False) else step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -240,6 +284,18 @@ def lr_at(step: int, cfg: Config) -> float:
 def _val_every(cfg: Config) -> int:
     cap = max(1, cfg.steps // 10)
     return min(cfg.val_every, cap) if cfg.val_every else cap
+
+
+def validation_due(step: int, cfg: Config) -> bool:
+    """Whether optimizer step `step` (1-based, just taken) ends with a validation: at the end;
+    with `val_every_batches` V, after each step that completes micro-batch V, 2V, ... (while that
+    is at least every steps/10; else every steps/10); otherwise every `_val_every(cfg)` steps."""
+    if step == cfg.steps:
+        return True
+    per_step, v = cfg.accumulation_steps, cfg.val_every_batches
+    if v and v / per_step <= max(1, cfg.steps // 10):
+        return (step * per_step) // v > ((step - 1) * per_step) // v
+    return step % _val_every(cfg) == 0
 
 
 def _forever(loader: Loader):

@@ -1,0 +1,56 @@
+"""Several text feature sets for one image set: ShareLock trains on several caption files (e.g.
+the original captions and synthetic ones) encoded by one language model, and picks one of them
+at random for each sample each time it is drawn.
+
+Training draws each row's set uniformly with a generator seeded by (seed, step), so a resumed run
+draws the same; validation gives each row one fixed set, so validation losses compare.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from featstore.errors import ConfigError, IdentityMismatch
+
+from .backbone_link import NOT_POOLED
+
+
+def text_names(text) -> list[str]:
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"text must name one or more distinct text feature sets (a,b,c), got {text!r}")
+    return names
+
+
+def check_one_backbone(described: list[dict]) -> None:
+    """Several caption sets must come from one text backbone: same width, same identity but for
+    how they were stored or which field they encode."""
+    first = described[0]
+    for other in described[1:]:
+        a = {k: v for k, v in first["identity"].items() if k not in NOT_POOLED}
+        b = {k: v for k, v in other["identity"].items() if k not in NOT_POOLED}
+        if a != b or first["dim"] != other["dim"]:
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["dim"]
+            raise IdentityMismatch(f"text feature sets '{first['name']}' and '{other['name']}' come from different "
+                                   f"text backbones (they differ in {', '.join(keys)}): sample only caption sets of "
+                                   "one backbone")
+
+
+def train_text(batch: dict, columns: list[str], draw: torch.Generator) -> torch.Tensor:
+    """Each row's text features from one of the text sets, drawn uniformly (one set: itself)."""
+    if len(columns) == 1:
+        return batch[columns[0]]
+    choice = torch.randint(len(columns), (len(batch["image"]),), generator=draw)
+    return torch.stack([batch[c] for c in columns])[choice, torch.arange(len(choice))]
+
+
+def val_choices(n_rows: int, k: int, seed: int) -> torch.Tensor:
+    """Which of `k` text sets each store row shows validation: fixed, so validation losses compare."""
+    return torch.randint(k, (n_rows,), generator=torch.Generator().manual_seed(seed + 7919))
+
+
+def val_text(batch: dict, columns: list[str], choice_by_row: torch.Tensor) -> torch.Tensor:
+    if len(columns) == 1:
+        return batch[columns[0]]
+    choice = choice_by_row[batch["row"]]
+    return torch.stack([batch[c] for c in columns])[choice, torch.arange(len(choice))]
