@@ -38,6 +38,7 @@ class RemoteShards:
         self._indexes: dict[int, list | None] = {}  # block -> chunk index (None: no such shard)
         self._lock = threading.Lock()
         self.requests = 0  # ranged requests made (index fetches included)
+        self.index_fetches = 0
 
     @classmethod
     def of(cls, array, rows_per_shard: int, store_url: str) -> "RemoteShards | None":
@@ -62,16 +63,17 @@ class RemoteShards:
         return posixpath.join(self._root, self.layout.key(block))
 
     def fetch_indexes(self, blocks) -> None:
-        """Fetch (concurrently) the index of every shard in `blocks` not fetched yet."""
+        """Fetch (concurrently) the index of every shard in `blocks` not fetched yet; windows read
+        ahead at the same time wait for it rather than fetching it again."""
         fs = self.fs
         with self._lock:
             todo = sorted({int(b) for b in blocks} - set(self._indexes))
-        if not todo:
-            return
-        n = self.layout.index_bytes
-        got = fs.cat_ranges([self._path(b) for b in todo], [-n] * len(todo), [None] * len(todo), on_error="return")
-        self.requests += len(todo)
-        with self._lock:
+            if not todo:
+                return
+            n = self.layout.index_bytes
+            got = fs.cat_ranges([self._path(b) for b in todo], [-n] * len(todo), [None] * len(todo), on_error="return")
+            self.requests += len(todo)
+            self.index_fetches += len(todo)
             for b, raw in zip(todo, got):
                 if isinstance(raw, FileNotFoundError):
                     self._indexes[b] = None
