@@ -34,7 +34,7 @@ from . import format as fmt
 from . import order as order_
 from .errors import CheckpointError, ConfigError, UnknownFeatureSet
 from .mapping import MappedArray
-from .readpath import Buffers, Column, Reader, Source, aligned_empty
+from .readpath import BatchMemory, Buffers, Column, Reader, Source, aligned_empty
 from .remote import RemoteShards
 from .shardfile import LocalShards
 from .store import Store
@@ -161,6 +161,7 @@ class Loader(torch.utils.data.IterableDataset):
         r, n = self.store.rows_per_shard, self.store.n_rows
         blocks = np.unique(self.served // r)
         self._buffers = Buffers()
+        self._memory = BatchMemory(keep=self.prefetch + 4)
         self._pid = os.getpid()
         for c in self.columns:
             for s in c.sources():
@@ -177,7 +178,7 @@ class Loader(torch.utils.data.IterableDataset):
 
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
-        d["store"], d["_buffers"] = self.store.path, None
+        d["store"], d["_buffers"], d["_memory"] = self.store.path, None, None
         d["columns"] = None  # zarr arrays, mappings and file systems are remade where unpickled
         return d
 
@@ -325,7 +326,8 @@ class Loader(torch.utils.data.IterableDataset):
         windows = [todo[i : i + k] for i in range(0, len(todo), k)]
         uids = self.store.uids() if self.with_uids else None
         reader = Reader(self.columns, self.store.rows_per_shard, read_threads=self.read_threads,
-                        read_ahead=self.read_ahead, pin_memory=self.pin_memory, buffers=self._buffers)
+                        read_ahead=self.read_ahead, pin_memory=self.pin_memory, buffers=self._buffers,
+                        memory=self._memory)
         results: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         producer = threading.Thread(target=reader.produce, args=(windows, results, stop), daemon=True)
