@@ -11,7 +11,8 @@ sorted by class (1000 classes), the Loader's defaults.  Measured here, in one pr
   `row` tensor (as evaluation does).  Files read just before each timed epoch.
 - shuffle quality: per-batch label entropy of the Loader's epoch over a full permutation's.
 - remote vs local: the same store uploaded to moto's S3 server on 127.0.0.1 (a child process),
-  read by the Loader's remote shard reader, vs the local store; default window and a 16x one.
+  read by the Loader's remote shard reader, vs the local store; default window and a 16x one;
+  and the server's own limit: fetching every shard object whole, concurrently (s3fs `cat`).
 
 Writes a JSON of figures and ratios (ratios: median over rounds of ours / theirs in that round).
 """
@@ -166,6 +167,17 @@ def remote(root: Path, n: int, rounds: int, ratios: dict) -> dict:
         fs.mkdir("bench")
         fs.put(str(sub / "store.zarr"), "bench/store.zarr", recursive=True)
         local, far = Store.open(sub / "store.zarr"), Store.open("s3://bench/store.zarr")
+        shards = [p for p in fs.find("bench/store.zarr/features") if "/c/" in p]
+        pairs = []
+        for r in range(rounds):  # the server's own limit: every shard object, whole, concurrently
+            theirs = rate(lambda: featstore_epoch(Loader(local, COLUMNS, BATCH, seed=r), False))
+            t = time.perf_counter()
+            fs.cat(shards)
+            pairs.append((n / (time.perf_counter() - t), theirs))
+        figures["s3_whole_objects_samples_per_s"] = statistics.median(p[0] for p in pairs)
+        ratios["s3_whole_objects_vs_local"] = statistics.median(p[0] / p[1] for p in pairs)
+        print(f"s3 transport (whole shard objects, concurrent): {figures['s3_whole_objects_samples_per_s']:,.0f} rows/s,"
+              f" {ratios['s3_whole_objects_vs_local']:.3f}x local", flush=True)
         for name, kw in (("default_window", {}), ("window_x16", {"window_bytes": 16 * (256 << 20)})):
             pairs = []
             for r in range(rounds):

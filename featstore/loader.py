@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import queue
 import threading
@@ -31,18 +30,16 @@ import numpy as np
 import torch
 
 from . import format as fmt
+from . import loader_state
 from . import order as order_
-from .errors import CheckpointError, ConfigError, UnknownFeatureSet
-from .mapping import MappedArray
-from .readpath import BatchMemory, Buffers, Column, Reader, Source, aligned_empty
-from .remote import RemoteShards
-from .shardfile import LocalShards
+from .buffers import BatchMemory, Buffers, aligned_empty
+from .errors import CheckpointError, ConfigError
+from .readpath import Column, Reader, attach_sources, make_column, served_rows
 from .store import Store
+from .torchdata import DataLoaderEpochs, rank_and_world
 
 _aligned_empty = aligned_empty  # benchmarks import it from here
 DEFAULT_WINDOW_BYTES = 256 << 20
-STATE_KEYS = ("seed", "epoch", "offset", "rows", "fingerprint", "usable", "store_rows", "world_size", "batch_size",
-              "window", "order", "drop_last")
 
 
 class Loader(torch.utils.data.IterableDataset):
@@ -50,8 +47,9 @@ class Loader(torch.utils.data.IterableDataset):
 
     Each batch is a dict of torch tensors keyed by alias, plus `row` (int64 store rows) and, with
     `with_uids`, `uid` (a list of str); string columns stay numpy.  int8 token columns come back
-    dequantized to float16 unless `dequantize=False`.  Every batch is freshly allocated (keep any
-    part of it); with `pin_memory` (CUDA only) in pinned memory, ready for non_blocking copies.
+    dequantized to float16 unless `dequantize=False`.  A batch's memory is reused only once
+    nothing references any part of it (keep what you like); with `pin_memory` (CUDA only) it is
+    pinned, ready for non_blocking copies.
 
     The shuffle window is set per rank in rows (`window`) or bytes (`window_bytes`, default
     256 MiB of the asked columns): `k = window // batch_size` batches are mixed from runs of
@@ -87,7 +85,7 @@ class Loader(torch.utils.data.IterableDataset):
         read_ahead: int = 1,
         direct: bool = True,
     ):
-        rank, world_size = _rank_and_world(rank, world_size)
+        rank, world_size = rank_and_world(rank, world_size)
         if batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
         if not 0 <= rank < world_size:
@@ -119,62 +117,20 @@ class Loader(torch.utils.data.IterableDataset):
             columns = {p: p for p in columns}
         self._spec = dict(columns)
         self._window_arg, self._window_bytes = window, window_bytes
-        self.columns = [self._column(alias, path) for alias, path in self._spec.items()]
-        self.served, self._usable = self._served_rows(rows)
+        self.columns = self._columns()
+        self.served, self._usable = served_rows(store, self.columns, rows)
+        self._fingerprint = order_.fingerprint(self.served)
         self._attach()
 
-    # ---- columns and served rows -----------------------------------------------------------------
-    def _column(self, alias: str, path: str) -> Column:
-        parts = path.split("/")
-        fs_name = None
-        if parts[0] == fmt.FEATURES and len(parts) == 3:
-            fs_name = parts[1]
-            self.store.feature_set(fs_name)  # a clear error for an unknown name
-        elif parts[0] == fmt.PIXELS and len(parts) == 2:
-            fs_name = self.store.pixels(parts[1]).attrs.get("feature_set")
-        elif parts[0] != fmt.SAMPLES:
-            raise UnknownFeatureSet(f"'{path}' is not a column (features/<name>/<array>, pixels/<name> or samples/<field>)")
-        array = self.store.array(path)
-        scale = None
-        if fs_name and parts[-1] == "tokens" and array.dtype == np.int8 and self.dequantize:
-            scale = Source(alias + "#scale", self.store.array(f"{fmt.FEATURES}/{fs_name}/tokens_scale"))
-        return Column(alias, path, Source(alias, array), scale, fs_name)
-
-    def _served_rows(self, rows) -> tuple[np.ndarray, int]:
-        n = self.store.n_rows
-        mask = np.ones(n, dtype=bool)
-        for name in sorted({c.feature_set for c in self.columns if c.feature_set}):
-            mask &= self.store.feature_set(name).usable_rows()
-        usable = int(mask.sum())
-        if rows is not None:
-            rows = np.asarray(rows)
-            subset = np.zeros(n, dtype=bool)
-            if rows.dtype == bool:
-                subset[: len(rows)] = rows[:n]
-            else:
-                subset[rows[(rows >= 0) & (rows < n)]] = True
-            mask &= subset
-        return np.flatnonzero(mask), usable
+    # ---- columns, served rows, sources -------------------------------------------------------------
+    def _columns(self, ram: dict | None = None) -> list[Column]:
+        return [make_column(self.store, alias, path, self.dequantize, ram) for alias, path in self._spec.items()]
 
     def _attach(self) -> None:
-        """Decide how each source is read (RAM, mapped shards, shard reads, zarr)."""
-        r, n = self.store.rows_per_shard, self.store.n_rows
-        blocks = np.unique(self.served // r)
         self._buffers = Buffers()
         self._memory = BatchMemory(keep=self.prefetch + 4)
         self._pid = os.getpid()
-        for c in self.columns:
-            for s in c.sources():
-                if self.cache == "ram":
-                    if s.ram is None:
-                        s.ram = np.ascontiguousarray(s.array[:n])
-                    continue
-                if not self.direct:
-                    continue
-                s.mapped = MappedArray.of(s.array, r, n, blocks)
-                if s.mapped is None:
-                    s.local = LocalShards.of(s.array, r)
-                    s.remote = RemoteShards.of(s.array, r, self.store.path) if s.local is None else None
+        attach_sources(self.columns, self.store, self.served, cache=self.cache, direct=self.direct)
 
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
@@ -185,7 +141,7 @@ class Loader(torch.utils.data.IterableDataset):
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
         self.store = Store.open(d["store"])
-        self.columns = [self._column(alias, path) for alias, path in self._spec.items()]
+        self.columns = self._columns()
         self._attach()
 
     def _after_fork(self) -> None:
@@ -193,10 +149,7 @@ class Loader(torch.utils.data.IterableDataset):
         event loops); the served set (and a RAM cache) stay as they were."""
         ram = {s.key: s.ram for c in self.columns for s in c.sources()}
         self.store = Store.open(self.store.path)
-        self.columns = [self._column(alias, path) for alias, path in self._spec.items()]
-        for c in self.columns:
-            for s in c.sources():
-                s.ram = ram.get(s.key)
+        self.columns = self._columns(ram)
         self._attach()
 
     # ---- the order ---------------------------------------------------------------------------------
@@ -272,7 +225,7 @@ class Loader(torch.utils.data.IterableDataset):
     # ---- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset, "rows": len(self.served),
-                "fingerprint": order_.fingerprint(self.served), "usable": self._usable, "store_rows": self.store.n_rows,
+                "fingerprint": self._fingerprint, "usable": self._usable, "store_rows": self.store.n_rows,
                 "world_size": self.world_size, "batch_size": self.batch_size, "window": self.window,
                 "order": self.mode, "drop_last": self.drop_last}
 
@@ -281,7 +234,7 @@ class Loader(torch.utils.data.IterableDataset):
         (the store grew, blocks finished since, another row subset, world size, batch size,
         window or order) is refused, naming what changed; `strict=False` then starts the next
         epoch instead (with the state's seed)."""
-        changes = _state_changes(state, self.state_dict())
+        changes = loader_state.changes(state, self.state_dict())
         if changes and strict:
             raise CheckpointError(
                 "cannot resume the loader from this state: " + "; ".join(changes)
@@ -353,60 +306,7 @@ class Loader(torch.utils.data.IterableDataset):
                 except queue.Empty:
                     producer.join(0.05)
 
-    def dataloader(self, num_workers: int = 2, **kwargs) -> "DataLoaderEpochs":
+    def dataloader(self, num_workers: int = 2, **kwargs) -> DataLoaderEpochs:
         """Iterate through a torch DataLoader with worker processes, keeping this loader's state
         (epoch, offset) as batches arrive, so `state_dict()` stays exact."""
         return DataLoaderEpochs(self, num_workers, kwargs)
-
-
-class DataLoaderEpochs:
-    """`for batch in loader.dataloader(2)`: one epoch per iteration through a DataLoader whose
-    workers each serve every num_workers-th batch; the Loader's state follows the batches."""
-
-    def __init__(self, loader: Loader, num_workers: int, kwargs: dict):
-        self.loader, self.num_workers, self.kwargs = loader, int(num_workers), kwargs
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        src = self.loader
-        worker_copy = copy.copy(src)
-        worker_copy.pin_memory = False  # pinned in the main process by the DataLoader instead
-        dl = torch.utils.data.DataLoader(worker_copy, batch_size=None, num_workers=self.num_workers,
-                                         pin_memory=src.pin_memory, **self.kwargs)
-        for batch in dl:
-            src.offset += len(batch["row"])
-            yield batch
-        src.offset = 0
-        src.epoch += 1
-
-
-def _rank_and_world(rank, world_size) -> tuple[int, int]:
-    """Explicit values win; otherwise an initialized torch.distributed process group's; else 0 of 1."""
-    if rank is None or world_size is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            rank = dist.get_rank() if rank is None else rank
-            world_size = dist.get_world_size() if world_size is None else world_size
-    return (0 if rank is None else int(rank)), (1 if world_size is None else int(world_size))
-
-
-def _state_changes(saved: dict, now: dict) -> list[str]:
-    """What differs between a saved state and this loader, in words (empty: it replays exactly)."""
-    if "fingerprint" not in saved:
-        return ["it records only seed/epoch/offset (saved by an older featstore), not what it replays against"]
-    out = []
-    if saved["store_rows"] != now["store_rows"]:
-        how = "grew" if now["store_rows"] > saved["store_rows"] else "shrank"
-        out.append(f"the store {how} ({saved['store_rows']} rows when saved, {now['store_rows']} now)")
-    elif saved["usable"] != now["usable"]:
-        out.append(f"{now['usable']} rows are finished and valid now, {saved['usable']} when saved "
-                   "(extraction was still finishing blocks, or a feature set was recomputed)")
-    elif saved["fingerprint"] != now["fingerprint"]:
-        out.append(f"the served rows differ ({saved['rows']} then, {now['rows']} now: another `rows` subset or split)")
-    for key, what in (("world_size", "world size"), ("batch_size", "batch size"), ("window", "shuffle window (rows)"),
-                      ("order", "order"), ("drop_last", "drop_last")):
-        if saved.get(key) != now[key]:
-            out.append(f"{what} {saved.get(key)!r} when saved, {now[key]!r} now")
-    return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -30,21 +29,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import format as fmt
+from .buffers import STR_ROW_BYTES, BatchMemory, Buffers
+from .errors import UnknownFeatureSet
+from .mapping import MappedArray
+from .remote import RemoteShards
+from .shardfile import LocalShards
 from .tokens import dequantize_int8
 
 TORCH_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}
-STR_ROW_BYTES = 64  # what a string cell is counted as when sizing windows
-
-
-def aligned_empty(shape: tuple, dtype, align: int = 4096) -> np.ndarray:
-    """np.empty, page-aligned: the kernel copies into an unaligned buffer ~3x slower on some CPUs."""
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "biuf":  # strings and the like: no alignment to gain
-        return np.empty(shape, dtype=dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
 @dataclass
@@ -103,6 +96,64 @@ class Column:
             yield self.scale
 
 
+def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None = None) -> Column:
+    """The column at `path` (features/<name>/<array>, pixels/<name> or samples/<field>); int8
+    tokens served dequantized also read their scales.  `ram`: RAM-cached arrays to keep."""
+    parts = path.split("/")
+    fs_name = None
+    if parts[0] == fmt.FEATURES and len(parts) == 3:
+        fs_name = parts[1]
+        store.feature_set(fs_name)  # a clear error for an unknown name
+    elif parts[0] == fmt.PIXELS and len(parts) == 2:
+        fs_name = store.pixels(parts[1]).attrs.get("feature_set")
+    elif parts[0] != fmt.SAMPLES:
+        raise UnknownFeatureSet(f"'{path}' is not a column (features/<name>/<array>, pixels/<name> or samples/<field>)")
+    array = store.array(path)
+    ram = ram or {}
+    scale = None
+    if fs_name and parts[-1] == "tokens" and array.dtype == np.int8 and dequantize:
+        key = alias + "#scale"
+        scale = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_scale"), ram=ram.get(key))
+    return Column(alias, path, Source(alias, array, ram=ram.get(alias)), scale, fs_name)
+
+
+def served_rows(store, columns: list[Column], rows) -> tuple[np.ndarray, int]:
+    """(the rows to serve: finished, valid in every asked feature set and in `rows`; how many
+    rows are finished and valid before the `rows` subset)."""
+    n = store.n_rows
+    mask = np.ones(n, dtype=bool)
+    for name in sorted({c.feature_set for c in columns if c.feature_set}):
+        mask &= store.feature_set(name).usable_rows()
+    usable = int(mask.sum())
+    if rows is not None:
+        rows = np.asarray(rows)
+        subset = np.zeros(n, dtype=bool)
+        if rows.dtype == bool:
+            subset[: len(rows)] = rows[:n]
+        else:
+            subset[rows[(rows >= 0) & (rows < n)]] = True
+        mask &= subset
+    return np.flatnonzero(mask), usable
+
+
+def attach_sources(columns: list[Column], store, served: np.ndarray, *, cache: str | None, direct: bool) -> None:
+    """Decide how each source is read: RAM cache, mapped shards, shard reads (local, remote), zarr."""
+    r, n = store.rows_per_shard, store.n_rows
+    blocks = np.unique(served // r)
+    for c in columns:
+        for s in c.sources():
+            if cache == "ram":
+                if s.ram is None:
+                    s.ram = np.ascontiguousarray(s.array[:n])
+                continue
+            if not direct:
+                continue
+            s.mapped = MappedArray.of(s.array, r, n, blocks)
+            if s.mapped is None:
+                s.local = LocalShards.of(s.array, r)
+                s.remote = RemoteShards.of(s.array, r, store.path) if s.local is None else None
+
+
 # ---- windows -----------------------------------------------------------------------------------
 def covering_runs(rows: np.ndarray, rows_per_shard: int) -> tuple[np.ndarray, np.ndarray]:
     """(starts, stops) of the row ranges to read for `rows`: runs of needed rows, each inside one
@@ -138,76 +189,6 @@ class Window:
         for f in self.futures:
             f.result()
         self.futures = []
-
-
-class Buffers:
-    """Window buffers kept for reuse, and how many bytes they hold (`held`, `peak`)."""
-
-    def __init__(self):
-        self._free: dict[str, list[np.ndarray]] = {}
-        self._lock = threading.Lock()
-        self.held = 0
-        self.peak = 0
-
-    def get(self, key: str, rows: int, tail: tuple, dtype) -> np.ndarray:
-        with self._lock:
-            free = self._free.setdefault(key, [])
-            fits = [b for b in free if len(b) >= rows]
-            if fits:
-                buf = min(fits, key=len)
-                free.remove(buf)
-                return buf
-            if free:  # too small for this window: give its memory back before taking more
-                self.held -= _nbytes(free.pop(0))
-            buf = aligned_empty((rows,) + tail, dtype)
-            self.held += _nbytes(buf)
-            self.peak = max(self.peak, self.held)
-            return buf
-
-    def put(self, key: str, buf: np.ndarray) -> None:
-        with self._lock:
-            self._free.setdefault(key, []).append(buf)
-
-
-class BatchMemory:
-    """Memory for batch tensors, recycled once nothing references a batch any more.
-
-    A batch tensor is `torch.from_numpy` of a fresh ndarray view of a pooled buffer; torch keeps
-    that view alive for as long as the tensor's storage lives (views, autograd, anything), and
-    the buffer returns to the pool only when the view is gone.  So a batch is never overwritten
-    while anyone holds any part of it, and the next batches reuse pages already faulted in,
-    instead of fresh allocations from the producer thread's malloc arena, which fault every page
-    in again (a consumer that kept `batch["row"]` used to halve the rate that way).
-    """
-
-    def __init__(self, keep: int = 8):
-        self._free: dict[tuple, list[np.ndarray]] = {}
-        self._lock = threading.Lock()
-        self.keep = keep
-        self.reused = 0
-
-    def empty(self, shape: tuple, dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        key = (tuple(shape), dtype.str)
-        with self._lock:
-            free = self._free.get(key)
-            raw = free.pop() if free else None
-            self.reused += raw is not None
-        if raw is None:
-            raw = aligned_empty(shape, dtype)
-        view = raw.view()
-        weakref.finalize(view, self._put, key, raw).atexit = False
-        return view
-
-    def _put(self, key: tuple, raw: np.ndarray) -> None:
-        with self._lock:
-            free = self._free.setdefault(key, [])
-            if len(free) < self.keep:
-                free.append(raw)
-
-
-def _nbytes(buf: np.ndarray) -> int:
-    return buf.nbytes if buf.dtype.kind in "biuf" else len(buf) * STR_ROW_BYTES
 
 
 # ---- reading -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from featstore.errors import CheckpointError, ConfigError, FeatstoreError, UnknownFeatureSet
+from featstore import loader_state
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.writer import write_block
@@ -247,8 +248,9 @@ def saved_state(s, cols, **kw):
 
 def test_the_state_is_a_small_dict_of_what_it_replays_against(store):
     state = saved_state(store, ["features/a/pooled"], world_size=2, rank=1)
-    assert set(state) == {"seed", "epoch", "offset", "rows", "fingerprint", "usable", "store_rows", "world_size",
-                          "batch_size", "window", "order", "drop_last"}
+    assert set(state) == set(loader_state.KEYS) == {"seed", "epoch", "offset", "rows", "fingerprint", "usable",
+                                                    "store_rows", "world_size", "batch_size", "window", "order",
+                                                    "drop_last"}
     assert state["offset"] == 16 and state["world_size"] == 2
     assert all(isinstance(v, (int, str, bool)) for v in state.values())
 
@@ -288,6 +290,8 @@ def test_resume_at_another_world_size_batch_size_or_split_is_refused(store):
         Loader(store, cols, 8, world_size=2, rows=np.arange(100)).load_state_dict(state)
     with pytest.raises(CheckpointError, match="order 'window' when saved, 'full' now"):
         Loader(store, cols, 8, world_size=2, cache="ram").load_state_dict(state)
+    with pytest.raises(CheckpointError, match=r"shuffle window \(rows\) 37 when saved, 64 now"):
+        Loader(store, cols, 8, world_size=2, window=64).load_state_dict({**state, "window": 37})
     with pytest.raises(CheckpointError, match="older featstore"):
         Loader(store, cols, 8).load_state_dict({"seed": 0, "epoch": 0, "offset": 8})
     Loader(store, cols, 8, world_size=2, rank=1).load_state_dict(state)  # any rank resumes a rank's state
