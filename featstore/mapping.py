@@ -37,6 +37,8 @@ if sys.platform.startswith("linux"):
     _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     _libc.madvise.restype = ctypes.c_int
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.mincore.restype = ctypes.c_int
+    _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 else:  # pragma: no cover
     _libc = None
 
@@ -74,13 +76,26 @@ class MappedArray:
         view = base.view(layout.dtype)[:count].reshape((n_rows,) + tuple(layout.tail))
         return cls(region, view, layout.row_bytes)
 
-    def will_need(self, runs) -> None:
-        """Ask the kernel to read these row runs [(start, stop)] ahead (cold shards)."""
-        rb = self.row_bytes
-        for start, stop in runs:
-            a = self._addr + start * rb
-            lo = a - a % _PAGE
-            _libc.madvise(lo, self._addr + stop * rb - lo, _MADV_WILLNEED)
+    def will_need(self, runs, sample: int = 16) -> None:
+        """Ask the kernel to read these row runs [(start, stop)] ahead, unless a sample of them is
+        already in the page cache (warm: the hints would only cost syscalls)."""
+        pages = [self._pages(start, stop) for start, stop in runs]
+        step = max(1, len(pages) // sample)
+        if all(self._resident(lo, n) for lo, n in pages[::step]):
+            return
+        for lo, n in pages:
+            _libc.madvise(lo, n, _MADV_WILLNEED)
+
+    def _pages(self, start: int, stop: int) -> tuple[int, int]:
+        a = self._addr + start * self.row_bytes
+        lo = a - a % _PAGE
+        return lo, self._addr + stop * self.row_bytes - lo
+
+    def _resident(self, lo: int, n: int) -> bool:
+        vec = (ctypes.c_ubyte * (-(-n // _PAGE)))()
+        if _libc.mincore(lo, n, vec) != 0:
+            return False
+        return all(v & 1 for v in vec)
 
 
 def _map_shard(reader: LocalShards, block: int, rows: int, at: int) -> bool:

@@ -180,12 +180,15 @@ class Window:
     offsets: np.ndarray = None  # each run's first row in the window buffers
     buffers: dict = field(default_factory=dict)  # source key -> window buffer
     futures: list = field(default_factory=list)
+    prepared: object = None  # the future of its preparation (runs, buffers, reads submitted)
 
     def positions(self, rows: np.ndarray) -> np.ndarray:
         i = np.searchsorted(self.starts, rows, side="right") - 1
         return self.offsets[i] + (rows - self.starts[i])
 
     def wait(self) -> None:
+        if self.prepared is not None:
+            self.prepared.result()
         for f in self.futures:
             f.result()
         self.futures = []
@@ -204,6 +207,12 @@ class Reader:
         self.buffers = buffers
 
     def _start(self, w: Window, pool: ThreadPoolExecutor) -> Window:
+        """Prepare and read window `w` in the pool (off the thread that gathers batches)."""
+        w.prepared = pool.submit(self._prepare, w, pool)
+        return w
+
+    def _prepare(self, w: Window, pool: ThreadPoolExecutor) -> None:
+        """Work out the window's runs and buffers, start its reads (never waits on the pool)."""
         rows = np.concatenate(w.batches)
         w.starts, w.stops = covering_runs(rows, self.r)
         lengths = w.stops - w.starts
@@ -214,13 +223,12 @@ class Reader:
                 if s.ram is not None:
                     continue
                 if s.mapped is not None:
-                    w.futures.append(pool.submit(s.mapped.will_need, zip(w.starts.tolist(), w.stops.tolist())))
+                    s.mapped.will_need(zip(w.starts.tolist(), w.stops.tolist()))
                     continue
                 buf = self.buffers.get(s.key, total, s.tail, s.dtype)
                 w.buffers[s.key] = buf
                 for part in _split(len(w.starts), self.read_threads if s.remote is None else 1):
                     w.futures.append(pool.submit(_read, s, self.r, w.starts[part], w.stops[part], w.offsets[part], buf))
-        return w
 
     def _release(self, w: Window) -> None:
         for key, buf in w.buffers.items():
@@ -263,6 +271,8 @@ class Reader:
                             if not _put(results, self.gather(w, rows), stop):
                                 return
                     finally:
+                        if w.prepared is not None:
+                            futures_wait([w.prepared])
                         futures_wait(w.futures)  # never hand back a buffer a read still writes into
                         self._release(w)
             _put(results, None, stop)
