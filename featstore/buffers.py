@@ -38,11 +38,9 @@ class Buffers:
     def get(self, key: str, rows: int, tail: tuple, dtype) -> np.ndarray:
         with self._lock:
             free = self._free.setdefault(key, [])
-            fits = [b for b in free if len(b) >= rows]
+            fits = [i for i, b in enumerate(free) if len(b) >= rows]
             if fits:
-                buf = min(fits, key=len)
-                free.remove(buf)
-                return buf
+                return free.pop(min(fits, key=lambda i: len(free[i])))
             if free:  # too small for this window: give its memory back before taking more
                 self.held -= _nbytes(free.pop(0))
             buf = aligned_empty((rows,) + tail, dtype)
