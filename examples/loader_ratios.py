@@ -8,7 +8,8 @@ sorted by class (1000 classes), the Loader's defaults.  Measured here, in one pr
 - warm one-copy: the Loader (shards mapped, one np.take into each batch tensor) vs a numpy
   memmap of the same data as .npy files gathered in the same order by the same np.take into a
   fresh tensor; both with a consumer that drops each batch and one that keeps every batch's
-  `row` tensor (as evaluation does).  Files read just before each timed epoch.
+  `row` tensor (as evaluation does).  Files read just before each timed epoch.  Cold: the
+  files evicted from the page cache (posix_fadvise DONTNEED) just before, a fresh epoch order.
 - shuffle quality: per-batch label entropy of the Loader's epoch over a full permutation's.
 - remote vs local: the same store uploaded to moto's S3 server on 127.0.0.1 (a child process),
   read by the Loader's remote shard reader, vs the local store; default window and a 16x one;
@@ -66,6 +67,16 @@ def warm(paths) -> None:
                 with open(f, "rb") as fh:
                     while fh.read(16 << 20):
                         pass
+
+
+def drop(paths) -> None:
+    """Evict these files from the page cache (posix_fadvise DONTNEED): the next read is cold."""
+    for p in paths:
+        for f in ([p] if p.is_file() else sorted(p.rglob("*"))):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
 
 
 def featstore_epoch(loader, keep: bool) -> int:
@@ -133,10 +144,22 @@ def main() -> None:
             samples["keep" if keep else "drop"].append((ours, mem))
             print(f"round {r} keep_rows={keep}: featstore {ours:,.0f}/s  memmap one-copy {mem:,.0f}/s  "
                   f"ratio {ours / mem:.3f}", flush=True)
+    cold = []
+    for r in range(max(1, args.rounds // 2)):
+        fresh = Loader(store, COLUMNS, BATCH, seed=100 + r)
+        batches = fresh.batch_rows()
+        drop([root / "img.npy", root / "txt.npy"])
+        mem = rate(lambda: memmap_epoch({k: np.load(root / f"{k}.npy", mmap_mode="r") for k in DIMS}, batches, False))
+        drop([local_path])
+        ours = rate(lambda: featstore_epoch(fresh, False))
+        cold.append((ours, mem))
+        print(f"cold round {r}: featstore {ours:,.0f}/s  memmap one-copy {mem:,.0f}/s  ratio {ours / mem:.3f}", flush=True)
+    samples["cold"] = cold
     for mode, pairs in samples.items():
-        figures[f"featstore_warm_{mode}_samples_per_s"] = statistics.median(p[0] for p in pairs)
-        figures[f"memmap_one_copy_warm_{mode}_samples_per_s"] = statistics.median(p[1] for p in pairs)
-        ratios[f"featstore_vs_memmap_one_copy_warm_{mode}"] = statistics.median(p[0] / p[1] for p in pairs)
+        name = "cold" if mode == "cold" else f"warm_{mode}"
+        figures[f"featstore_{name}_samples_per_s"] = statistics.median(p[0] for p in pairs)
+        figures[f"memmap_one_copy_{name}_samples_per_s"] = statistics.median(p[1] for p in pairs)
+        ratios[f"featstore_vs_memmap_one_copy_{name}"] = statistics.median(p[0] / p[1] for p in pairs)
     if not args.skip_remote:
         figures.update(remote(root, args.remote_rows, args.rounds, ratios))
     result = {"bench": "loader_ratios", "device": f"cpu: {os.cpu_count()} cores",

@@ -11,7 +11,8 @@
   every rank gets the same number of batches.  `cache="ram"` holds the columns in memory and
   uses a full random permutation; `shuffle=False` serves store order.
 - How it reads: `featstore.readpath` (one copy from mapped shard files when local, ranged reads
-  with read-ahead when remote, zarr otherwise), in a producer thread, `prefetch` batches ahead.
+  with read-ahead when remote, zarr otherwise); `featstore.stream`: a helper thread gathers up
+  to `prefetch` batches ahead, and a consumer that runs out gathers the next one itself.
 - Resuming: the state is a small dict (mosaic streaming style): seed, epoch, offset (rows this
   rank has been served this epoch) and what they replay against; `load_state_dict` refuses a
   state that would replay another order, naming what changed.
@@ -22,8 +23,6 @@
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import warnings
 
 import numpy as np
@@ -36,6 +35,7 @@ from .buffers import BatchMemory, Buffers, aligned_empty
 from .errors import CheckpointError, ConfigError
 from .readpath import Column, Reader, attach_sources, make_column, served_rows
 from .store import Store
+from .stream import BatchStream
 from .torchdata import DataLoaderEpochs, rank_and_world
 
 _aligned_empty = aligned_empty  # benchmarks import it from here
@@ -57,6 +57,10 @@ class Loader(torch.utils.data.IterableDataset):
     (that is a full permutation's already); buffers, where a column needs them, hold at most
     `buffer_bound` bytes.  `window_blocks` is the deprecated spelling of `window` in blocks.
     `rank`/`world_size` default to torch.distributed's when a process group is initialized.
+    Every rank gets the same number of batches (so DDP never hangs): with `drop_last`, full
+    batches only; without, every served row once, the last step's rows split between the ranks,
+    and only if fewer rows than ranks are left, a rank repeats a row of the epoch's start (see
+    `featstore.order`).
     `direct=False` reads everything through zarr (the same bytes; tests compare them).
     """
 
@@ -215,7 +219,7 @@ class Loader(torch.utils.data.IterableDataset):
     def buffer_bound(self) -> int:
         """The most bytes of window buffers this loader holds (mapped and RAM columns need none)."""
         row_bytes = sum(s.row_bytes for c in self.columns for s in c.sources() if s.by_row is None)
-        return (1 + self.read_ahead) * 2 * self.batches_per_window * self.batch_size * row_bytes
+        return (2 + self.read_ahead) * 2 * self.batches_per_window * self.batch_size * row_bytes
 
     @property
     def buffer_peak(self) -> int:
@@ -281,30 +285,18 @@ class Loader(torch.utils.data.IterableDataset):
         reader = Reader(self.columns, self.store.rows_per_shard, read_threads=self.read_threads,
                         read_ahead=self.read_ahead, pin_memory=self.pin_memory, buffers=self._buffers,
                         memory=self._memory)
-        results: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        producer = threading.Thread(target=reader.produce, args=(windows, results, stop), daemon=True)
-        producer.start()
+        stream = iter(BatchStream(reader, windows, ahead=self.prefetch, read_ahead=self.read_ahead,
+                                  read_threads=self.read_threads))
         try:
-            while True:
-                item = results.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
+            for item in stream:
                 if uids is not None:
                     item["uid"] = [str(u) for u in uids[item["row"].numpy()]]
                 self.offset += len(item["row"])
                 yield item
-            self.offset = 0
-            self.epoch += 1
         finally:
-            stop.set()
-            while producer.is_alive():
-                try:
-                    results.get_nowait()
-                except queue.Empty:
-                    producer.join(0.05)
+            stream.close()
+        self.offset = 0
+        self.epoch += 1
 
     def dataloader(self, num_workers: int = 2, **kwargs) -> DataLoaderEpochs:
         """Iterate through a torch DataLoader with worker processes, keeping this loader's state

@@ -19,11 +19,7 @@ the window needs (so a window's buffer holds at most 2x its rows).
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,7 +192,8 @@ class Window:
 
 # ---- reading -----------------------------------------------------------------------------------
 class Reader:
-    """Reads windows for a set of columns and cuts them into batches (in a producer thread)."""
+    """Reads windows of a set of columns and gathers batches from them (`featstore.stream`
+    decides which thread does what when)."""
 
     def __init__(self, columns: list[Column], rows_per_shard: int, *, read_threads: int, read_ahead: int,
                  pin_memory: bool, buffers: Buffers, memory: BatchMemory):
@@ -253,32 +250,6 @@ class Reader:
         out["row"] = torch.from_numpy(np.array(rows, dtype=np.int64))
         return out
 
-    def produce(self, windows: list[list[np.ndarray]], results: queue.Queue, stop: threading.Event) -> None:
-        """Producer thread: keep `read_ahead` windows reading while the current one is cut into
-        batches; queue each batch, then None (or the exception raised)."""
-        try:
-            with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="featstore-read") as pool:
-                ahead: deque = deque()
-                nxt = 0
-                while nxt < len(windows) or ahead:
-                    while nxt < len(windows) and len(ahead) <= self.read_ahead:
-                        ahead.append(self._start(Window(windows[nxt]), pool))
-                        nxt += 1
-                    w = ahead.popleft()
-                    try:
-                        w.wait()
-                        for rows in w.batches:
-                            if not _put(results, self.gather(w, rows), stop):
-                                return
-                    finally:
-                        if w.prepared is not None:
-                            futures_wait([w.prepared])
-                        futures_wait(w.futures)  # never hand back a buffer a read still writes into
-                        self._release(w)
-            _put(results, None, stop)
-        except BaseException as e:  # handed to the consumer, raised there
-            _put(results, e, stop)
-
 
 def _split(n: int, parts: int) -> list[slice]:
     parts = max(1, min(parts, n))
@@ -323,13 +294,3 @@ def _take(s: Source, w: Window, rows: np.ndarray, pos, memory: BatchMemory, pin:
     dst = memory.empty(shape, s.dtype)
     np.take(data, idx, axis=0, out=dst, mode="clip")
     return torch.from_numpy(dst)
-
-
-def _put(results: queue.Queue, item, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            results.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False

@@ -315,7 +315,7 @@ def test_a_clip_b16_token_store_trains_in_its_window_budget(tmp_path):
         for batch in loader:
             seen += len(batch["row"])
         assert seen == n
-        assert loader.buffer_peak <= loader.buffer_bound <= 2 * (1 + loader.read_ahead) * budget < block_bytes / 30
+        assert loader.buffer_peak <= loader.buffer_bound <= 2 * (2 + loader.read_ahead) * budget < block_bytes / 20
         if direct:
             assert loader.columns[0].source.kind == "mapped" and loader.buffer_peak == 0
         else:
