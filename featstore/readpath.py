@@ -1,4 +1,4 @@
-"""How the loader reads: where each array's rows come from, and the thread that makes batches.
+"""How the loader reads: where each array's rows come from, windows of runs, gathering batches.
 
 Each array a batch needs (an int8 token column also needs its scales) is a `Source`:
 
@@ -10,7 +10,8 @@ Each array a batch needs (an int8 token column also needs its scales) is a `Sour
   page-aligned window buffers by `read_threads` threads (local shard files with preadv, remote
   shard objects with concurrent ranged GETs, or zarr's `array[a:b]` for any other layout; never
   per-row indexing), and batches are gathered from them.  Buffers are reused from window to
-  window; every batch is a fresh tensor, so a consumer may keep any part of it.
+  window; batch tensors never alias them (their own memory, `featstore.buffers.BatchMemory`,
+  is recycled only once nothing references a batch), so a consumer may keep any part of one.
 
 A window is `k` consecutive batches of this rank (see `featstore.order`); its runs are the row
 ranges covering their rows, gaps inside a block included while they add at most as many rows as
