@@ -15,7 +15,8 @@ sorted by class (1000 classes), the Loader's defaults.  Measured here, in one pr
   read by the Loader's remote shard reader, vs the local store; default window and a 16x one;
   and the server's own limit: fetching every shard object whole, concurrently (s3fs `cat`).
 
-Writes a JSON of figures and ratios (ratios: median over rounds of ours / theirs in that round).
+Writes a JSON of figures and ratios (ratios: median over rounds of ours / theirs in that round; warm
+rounds run A B B A).
 """
 
 from __future__ import annotations
@@ -135,12 +136,18 @@ def main() -> None:
     ratios: dict = {}
     samples = {"drop": [], "keep": []}
     for r in range(args.rounds):
+        loader.set_epoch(r)
         batches = loader.batch_rows()  # the same order the Loader serves this epoch
         for keep in (False, True):
-            warm([local_path, root / "img.npy", root / "txt.npy"])
-            mem = rate(lambda: memmap_epoch(mms, batches, keep))
-            warm([local_path, root / "img.npy", root / "txt.npy"])
-            ours = rate(lambda: featstore_epoch(loader, keep))
+            got = {"ours": [], "mem": []}
+            for who in ("mem", "ours", "ours", "mem"):  # A B B A: a drifting machine cancels out
+                warm([local_path, root / "img.npy", root / "txt.npy"])
+                if who == "mem":
+                    got[who].append(rate(lambda: memmap_epoch(mms, batches, keep)))
+                else:
+                    got[who].append(rate(lambda: featstore_epoch(loader, keep)))
+                    loader.set_epoch(r)  # the same order as the memmap's
+            ours, mem = statistics.mean(got["ours"]), statistics.mean(got["mem"])
             samples["keep" if keep else "drop"].append((ours, mem))
             print(f"round {r} keep_rows={keep}: featstore {ours:,.0f}/s  memmap one-copy {mem:,.0f}/s  "
                   f"ratio {ours / mem:.3f}", flush=True)

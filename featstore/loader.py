@@ -291,7 +291,7 @@ class Loader(torch.utils.data.IterableDataset):
             for item in stream:
                 if uids is not None:
                     item["uid"] = [str(u) for u in uids[item["row"].numpy()]]
-                self.offset += len(item["row"])
+                self.offset += item["row"].shape[0]
                 yield item
         finally:
             stream.close()

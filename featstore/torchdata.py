@@ -24,7 +24,7 @@ class DataLoaderEpochs:
         dl = torch.utils.data.DataLoader(worker_copy, batch_size=None, num_workers=self.num_workers,
                                          pin_memory=src.pin_memory, **self.kwargs)
         for batch in dl:
-            src.offset += len(batch["row"])
+            src.offset += batch["row"].shape[0]
             yield batch
         src.offset = 0
         src.epoch += 1
