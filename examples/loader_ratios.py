@@ -10,6 +10,7 @@ sorted by class (1000 classes), the Loader's defaults.  Measured here, in one pr
   fresh tensor; both with a consumer that drops each batch and one that keeps every batch's
   `row` tensor (as evaluation does).  Files read just before each timed epoch.  Cold: the
   files evicted from the page cache (posix_fadvise DONTNEED) just before, a fresh epoch order.
+- prefetch: the Loader warm with 1, 2 and 4 batches prefetched (the default is 1).
 - shuffle quality: per-batch label entropy of the Loader's epoch over a full permutation's.
 - remote vs local: the same store uploaded to moto's S3 server on 127.0.0.1 (a child process),
   read by the Loader's remote shard reader, vs the local store; default window and a 16x one;
@@ -151,6 +152,14 @@ def main() -> None:
             samples["keep" if keep else "drop"].append((ours, mem))
             print(f"round {r} keep_rows={keep}: featstore {ours:,.0f}/s  memmap one-copy {mem:,.0f}/s  "
                   f"ratio {ours / mem:.3f}", flush=True)
+    sweep = {p: [] for p in (1, 2, 4)}  # batches prefetched: how deep is worth it
+    for r in range(args.rounds):
+        for p, got in sweep.items():
+            warm([local_path])
+            got.append(rate(lambda: featstore_epoch(Loader(store, COLUMNS, BATCH, seed=0, prefetch=p), False)))
+        print("prefetch sweep round", r, {p: f"{v[-1]:,.0f}/s" for p, v in sweep.items()}, flush=True)
+    for p, got in sweep.items():
+        figures[f"featstore_warm_prefetch_{p}_samples_per_s"] = statistics.median(got)
     cold = []
     for r in range(max(1, args.rounds // 2)):
         fresh = Loader(store, COLUMNS, BATCH, seed=100 + r)

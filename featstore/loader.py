@@ -62,6 +62,10 @@ class Loader(torch.utils.data.IterableDataset):
     and only if fewer rows than ranks are left, a rank repeats a row of the epoch's start (see
     `featstore.order`).
     `direct=False` reads everything through zarr (the same bytes; tests compare them).
+    `prefetch`: batches gathered ahead of the one the consumer holds.  One is double buffering
+    (the next batch is copied while the consumer works on this one); I/O latency is hidden by
+    reading `read_ahead` windows ahead, not by batches, and every batch more in flight is
+    another ~10 MB written cache-cold (examples/loader_ratios.py measures 1, 2 and 4).
     """
 
     def __init__(
@@ -77,7 +81,7 @@ class Loader(torch.utils.data.IterableDataset):
         world_size: int | None = None,
         rows=None,
         drop_last: bool = False,
-        prefetch: int = 4,
+        prefetch: int = 1,
         cache: str | None = None,
         window: int | None = None,
         window_bytes: int | None = None,

@@ -79,12 +79,12 @@ class MappedArray:
     def will_need(self, runs, sample: int = 16) -> None:
         """Ask the kernel to read these row runs [(start, stop)] ahead, unless a sample of them is
         already in the page cache (warm: the hints would only cost syscalls)."""
-        pages = [self._pages(start, stop) for start, stop in runs]
-        step = max(1, len(pages) // sample)
-        if all(self._resident(lo, n) for lo, n in pages[::step]):
+        runs = list(runs)
+        step = max(1, len(runs) // sample)
+        if all(self._resident(*self._pages(start, stop)) for start, stop in runs[::step]):
             return
-        for lo, n in pages:
-            _libc.madvise(lo, n, _MADV_WILLNEED)
+        for start, stop in runs:
+            _libc.madvise(*self._pages(start, stop), _MADV_WILLNEED)
 
     def _pages(self, start: int, stop: int) -> tuple[int, int]:
         a = self._addr + start * self.row_bytes
