@@ -64,8 +64,8 @@ class Loader(torch.utils.data.IterableDataset):
     `direct=False` reads everything through zarr (the same bytes; tests compare them).
     `prefetch`: batches gathered ahead of the one the consumer holds.  One is double buffering
     (the next batch is copied while the consumer works on this one); I/O latency is hidden by
-    reading `read_ahead` windows ahead, not by batches, and every batch more in flight is
-    another ~10 MB written cache-cold (examples/loader_ratios.py measures 1, 2 and 4).
+    reading `read_ahead` windows ahead, not by batches (examples/loader_ratios.py sweeps 1, 2
+    and 4: no gain beyond 1-2 on a warm store).
     """
 
     def __init__(
