@@ -28,11 +28,15 @@ import torch
 
 from . import format as fmt
 from .buffers import STR_ROW_BYTES, BatchMemory, Buffers
-from .errors import UnknownFeatureSet
+from .errors import FeatstoreError, UnknownFeatureSet
 from .mapping import MappedArray
 from .remote import RemoteShards
 from .shardfile import LocalShards
 from .tokens import dequantize_int8
+
+class UnreadableRows(FeatstoreError, ValueError):
+    """Rows that neither featstore's shard reader nor zarr can read (a damaged shard)."""
+
 
 TORCH_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}
 
@@ -268,8 +272,12 @@ def _read(s: Source, r: int, starts, stops, offsets, buf: np.ndarray) -> None:
         todo = [((b, lo, hi), o) for b, lo, hi, o in failed]
     elif s.local is not None:
         todo = [((b, lo, hi), o) for (b, lo, hi), o in todo if not s.local.read(b, lo, hi, buf[o : o + hi - lo])]
-    for (b, lo, hi), o in todo:  # zarr's read path: any layout, and zarr's own errors
-        buf[o : o + hi - lo] = np.asarray(s.array[b * r + lo : b * r + hi])
+    for (b, lo, hi), o in todo:  # zarr's read path: any layout, and zarr's own checks
+        try:
+            buf[o : o + hi - lo] = np.asarray(s.array[b * r + lo : b * r + hi])
+        except Exception as e:
+            raise UnreadableRows(f"cannot read rows {b * r + lo}-{b * r + hi} of {s.array.path} ({e}): "
+                                 "run `featstore verify` on the store") from e
 
 
 def _take(s: Source, w: Window, rows: np.ndarray, pos, memory: BatchMemory, pin: bool):

@@ -320,3 +320,17 @@ def test_a_clip_b16_token_store_trains_in_its_window_budget(tmp_path):
             assert loader.columns[0].source.kind == "mapped" and loader.buffer_peak == 0
         else:
             assert loader.buffer_peak > 0
+
+
+def test_a_damaged_shard_is_an_error_never_wrong_bytes(tmp_path):
+    """A shard whose index fails its checksum is neither mapped nor read directly; zarr's own
+    check then fails and the loader says which rows, in one line."""
+    s = make_store(tmp_path / "c.zarr", n=48, rows_per_shard=16, features={"m": 128})
+    shard = tmp_path / "c.zarr" / "features" / "m" / "pooled" / "c" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # the index checksum
+    shard.write_bytes(bytes(data))
+    loader = Loader(s, ["features/m/pooled"], 8, seed=0)
+    assert loader.columns[0].source.kind == "local"  # not mapped: the index did not check out
+    with pytest.raises(FeatstoreError, match="cannot read rows 16-32 of features/m/pooled"):
+        list(loader)

@@ -8,7 +8,7 @@ from featstore.loader import Loader
 from featstore.store import Store
 from featstore.writer import write_block
 from servers import s3_server
-from storeutil import fill_feature_set, make_store
+from storeutil import make_store
 
 s3fs = pytest.importorskip("s3fs")
 
