@@ -1,0 +1,118 @@
+"""One read-only numpy view over all the shard files of an array: the warm path's single copy.
+
+The shard files of an array are mapped side by side into one reserved address range, so the
+array's rows [0, n) are one `(n, *row)` ndarray backed by the page cache, exactly like a memmap
+of a single .npy file.  A batch is then one `np.take` from the mapping straight into the batch
+tensor: one copy, as a numpy memmap gathered in the same order.  Rows of shards never written
+read as zeros (the reservation's own pages), which is zarr's reading when the fill value is 0.
+
+Only where that is exact: Linux, the layout `ShardLayout` reads, a block's bytes a multiple of
+the page size (true for the default 4096 rows per shard), and every mapped shard storing its
+rows in order from offset 0 (what zarr writes for a whole shard).  `MappedArray.of` returns
+None otherwise and the loader reads those columns into buffers instead.
+
+Files are mapped as they are when the view is made: zarr replaces a shard file by rename, never
+in place, so a block rewritten later (the store grew) leaves this view on the old file, whose
+computed rows are the same bytes.  The reservation is unmapped when the last view is gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+
+import numpy as np
+
+from .shardfile import LocalShards
+
+_PAGE = mmap.PAGESIZE
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
+_MADV_WILLNEED = 3
+
+if sys.platform.startswith("linux"):
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    _libc.madvise.restype = ctypes.c_int
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.mincore.restype = ctypes.c_int
+    _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+else:  # pragma: no cover
+    _libc = None
+
+
+class MappedArray:
+    """Rows [0, n_rows) of one array as a read-only ndarray over its mapped shard files."""
+
+    def __init__(self, region: mmap.mmap, view: np.ndarray, row_bytes: int):
+        self._region = region  # owns the address range; unmapped when collected
+        self.view = view
+        self.row_bytes = row_bytes
+        self._addr = view.ctypes.data
+
+    @classmethod
+    def of(cls, array, rows_per_shard: int, n_rows: int, blocks) -> "MappedArray | None":
+        """Map the shards of `blocks` (those the loader serves); None when not exactly possible."""
+        reader = LocalShards.of(array, rows_per_shard)
+        if _libc is None or reader is None or n_rows == 0:
+            return None
+        layout, r = reader.layout, rows_per_shard
+        block_bytes = r * layout.row_bytes
+        if block_bytes % _PAGE or (layout.fill != 0).any():
+            return None
+        total = -(-n_rows // r) * block_bytes
+        region = mmap.mmap(-1, total, flags=_MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, prot=mmap.PROT_READ)
+        base = np.frombuffer(region, dtype=np.uint8)
+        addr = base.ctypes.data
+        for b in blocks:
+            rows = min(r, n_rows - int(b) * r)
+            if not _map_shard(reader, int(b), rows, addr + int(b) * block_bytes):
+                del base
+                region.close()
+                return None
+        count = n_rows * int(np.prod(layout.tail, dtype=np.int64))
+        view = base.view(layout.dtype)[:count].reshape((n_rows,) + tuple(layout.tail))
+        return cls(region, view, layout.row_bytes)
+
+    def will_need(self, runs, sample: int = 16) -> None:
+        """Ask the kernel to read these row runs [(start, stop)] ahead, unless a sample of them is
+        already in the page cache (warm: the hints would only cost syscalls)."""
+        runs = list(runs)
+        step = max(1, len(runs) // sample)
+        if all(self._resident(*self._pages(start, stop)) for start, stop in runs[::step]):
+            return
+        for start, stop in runs:
+            _libc.madvise(*self._pages(start, stop), _MADV_WILLNEED)
+
+    def _pages(self, start: int, stop: int) -> tuple[int, int]:
+        a = self._addr + start * self.row_bytes
+        lo = a - a % _PAGE
+        return lo, self._addr + stop * self.row_bytes - lo
+
+    def _resident(self, lo: int, n: int) -> bool:
+        vec = (ctypes.c_ubyte * (-(-n // _PAGE)))()
+        if _libc.mincore(lo, n, vec) != 0:
+            return False
+        return all(v & 1 for v in vec)
+
+
+def _map_shard(reader: LocalShards, block: int, rows: int, at: int) -> bool:
+    """Map the shard file of `block` at address `at` (its first `rows` rows); True when done."""
+    layout = reader.layout
+    try:
+        fd = os.open(os.path.join(reader.base, layout.key(block)), os.O_RDONLY)
+    except FileNotFoundError:
+        return True  # never written: the reservation's zeros are its rows
+    try:
+        index = reader.index(fd)
+        length = -(-rows // layout.chunk_rows) * layout.chunk_rows * layout.row_bytes
+        if index is None or not layout.identity_rows(index, rows):
+            return False
+        if length > os.fstat(fd).st_size - layout.index_bytes:
+            return False
+        got = _libc.mmap(at, length, mmap.PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
+        return got == at
+    finally:
+        os.close(fd)

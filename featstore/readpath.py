@@ -1,0 +1,305 @@
+"""How the loader reads: where each array's rows come from, windows of runs, gathering batches.
+
+Each array a batch needs (an int8 token column also needs its scales) is a `Source`:
+
+- **ram** (`cache="ram"`): the whole array in memory; a batch is one `np.take` by store row.
+- **mapped** (local store, default layout: `featstore.mapping`): the shard files mapped side by
+  side; a batch is one `np.take` from the page cache into the batch tensor, the one copy a numpy
+  memmap gather makes.  Read-ahead asks the kernel for the next window's runs (madvise).
+- **buffered**: everything else.  The runs of the next `read_ahead` windows are read into
+  page-aligned window buffers by `read_threads` threads (local shard files with preadv, remote
+  shard objects with concurrent ranged GETs, or zarr's `array[a:b]` for any other layout; never
+  per-row indexing), and batches are gathered from them.  Buffers are reused from window to
+  window; batch tensors never alias them (their own memory, `featstore.buffers.BatchMemory`,
+  is recycled only once nothing references a batch), so a consumer may keep any part of one.
+
+A window is `k` consecutive batches of this rank (see `featstore.order`); its runs are the row
+ranges covering their rows, gaps inside a block included while they add at most as many rows as
+the window needs (so a window's buffer holds at most 2x its rows).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from .buffers import STR_ROW_BYTES, BatchMemory, Buffers
+from .errors import FeatstoreError, UnknownFeatureSet
+from .mapping import MappedArray
+from .remote import RemoteShards
+from .shardfile import LocalShards
+from .tokens import dequantize_int8
+
+class UnreadableRows(FeatstoreError, ValueError):
+    """Rows that neither featstore's shard reader nor zarr can read (a damaged shard)."""
+
+
+TORCH_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}
+
+
+@dataclass
+class Source:
+    """One array a batch entry reads, and the way it is read."""
+
+    key: str
+    array: object  # the zarr array
+    ram: np.ndarray | None = None
+    mapped: object = None  # featstore.mapping.MappedArray
+    local: object = None  # featstore.shardfile.LocalShards
+    remote: object = None  # featstore.remote.RemoteShards
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype) if self.ram is None else self.ram.dtype
+
+    @property
+    def tail(self) -> tuple:
+        return tuple(self.array.shape[1:])
+
+    @property
+    def row_bytes(self) -> int:
+        cells = int(np.prod(self.tail, dtype=np.int64))
+        return cells * (self.dtype.itemsize if self.dtype.kind in "biufc" else STR_ROW_BYTES)
+
+    @property
+    def by_row(self) -> np.ndarray | None:
+        """An array indexed by store row (RAM cache or mapping), or None when read into buffers."""
+        if self.ram is not None:
+            return self.ram
+        return self.mapped.view if self.mapped is not None else None
+
+    @property
+    def kind(self) -> str:
+        if self.ram is not None:
+            return "ram"
+        if self.mapped is not None:
+            return "mapped"
+        return "local" if self.local is not None else "remote" if self.remote is not None else "zarr"
+
+
+@dataclass
+class Column:
+    """One entry of a batch: its source, and the scales of int8 tokens served dequantized."""
+
+    alias: str
+    path: str
+    source: Source
+    scale: Source | None = None
+    feature_set: str | None = None
+
+    def sources(self):
+        yield self.source
+        if self.scale is not None:
+            yield self.scale
+
+
+def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None = None) -> Column:
+    """The column at `path` (features/<name>/<array>, pixels/<name> or samples/<field>); int8
+    tokens served dequantized also read their scales.  `ram`: RAM-cached arrays to keep."""
+    parts = path.split("/")
+    fs_name = None
+    if parts[0] == fmt.FEATURES and len(parts) == 3:
+        fs_name = parts[1]
+        store.feature_set(fs_name)  # a clear error for an unknown name
+    elif parts[0] == fmt.PIXELS and len(parts) == 2:
+        fs_name = store.pixels(parts[1]).attrs.get("feature_set")
+    elif parts[0] != fmt.SAMPLES:
+        raise UnknownFeatureSet(f"'{path}' is not a column (features/<name>/<array>, pixels/<name> or samples/<field>)")
+    array = store.array(path)
+    ram = ram or {}
+    scale = None
+    if fs_name and parts[-1] == "tokens" and array.dtype == np.int8 and dequantize:
+        key = alias + "#scale"
+        scale = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_scale"), ram=ram.get(key))
+    return Column(alias, path, Source(alias, array, ram=ram.get(alias)), scale, fs_name)
+
+
+def served_rows(store, columns: list[Column], rows) -> tuple[np.ndarray, int]:
+    """(the rows to serve: finished, valid in every asked feature set and in `rows`; how many
+    rows are finished and valid before the `rows` subset)."""
+    n = store.n_rows
+    mask = np.ones(n, dtype=bool)
+    for name in sorted({c.feature_set for c in columns if c.feature_set}):
+        mask &= store.feature_set(name).usable_rows()
+    usable = int(mask.sum())
+    if rows is not None:
+        rows = np.asarray(rows)
+        subset = np.zeros(n, dtype=bool)
+        if rows.dtype == bool:
+            subset[: len(rows)] = rows[:n]
+        else:
+            subset[rows[(rows >= 0) & (rows < n)]] = True
+        mask &= subset
+    return np.flatnonzero(mask), usable
+
+
+def attach_sources(columns: list[Column], store, served: np.ndarray, *, cache: str | None, direct: bool) -> None:
+    """Decide how each source is read: RAM cache, mapped shards, shard reads (local, remote), zarr."""
+    r, n = store.rows_per_shard, store.n_rows
+    blocks = np.unique(served // r)
+    for c in columns:
+        for s in c.sources():
+            if cache == "ram":
+                if s.ram is None:
+                    s.ram = np.ascontiguousarray(s.array[:n])
+                continue
+            if not direct:
+                continue
+            s.mapped = MappedArray.of(s.array, r, n, blocks)
+            if s.mapped is None:
+                s.local = LocalShards.of(s.array, r)
+                s.remote = RemoteShards.of(s.array, r, store.path) if s.local is None else None
+
+
+# ---- windows -----------------------------------------------------------------------------------
+def covering_runs(rows: np.ndarray, rows_per_shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) of the row ranges to read for `rows`: runs of needed rows, each inside one
+    block, joined over the smallest gaps while the gaps add at most len(unique rows) rows."""
+    u = np.unique(rows)
+    if len(u) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    gaps = np.diff(u) - 1
+    same_block = (u[1:] // rows_per_shard) == (u[:-1] // rows_per_shard)
+    join = same_block & (gaps == 0)
+    cand = np.flatnonzero(same_block & (gaps > 0))
+    if len(cand):
+        by_size = cand[np.argsort(gaps[cand], kind="stable")]
+        join[by_size[np.cumsum(gaps[by_size]) <= len(u)]] = True
+    breaks = np.flatnonzero(~join) + 1
+    return u[np.r_[0, breaks]], u[np.r_[breaks - 1, len(u) - 1]] + 1
+
+
+@dataclass
+class Window:
+    batches: list  # this window's batches (arrays of store rows)
+    starts: np.ndarray = None  # the runs to read: store rows [start, stop)
+    stops: np.ndarray = None
+    offsets: np.ndarray = None  # each run's first row in the window buffers
+    buffers: dict = field(default_factory=dict)  # source key -> window buffer
+    futures: list = field(default_factory=list)
+    prepared: object = None  # the future of its preparation (runs, buffers, reads submitted)
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.starts, rows, side="right") - 1
+        return self.offsets[i] + (rows - self.starts[i])
+
+    def wait(self) -> None:
+        if self.prepared is not None:
+            self.prepared.result()
+        for f in self.futures:
+            f.result()
+        self.futures = []
+
+
+# ---- reading -----------------------------------------------------------------------------------
+class Reader:
+    """Reads windows of a set of columns and gathers batches from them (`featstore.stream`
+    decides which thread does what when)."""
+
+    def __init__(self, columns: list[Column], rows_per_shard: int, *, read_threads: int, read_ahead: int,
+                 pin_memory: bool, buffers: Buffers, memory: BatchMemory):
+        self.columns = columns
+        self.memory = memory
+        self.r = rows_per_shard
+        self.read_threads, self.read_ahead, self.pin_memory = read_threads, read_ahead, pin_memory
+        self.buffers = buffers
+
+    def _start(self, w: Window, pool: ThreadPoolExecutor) -> Window:
+        """Prepare and read window `w` in the pool (off the thread that gathers batches)."""
+        w.prepared = pool.submit(self._prepare, w, pool)
+        return w
+
+    def _prepare(self, w: Window, pool: ThreadPoolExecutor) -> None:
+        """Work out the window's runs and buffers, start its reads (never waits on the pool)."""
+        rows = np.concatenate(w.batches)
+        w.starts, w.stops = covering_runs(rows, self.r)
+        lengths = w.stops - w.starts
+        w.offsets = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+        total = int(lengths.sum())
+        for c in self.columns:
+            for s in c.sources():
+                if s.ram is not None:
+                    continue
+                if s.mapped is not None:
+                    s.mapped.will_need(zip(w.starts.tolist(), w.stops.tolist()))
+                    continue
+                buf = self.buffers.get(s.key, total, s.tail, s.dtype)
+                w.buffers[s.key] = buf
+                for part in _split(len(w.starts), self.read_threads if s.remote is None else 1):
+                    w.futures.append(pool.submit(_read, s, self.r, w.starts[part], w.stops[part], w.offsets[part], buf))
+
+    def _release(self, w: Window) -> None:
+        for key, buf in w.buffers.items():
+            self.buffers.put(key, buf)
+        w.buffers = {}
+
+    def gather(self, w: Window, rows: np.ndarray) -> dict:
+        """One batch: `rows` of every column, gathered from the mapping, RAM or window buffers."""
+        out = {}
+        pos = None
+        for c in self.columns:
+            for s in c.sources():
+                if s.by_row is None and pos is None:
+                    pos = w.positions(rows)
+            data = _take(c.source, w, rows, pos, self.memory, self.pin_memory and c.scale is None)
+            if c.scale is not None:
+                scale = _take(c.scale, w, rows, pos, self.memory, False)
+                data = torch.from_numpy(dequantize_int8(data.numpy(), scale.numpy()))
+                if self.pin_memory:
+                    data = data.pin_memory()
+            out[c.alias] = data
+        out["row"] = torch.from_numpy(np.array(rows, dtype=np.int64))
+        return out
+
+
+def _split(n: int, parts: int) -> list[slice]:
+    parts = max(1, min(parts, n))
+    edges = np.linspace(0, n, parts + 1).astype(int)
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _read(s: Source, r: int, starts, stops, offsets, buf: np.ndarray) -> None:
+    """Runs [start, stop) of source `s` into `buf` at their offsets (each run inside one block)."""
+    runs = [(int(a) // r, int(a) - int(a) // r * r, int(b) - int(a) // r * r) for a, b in zip(starts, stops)]
+    offsets = [int(o) for o in offsets]
+    todo = list(zip(runs, offsets))
+    if s.remote is not None:
+        failed = s.remote.read_runs(runs, buf, offsets)
+        todo = [((b, lo, hi), o) for b, lo, hi, o in failed]
+    elif s.local is not None:
+        todo = [((b, lo, hi), o) for (b, lo, hi), o in todo if not s.local.read(b, lo, hi, buf[o : o + hi - lo])]
+    for (b, lo, hi), o in todo:  # zarr's read path: any layout, and zarr's own checks
+        try:
+            buf[o : o + hi - lo] = np.asarray(s.array[b * r + lo : b * r + hi])
+        except Exception as e:
+            raise UnreadableRows(f"cannot read rows {b * r + lo}-{b * r + hi} of {s.array.path} ({e}): "
+                                 "run `featstore verify` on the store") from e
+
+
+def _take(s: Source, w: Window, rows: np.ndarray, pos, memory: BatchMemory, pin: bool):
+    """`rows` of one source as a fresh tensor (numpy for strings): one np.take from the mapping,
+    RAM cache or window buffer straight into it.
+
+    np.take with `out` and mode="clip" (mode="raise" buffers `out`): one single-threaded copy per
+    row that releases the GIL, so it overlaps the reads; torch's own multi-threaded index_select
+    is faster on an idle machine but stalls badly when its threads compete with a training step.
+    """
+    data = s.by_row
+    idx = rows
+    if data is None:
+        data, idx = w.buffers[s.key], pos
+    if s.dtype not in TORCH_DTYPES:  # rare dtypes; strings stay numpy
+        got = np.take(data, idx, axis=0)
+        return torch.from_numpy(got) if got.dtype.kind in "biuf" else got
+    shape = (len(rows),) + s.tail
+    if pin:  # torch's pinned allocator caches (and guards in-flight copies) by itself
+        out = torch.empty(shape, dtype=torch.from_numpy(np.zeros(0, s.dtype)).dtype, pin_memory=True)
+        np.take(data, idx, axis=0, out=out.numpy(), mode="clip")
+        return out
+    dst = memory.empty(shape, s.dtype)
+    np.take(data, idx, axis=0, out=dst, mode="clip")
+    return torch.from_numpy(dst)

@@ -1,0 +1,110 @@
+"""Who gathers which batch, and when: a helper thread runs ahead, the consumer helps itself.
+
+A helper thread gathers batches up to `ahead` batches ahead of the consumer, so a consumer busy
+with a training step finds its next batch ready.  A consumer that is faster than the helper
+(nothing else to do) never sleeps waiting for it: it gathers the next batch nobody has claimed
+itself, in its own thread, and only waits when every batch it could take is already being
+gathered.  Batches come out in order either way; their gathers release the GIL, so on several
+cores both threads copy at once.  Windows (`featstore.readpath.Window`) are started
+`read_ahead` windows ahead of the first batch claimed in them, and their buffers handed back
+once every batch of the window is gathered.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+
+from .readpath import Reader, Window
+
+_TODO, _CLAIMED, _DONE = 0, 1, 2
+
+
+class BatchStream:
+    """Iterate once: the batches of `windows` (lists of row arrays), in order."""
+
+    def __init__(self, reader: Reader, windows: list[list], *, ahead: int, read_ahead: int, read_threads: int):
+        self.reader = reader
+        self.windows = [Window(list(w)) for w in windows]
+        self.jobs = [(wi, rows) for wi, w in enumerate(windows) for rows in w]
+        self.left = [len(w) for w in windows]  # batches of each window not gathered yet
+        self.state = [_TODO] * len(self.jobs)
+        self.results: dict[int, object] = {}
+        self.ahead, self.read_ahead, self.read_threads = max(1, ahead), read_ahead, read_threads
+        self.cond = threading.Condition()
+        self.next = 0  # the batch the consumer yields next
+        self.started = 0  # windows started so far
+        self.stopped = False
+        self.pool: ThreadPoolExecutor | None = None
+
+    # ---- under self.cond ---------------------------------------------------------------------
+    def _claim(self) -> int | None:
+        """The first unclaimed batch within `ahead` of the consumer (marked claimed), or None."""
+        for j in range(self.next, min(self.next + self.ahead, len(self.jobs))):
+            if self.state[j] == _TODO:
+                self.state[j] = _CLAIMED
+                self._start_windows(self.jobs[j][0])
+                return j
+        return None
+
+    def _start_windows(self, wi: int) -> None:
+        while self.started < len(self.windows) and self.started <= wi + self.read_ahead:
+            self.reader._start(self.windows[self.started], self.pool)
+            self.started += 1
+
+    # ---- outside it ----------------------------------------------------------------------------
+    def _gather(self, j: int) -> None:
+        wi, rows = self.jobs[j]
+        w = self.windows[wi]
+        try:
+            w.wait()
+            item = self.reader.gather(w, rows)
+        except BaseException as e:  # raised in the consumer when it reaches this batch
+            item = e
+        with self.cond:
+            self.results[j], self.state[j] = item, _DONE
+            self.left[wi] -= 1
+            last = self.left[wi] == 0
+            self.cond.notify_all()
+        if last:  # every batch of the window is a copy now: its buffers can be reused
+            futures_wait([f for f in (w.prepared,) if f is not None])
+            futures_wait(w.futures)
+            self.reader._release(w)
+
+    def _helper(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopped and (j := self._claim()) is None:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+            self._gather(j)
+
+    def __iter__(self):
+        self.pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="featstore-read")
+        helper = threading.Thread(target=self._helper, name="featstore-gather", daemon=True)
+        helper.start()
+        try:
+            for i in range(len(self.jobs)):
+                while True:
+                    with self.cond:
+                        if self.state[i] == _DONE:
+                            item = self.results.pop(i)
+                            self.next = i + 1
+                            self.cond.notify_all()
+                            break
+                        j = self._claim()
+                        if j is None:
+                            self.cond.wait()
+                            continue
+                    self._gather(j)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            with self.cond:
+                self.stopped = True
+                self.cond.notify_all()
+            helper.join()
+            self.pool.shutdown(wait=True)  # reads in flight finish before their buffers are dropped
