@@ -9,6 +9,10 @@ epoch to epoch, so the epoch order has to match too).  With n >= 2B the 2-rank g
 other rows than one process's (rank 1 reads from the middle of the epoch), so the curves would only
 agree in distribution; there we compare a 2-rank run with itself resumed.
 
+Launching: `torchrun --nnodes 1 --master_addr 127.0.0.1` on a free port, gloo on the loopback device
+(GLOO_SOCKET_IFNAME=lo).  torch's TCPStore (the rendezvous, in the torchrun agent) has no bind
+address option in torch 2.13: it listens on all interfaces, for the seconds a launch lasts.
+
 Tolerances, relative, at every logged step.  The two runs add the same numbers in another order
 (gathered logits, BatchNorm statistics summed over ranks, DDP's gradient average): ~1e-7 a step.
 train-uta (SwiGLU/GELU, smooth): UTA_RTOL 1e-4 on losses, val losses, val cosines and grad norms;
@@ -73,8 +77,13 @@ def _torchrun(args, tmp_path, audit_root=None, nproc: int = 2) -> subprocess.Com
     cmd = [os.path.join(BIN, "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "featstore", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, "\n".join(_rank_errors(r.stderr)) or r.stderr[-3000:]
     return r
+
+
+def _rank_errors(stderr: str) -> list[str]:
+    """The ranks' own error lines (torchrun's summary after them only says that a rank failed)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:") or "Error" in line][:20]
 
 
 # Installed in each rank through sitecustomize: Python's audit hooks see every file a process
