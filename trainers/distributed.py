@@ -134,7 +134,7 @@ class Dist:
             return
         saved = int(ckpt.state.get("world_size", 1))
         if saved != self.world_size:
-            how = "without torchrun" if saved == 1 else f"with torchrun --nproc_per_node {saved}"
+            how = "without torchrun" if saved == 1 else f"on {saved} processes in all (one node: torchrun --nproc_per_node {saved})"
             raise CheckpointError(
                 f"checkpoint {ckpt.path} was trained on {saved} process(es), this run has {self.world_size}: "
                 f"resume it {how} (each rank's share of the data order depends on the world size)")
