@@ -201,6 +201,8 @@ def _with(options):
 
 
 def _print_train_summary(s: dict, as_json: bool) -> None:
+    if s.get("rank"):  # under torchrun only rank 0 reports
+        return
     if as_json:
         _echo_json(s)
         return
@@ -208,7 +210,8 @@ def _print_train_summary(s: dict, as_json: bool) -> None:
     final = s.get("final") or {}
     click.echo(f"trained {s['step']}/{s['steps']} steps in {s['seconds']:.1f}s ({s['steps_per_s']:.2f} steps/s)"
                + (" - stopped early" if s.get("stopped_early") else ""))
-    click.echo(f"  train rows {s['train_rows']:,}, val rows {s['val_rows']:,}, {s['params']:,} trainable parameters")
+    click.echo(f"  train rows {s['train_rows']:,}, val rows {s['val_rows']:,}, {s['params']:,} trainable parameters"
+               + (f", {s['world_size']} processes (DDP)" if s.get("world_size", 1) > 1 else ""))
     if best:
         click.echo(f"  best val_loss {best['val_loss']:.4f} at step {best['step']}")
     shown = {k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "step"}
@@ -255,7 +258,7 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
             steps=steps, config_file=config_file, overrides=list(overrides), device=device, precision=precision,
             resume=resume, progress=not as_json)
     _print_train_summary(s, as_json)
-    if not as_json:
+    if not as_json and not s.get("rank"):
         st = s["student"]
         click.echo(f"  student {st['preset']} {st['width']}x{st['depth']} ({st['heads']} heads, {st['mlp']} MLP"
                    f"{', sub-LN' if st['sub_ln'] else ''}{', RoPE' if st['rope'] else ''}, drop path {st['drop_path']:g}),"

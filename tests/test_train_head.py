@@ -295,11 +295,16 @@ def test_fixed_validation_row_count_and_several_caption_sets(tmp_path):
     assert result["zero_shot"]["rows"] == 150
     assert result["retrieval"]["images"] == 150 and result["retrieval"]["texts"] == 300  # two captions per image
     assert result["retrieval"]["captions_per_image"] == {"min": 2, "max": 2, "mean": 2.0}
-    # each row draws its caption set uniformly, as a pure function of (seed, step)
-    batch = {"image": torch.zeros(4000, 1), "text0": torch.zeros(4000, 1), "text1": torch.ones(4000, 1)}
-    drawn = _train_text(batch, ["text0", "text1"], torch.Generator().manual_seed(5))
+    # each row draws its caption set uniformly, as a pure function of (seed, step, row): the same
+    # whichever rows share its batch (so a DDP rank draws what one process would)
+    rows = torch.arange(4000)
+    batch = {"image": torch.zeros(4000, 1), "text0": torch.zeros(4000, 1), "text1": torch.ones(4000, 1), "row": rows}
+    drawn = _train_text(batch, ["text0", "text1"], 0, 5)
     assert 0.45 < drawn.mean() < 0.55
-    assert torch.equal(drawn, _train_text(batch, ["text0", "text1"], torch.Generator().manual_seed(5)))
+    assert torch.equal(drawn, _train_text(batch, ["text0", "text1"], 0, 5))
+    assert not torch.equal(drawn, _train_text(batch, ["text0", "text1"], 0, 6))
+    half = {k: v[2000:] for k, v in batch.items()}
+    assert torch.equal(drawn[2000:], _train_text(half, ["text0", "text1"], 0, 5))
     with pytest.raises(ConfigError, match="same --text"):
         train_head(store.path, "img", "txt", tmp_path / "run", steps=40, resume=True, progress=False)
 

@@ -48,6 +48,7 @@ class ConfigBase:
         need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.cache in (None, "ram"), f"cache must be null or ram, got {self.cache!r}")
+        need(self.shuffle_window is None or self.shuffle_window >= 1, f"shuffle_window must be >= 1 or null, got {self.shuffle_window}")
         need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
         need(self.val_every is None or self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
         need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
@@ -90,6 +91,7 @@ class Config(ConfigBase):
     val_fraction: float = 0.1  # held out by uid hash (featstore.split), the same split for eval
     val_rows: int | None = None  # hold out exactly this many rows (smallest uid hash) instead; ShareLock: 50000
     cache: str | None = None  # None streams from the store; "ram" reads the train columns once
+    shuffle_window: int | None = None  # the loader's read window per rank, in rows; None = the loader's default (by bytes)
     cpu_threads: int | None = None  # torch threads when training on CPU; None = torch's default (small heads: 1 is fastest)
     # ---- validation, early stopping, checkpoints ----
     val_every: int | None = None  # None = steps // 10; never more than that

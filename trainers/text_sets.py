@@ -2,12 +2,14 @@
 the original captions and synthetic ones) encoded by one language model, and picks one of them
 at random for each sample each time it is drawn.
 
-Training draws each row's set uniformly with a generator seeded by (seed, step), so a resumed run
-draws the same; validation gives each row one fixed set, so validation losses compare.
+Training draws each row's set uniformly as a pure function of (seed, step, store row), so a resumed
+run draws the same and a DDP rank draws for its rows exactly what one process would; validation
+gives each row one fixed set, so validation losses compare.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from featstore.errors import ConfigError, IdentityMismatch
@@ -36,12 +38,26 @@ def check_one_backbone(described: list[dict]) -> None:
                                    "one backbone")
 
 
-def train_text(batch: dict, columns: list[str], draw: torch.Generator) -> torch.Tensor:
+def train_text(batch: dict, columns: list[str], seed: int, step: int) -> torch.Tensor:
     """Each row's text features from one of the text sets, drawn uniformly (one set: itself)."""
     if len(columns) == 1:
         return batch[columns[0]]
-    choice = torch.randint(len(columns), (len(batch["image"]),), generator=draw)
+    choice = torch.from_numpy(row_draw(batch["row"].numpy(), len(columns), seed, step))
     return torch.stack([batch[c] for c in columns])[choice, torch.arange(len(choice))]
+
+
+def row_draw(rows: np.ndarray, k: int, seed: int, step: int) -> np.ndarray:
+    """A uniform draw in [0, k) per store row, a pure function of (seed, step, row): splitmix64 of
+    the row mixed with (seed, step), so it does not depend on which rows share the batch or rank."""
+    key = np.uint64((int(seed) * 1_000_003 + int(step) * 7_919 + 1) % 2**64)
+    with np.errstate(over="ignore"):
+        x = rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x % np.uint64(k)).astype(np.int64)
 
 
 def val_choices(n_rows: int, k: int, seed: int) -> torch.Tensor:

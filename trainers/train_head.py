@@ -25,6 +25,7 @@ one never killed (on CPU; GPU kernels may not be bitwise deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,10 +40,11 @@ from featstore.errors import ConfigError
 from featstore.loader import Loader
 from featstore.store import Store
 
-from . import checkpoint
-from .config import Config, apply, load_config, resolve_device
+from . import checkpoint, distributed
+from .config import Config, apply, load_config
 from .contrastive import info_nce, retrieval_recall
 from .heldout import heldout, heldout_rows
+from .loading import train_loader as rank_train_loader
 from .sharelock import ShareLockModel, count_parameters
 from .text_sets import check_one_backbone, text_names, train_text, val_choices, val_text
 
@@ -73,10 +75,12 @@ def train_head(
     out_dir = os.path.abspath(str(out_dir))
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    dev = resolve_device(device)
+    run = distributed.setup(device)  # DDP under torchrun (trainers/distributed.py), else one process
+    dev = run.device
 
     # ---- config: defaults < checkpoint (on resume) < file < --set < --steps -----------------
     ckpt = checkpoint.resume_point(out_dir, resume)
+    run.check_resume(ckpt)
     cfg = load_config(config_file, overrides, base=ckpt.config if ckpt else config)
     if steps is not None:
         cfg = apply(cfg, {"steps": steps}, "--steps")
@@ -106,8 +110,7 @@ def train_head(
         train_mask = usable & ~val_mask
     else:
         train_mask, val_mask, heldout_record = heldout(store.uids(), cfg.val_fraction, cfg.val_rows, usable)
-    train_loader = Loader(store, columns, cfg.batch_size, shuffle=True, seed=cfg.seed, rows=train_mask,
-                          drop_last=True, cache=cfg.cache, pin_memory=dev.type == "cuda")
+    train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda")
     val_loader = Loader(store, columns, cfg.batch_size, shuffle=False, rows=val_mask, cache=cfg.cache)
     if len(train_loader) == 0:
         raise ConfigError(f"the train split has {len(train_loader.served)} rows with '{image}' and every text set, "
@@ -122,6 +125,7 @@ def train_head(
         torch.set_num_threads(cfg.cpu_threads)  # restored at the end
     torch.manual_seed(cfg.seed)
     model = ShareLockModel(feature_sets["image"]["dim"], feature_sets["text"]["dim"], cfg).to(dev)
+    step_model = run.wrap(model)  # DDP + global BatchNorm with several ranks; `model` is validated and saved
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast = torch.autocast(dev.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
     higher_is_better = cfg.best_metric != "val_loss"
@@ -139,48 +143,54 @@ def train_head(
         step, best = ckpt.step, ckpt.state["best"]
         bad_validations, stopped_early = ckpt.state["bad_validations"], ckpt.state["stopped_early"]
         early_stop_best = ckpt.state.get("early_stop_best", best[cfg.best_metric])
-        _truncate_metrics(metrics_path, step)
-    else:
-        os.makedirs(out_dir, exist_ok=True)
-        open(metrics_path, "w").close()
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    if run.is_main:  # only rank 0 writes
+        if ckpt:
+            _truncate_metrics(metrics_path, step)
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            open(metrics_path, "w").close()
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     def state(step: int) -> dict:
         return {"step": step, "steps": cfg.steps, "config": cfg.to_dict(), "loader": train_loader.state_dict(),
                 "best": best, "bad_validations": bad_validations, "stopped_early": stopped_early,
                 "early_stop_best": early_stop_best, "heldout": heldout_record, "feature_sets": feature_sets,
                 "store": os.path.abspath(store.path), "precision": precision, "device": str(dev),
-                "torch": torch.__version__}
+                "torch": torch.__version__, "world_size": run.world_size, "per_rank_batch": train_loader.batch_size}
 
     def log(record: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if run.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def better(value, than, margin=0.0) -> bool:
         return value > than + margin if higher_is_better else value < than - margin
 
     def validate_and_keep_best(record: dict) -> None:
         nonlocal best, bad_validations, early_stop_best
-        record.update(validate(model, val_loader, cfg, dev, autocast, pick_text=lambda b: val_text(b, text_columns, val_choice)))
-        value = record[cfg.best_metric]
-        if better(value, early_stop_best, cfg.min_delta):
-            early_stop_best, bad_validations = value, 0
-        else:
-            bad_validations += 1
-        if better(value, best[cfg.best_metric]):
-            best = {"val_loss": record["val_loss"], cfg.best_metric: value, "step": record["step"]}
-            checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
+        if run.is_main:  # the other ranks wait at the barrier: rank 0 validates, as one process would
+            record.update(validate(model, val_loader, cfg, dev, autocast,
+                                   pick_text=lambda b: val_text(b, text_columns, val_choice)))
+            value = record[cfg.best_metric]
+            if better(value, early_stop_best, cfg.min_delta):
+                early_stop_best, bad_validations = value, 0
+            else:
+                bad_validations += 1
+            if better(value, best[cfg.best_metric]):
+                best = {"val_loss": record["val_loss"], cfg.best_metric: value, "step": record["step"]}
+                checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
+        run.barrier()
 
     # ---- the loop ----------------------------------------------------------------------------
     n_params = count_parameters(model)
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not (progress and run.is_main), dynamic_ncols=True,
                desc=f"train-head ({n_params:,} params)")
     batches = _forever(train_loader)
     start_step, t_loop = step, time.time()
     try:
         if step == 0:
-            record = {"step": 0, "loss": None, "lr": 0.0}
+            record = {"step": 0, "loss": None, "lr": 0.0, "world_size": run.world_size}
             validate_and_keep_best(record)
             log(record)
         while step < cfg.steps and not stopped_early:
@@ -188,18 +198,22 @@ def train_head(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
+            run.seed_step(cfg.seed, step)  # dropout per rank, a pure function of (seed, step, rank)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=dev)
-            draw = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # which text set per row: f(seed, step)
-            for _ in range(cfg.accumulation_steps):  # negatives only within each micro-batch
+            for micro in range(cfg.accumulation_steps):  # negatives only within each (global) micro-batch
                 batch = next(batches)
                 x_image = batch["image"].to(dev, non_blocking=True).float()
-                x_text = train_text(batch, text_columns, draw).to(dev, non_blocking=True).float()
-                with autocast:
-                    z_image, z_text = model(x_image, x_text)
-                loss = info_nce(z_image, z_text, model.logit_scale)
-                (loss / cfg.accumulation_steps).backward()
+                x_text = train_text(batch, text_columns, cfg.seed, step).to(dev, non_blocking=True).float()
+                # DDP averages the gradients once per step, at the last micro-batch
+                last = micro == cfg.accumulation_steps - 1
+                with step_model.no_sync() if run.enabled and not last else contextlib.nullcontext():
+                    with autocast:
+                        z_image, z_text = step_model(x_image, x_text)
+                    loss = distributed.info_nce(z_image, z_text, model.logit_scale)  # negatives from every rank
+                    (loss / cfg.accumulation_steps).backward()
                 loss_sum += loss.detach()
+            loss_sum = run.mean(loss_sum)  # the global batch's loss
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             optimizer.step()
             step += 1
@@ -207,10 +221,10 @@ def train_head(
             record = {"step": step, "loss": loss_sum.item() / cfg.accumulation_steps, "lr": lr, "grad_norm": float(grad_norm)}
             if validation_due(step, cfg):
                 validate_and_keep_best(record)
-                stopped_early = cfg.patience is not None and bad_validations >= cfg.patience
+                stopped_early = run.broadcast(cfg.patience is not None and bad_validations >= cfg.patience)
             if "val_loss" in record or step % cfg.log_every == 0:
                 log(record)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopped_early:
+            if run.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped_early):
                 checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
@@ -218,12 +232,14 @@ def train_head(
         bar.close()
         batches.close()
         torch.set_num_threads(threads_before)
+    run.barrier()  # rank 0's last checkpoint is written
+    run.teardown()
 
     # ---- what it wrote ---------------------------------------------------------------------------
     from .plots import plot_curves
 
-    curves = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"))
-    final = _last_validation(metrics_path)
+    curves = plot_curves(metrics_path, os.path.join(out_dir, "curves.png")) if run.is_main else None
+    final = _last_validation(metrics_path) if run.is_main else {}
     seconds = time.time() - t_loop
     return {
         "out_dir": out_dir,
@@ -233,13 +249,15 @@ def train_head(
         "best": best,
         "final": final,
         "params": n_params,
-        "train_rows": int(train_loader.num_rows),
+        "train_rows": int(train_loader.num_rows) * run.world_size,
         "val_rows": int(len(val_loader.served)),
         "heldout": heldout_record,
         "text_sets": texts,
         "steps_per_s": (step - start_step) / seconds if step > start_step and seconds > 0 else None,
         "seconds": time.time() - t0,
         "resumed_from": ckpt.step if ckpt else None,
+        "rank": run.rank,
+        "world_size": run.world_size,
         "files": {"metrics": metrics_path, "curves": curves, "config": os.path.join(out_dir, "config.yaml"),
                   "last": os.path.join(out_dir, "last"), "best": os.path.join(out_dir, "best")},
     }

@@ -46,8 +46,10 @@ from featstore.split import split_by_uid
 from featstore.store import Store
 
 from . import checkpoint
-from .config import apply, load_config, resolve_device
+from .config import apply, load_config
+from .distributed import Dist, setup
 from .evaluate_uta import text_set, token_metrics, zero_shot_metrics
+from .loading import train_loader as rank_train_loader
 from .train_head import PRECISIONS, _forever, _last_validation, _truncate_metrics, _val_every, lr_at
 from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, batch_pooled, count_parameters, draw_masks,
                   load_checkpoint, loader_columns, mask_options, prepare_batch, resolve_arch, same_crop, step_generator)
@@ -83,10 +85,12 @@ def train_uta(
     out_dir = os.path.abspath(str(out_dir))
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    dev = resolve_device(device)
+    run = setup(device)  # DDP under torchrun (trainers/distributed.py), else one process
+    dev = run.device
 
     # ---- config: defaults < checkpoint (on resume) < file < --set < explicit arguments ----------
     ckpt = checkpoint.resume_point(out_dir, resume, load_checkpoint)
+    run.check_resume(ckpt)
     cfg = load_config(config_file, overrides, base=ckpt.config if ckpt else (config or UTAConfig()))
     explicit = {"student": student, "student_input": student_input, "mask_ratio": mask_ratio, "steps": steps}
     explicit = {k: v for k, v in explicit.items() if v is not None}
@@ -115,8 +119,8 @@ def train_uta(
     val_mask &= (val_mask.cumsum() <= cfg.val_max_rows)
     columns, dequantize = loader_columns(idesc["column"], teacher, int8_on_device=dev.type != "cpu", store=store,
                                          pooled=cfg.cls_weight > 0)
-    train_loader = Loader(store, columns, cfg.batch_size, shuffle=True, seed=cfg.seed, rows=train_mask, drop_last=True,
-                          cache=cfg.cache, pin_memory=dev.type == "cuda", dequantize=dequantize)
+    train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda",
+                                     dequantize=dequantize)
     val_loader = Loader(store, {**columns, "pooled": f"{fmt.FEATURES}/{teacher}/pooled"}, cfg.batch_size,
                         shuffle=False, rows=val_mask, dequantize=dequantize)
     if len(train_loader) == 0:
@@ -131,6 +135,9 @@ def train_uta(
         torch.set_num_threads(cfg.cpu_threads)  # restored at the end
     torch.manual_seed(cfg.seed)
     model = UTAStudent(arch).to(dev)
+    # DDP around the loss with several ranks (`model` is validated and saved); the student's mask token
+    # (transformers' ViT embeddings) never gets a gradient: UTA feeds kept tokens only
+    objective = run.wrap(Objective(model), unused_parameters=True)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
     autocast = torch.autocast(dev.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
     val_every = _val_every(cfg)
@@ -144,46 +151,51 @@ def train_uta(
         checkpoint.restore_rng(ckpt.tensors)
         train_loader.load_state_dict(ckpt.state["loader"])
         step, best = ckpt.step, ckpt.state["best"]
-        _truncate_metrics(metrics_path, step)
-    else:
-        os.makedirs(out_dir, exist_ok=True)
-        open(metrics_path, "w").close()
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    if run.is_main:  # only rank 0 writes
+        if ckpt:
+            _truncate_metrics(metrics_path, step)
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            open(metrics_path, "w").close()
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     def state(step: int) -> dict:
         return {"format": FORMAT, "version": VERSION, "step": step, "steps": cfg.steps, "config": cfg.to_dict(),
                 "arch": arch, "loader": train_loader.state_dict(), "best": best, "teacher": tdesc,
                 "input": idesc, "store": os.path.abspath(store.path), "precision": precision, "device": str(dev),
-                "torch": torch.__version__}
+                "torch": torch.__version__, "world_size": run.world_size, "per_rank_batch": train_loader.batch_size}
 
     def log(record: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if run.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def validate_and_keep_best(record: dict, final: bool = False) -> None:
         nonlocal best
-        record.update(validate(model, val_loader, cfg, dev, autocast, store=store, zero_shot=final, notes=notes))
-        if record["val_loss"] < best["val_loss"]:
-            best = {"val_loss": record["val_loss"], "step": record["step"]}
-            checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
+        if run.is_main:  # the other ranks wait at the barrier: rank 0 validates, as one process would
+            record.update(validate(model, val_loader, cfg, dev, autocast, store=store, zero_shot=final, notes=notes))
+            if record["val_loss"] < best["val_loss"]:
+                best = {"val_loss": record["val_loss"], "step": record["step"]}
+                checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
+        run.barrier()
 
     # ---- the loop ---------------------------------------------------------------------------------------
     n_params = count_parameters(model)
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not (progress and run.is_main), dynamic_ncols=True,
                desc=f"train-uta ({n_params:,} params)")
     batches = _forever(train_loader)
     start_step, t_loop = step, time.time()
     try:
         if step == 0:
-            record = {"step": 0, "loss": None, "lr": 0.0}
+            record = {"step": 0, "loss": None, "lr": 0.0, "world_size": run.world_size}
             validate_and_keep_best(record)
             log(record)
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = train_step(model, optimizer, next(batches), step, cfg, dev, autocast)
+            loss, grad_norm = train_step(model, optimizer, next(batches), step, cfg, dev, autocast, run=run, objective=objective)
             step += 1
 
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
@@ -191,7 +203,7 @@ def train_uta(
                 validate_and_keep_best(record, final=step == cfg.steps)
             if "val_loss" in record or step % cfg.log_every == 0:
                 log(record)
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if run.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
                 checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
@@ -199,26 +211,32 @@ def train_uta(
         bar.close()
         batches.close()
         torch.set_num_threads(threads_before)
+    run.barrier()  # rank 0's last checkpoint is written
+    run.teardown()
 
-    # ---- what it wrote -------------------------------------------------------------------------------------
+    # ---- what it wrote (rank 0) ----------------------------------------------------------------------------
     from .plots import plot_curves
 
-    curves = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"), loss_label="1 - cosine (kept tokens)",
-                         panel=CURVES_PANEL, panel_title="validation alignment", panel_ylabel="cosine / accuracy",
-                         panel_ylim=(-0.05, 1.02))
+    curves = None
+    if run.is_main:
+        curves = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"), loss_label="1 - cosine (kept tokens)",
+                             panel=CURVES_PANEL, panel_title="validation alignment", panel_ylabel="cosine / accuracy",
+                             panel_ylim=(-0.05, 1.02))
     seconds = time.time() - t_loop
     return {
         "out_dir": out_dir,
         "step": step,
         "steps": cfg.steps,
         "best": best,
-        "final": _last_validation(metrics_path),
+        "final": _last_validation(metrics_path) if run.is_main else {},
         "params": n_params,
-        "train_rows": int(train_loader.num_rows),
+        "train_rows": int(train_loader.num_rows) * run.world_size,
         "val_rows": int(len(val_loader.served)),
         "steps_per_s": (step - start_step) / seconds if step > start_step and seconds > 0 else None,
         "seconds": time.time() - t0,
         "resumed_from": ckpt.step if ckpt else None,
+        "rank": run.rank,
+        "world_size": run.world_size,
         "student": {"preset": cfg.student, "input": arch["input"], "width": arch["width"], "depth": arch["depth"],
                     "heads": arch["heads"], "patch_size": arch["patch_size"], "grid": arch["grid"],
                     "teacher_grid": arch["teacher_grid"], "grid_interpolation": arch["grid_interpolation"],
@@ -232,25 +250,50 @@ def train_uta(
     }
 
 
-def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTAConfig, dev, autocast) -> tuple[float, float]:
+class Objective(torch.nn.Module):
+    """The alignment loss as a module's forward, so DDP can wrap it (DDP syncs gradients of what
+    runs inside its forward; the loss calls the student's embed/encode, not its forward)."""
+
+    def __init__(self, model: UTAStudent):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, targets, masks, pooled, cls_weight: float) -> torch.Tensor:
+        return alignment_loss(self.model, x, targets, masks, pooled, cls_weight)
+
+
+def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTAConfig, dev, autocast, *,
+               run: Dist | None = None, objective: torch.nn.Module | None = None) -> tuple[float, float]:
     """One optimizer step on one batch ({"input", "target", "pooled"} as the loader serves them;
     "pooled" only with cls_weight > 0): this step's flips and masks (a pure function of seed and
     step), the alignment loss (tokens + cls_weight * CLS), backward, grad clip, AdamW.  Returns
-    (loss, grad norm).  The benchmark times exactly this."""
+    (loss, grad norm).  The benchmark times exactly this.
+
+    Under DDP (`run` with several ranks, `objective` the DDP-wrapped `Objective`) this rank's batch
+    is rows [rank*b, (rank+1)*b) of the global batch: flips and masks are drawn for the whole global
+    batch and this rank takes its rows' share, so every image gets what one process would give it.
+    Every rank's loss is a mean over the same number of (image, mask, position) terms, so DDP's
+    gradient average is the gradient of the global batch's loss, and the loss returned is the
+    mean over ranks: the single-process loss at the global batch."""
+    run = run or Dist()
     model.train()
     if cfg.cls_weight > 0 and "pooled" not in batch:
         raise ConfigError("cls_weight > 0 needs the teacher's pooled embeddings in each batch (a 'pooled' column)")
+    run.seed_step(cfg.seed, step)  # drop path per rank, a pure function of (seed, step, rank)
+    n = len(batch["target"])
+    mine = slice(run.rank * n, (run.rank + 1) * n)  # this rank's rows of the global batch
     g = step_generator(cfg.seed, step)
-    flip = torch.rand(len(batch["target"]), generator=g) < cfg.hflip if cfg.hflip > 0 else None
+    flip = (torch.rand(n * run.world_size, generator=g) < cfg.hflip)[mine] if cfg.hflip > 0 else None
     x, targets = prepare_batch(batch, model.arch, flip, dev)
-    masks = draw_masks(len(x), model.n_tokens, cfg.mask_ratio, g, cfg.reversed_masking, **mask_options(cfg))
+    masks = draw_masks(n * run.world_size, model.n_tokens, cfg.mask_ratio, g, cfg.reversed_masking, **mask_options(cfg))
+    masks = [m[mine] for m in masks]
     with autocast:
-        loss = alignment_loss(model, x, targets, masks, batch_pooled(batch, dev), cfg.cls_weight)
+        loss = (objective or Objective(model))(x, targets, masks, batch_pooled(batch, dev), cfg.cls_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     optimizer.step()
-    return loss.item(), float(grad_norm)
+    return run.mean(loss.detach()).item(), float(grad_norm)
 
 
 def describe_sources(store: Store, teacher: str, pixels: str | None, student_input: str | None) -> dict:

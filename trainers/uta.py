@@ -105,6 +105,7 @@ class UTAConfig(ConfigBase):
     seed: int = 0  # init, masks, flips, data order
     val_fraction: float = 0.1  # held out by uid hash (featstore.split), as train-head
     cache: str | None = None  # None streams from the store; "ram" reads the train columns once
+    shuffle_window: int | None = None  # the loader's read window per rank, in rows; None = the loader's default (by bytes)
     cpu_threads: int | None = None  # torch threads on CPU; None = torch's default
     # ---- validation and checkpoints ----
     val_every: int | None = None  # None = steps // 10; never more than that
