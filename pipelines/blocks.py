@@ -164,7 +164,7 @@ class BlockRunner:
         """(item index, rows, raw items) for every batch of every item, in order."""
         b = self.spec.batch_size
         for k, item in enumerate(items):
-            raw = list(self.source(item.source).read_images(item.refs))
+            raw = list(self.source(item.source).read_images(item.refs, item.spans))
             rows = np.asarray(item.rows, dtype=np.int64)
             for i in range(0, len(rows), b):
                 yield k, rows[i : i + b], raw[i : i + b]

@@ -199,7 +199,7 @@ def extract(store_path, source_path=None, backbone=None, *, workers: int | None 
         work = plan.from_recorded(cur, fs, log=log)
     items = work["items"]
     rows_todo = sum(len(it.rows) for it in items)
-    done_now = int(fs.done_mask().sum())
+    done_now = work["rows_done"]
     log(f"{spec.name}: {rows_todo:,} rows to compute in {len(items)} blocks"
         + (f"; {done_now:,} of {cur.n_rows:,} rows already done" if done_now else ""))
     per_worker = None
