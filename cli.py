@@ -103,8 +103,8 @@ _FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES = _extract_choices
 
 @main.command()
 @STORE
-@click.option("--source", "source_path", help="Webdataset shard dir, HF dataset dir, parquet, or image folder "
-              "(omit it to complete the feature set from each row's recorded source).")
+@click.option("--source", "source_path", help="Webdataset shard dir (or an s3://... / fsspec URL of .tar shards), HF "
+              "dataset dir, parquet, or image folder (omit it to complete the feature set from each row's recorded source).")
 @click.option("--source-type", type=click.Choice(_SOURCE_TYPES), default="auto", show_default=True)
 @click.option("--captions", help="Image folder: JSON of uid -> caption.")
 @click.option("--labels", help="Image folder: JSON of uid -> class name (or class index).")

@@ -34,6 +34,9 @@ DIMS = {
     "tokens_scale": (ROW, "token"),
     "tokens_channel_scale": (ROW, "token_dim"),
     "pixels": (ROW, "channel", "height", "width"),
+    # prompts/<text feature set>/{text, pooled}: the eval prompt cache (trainers/prompts.py)
+    "prompts_text": ("prompt",),
+    "prompts_pooled": ("prompt", "dim"),
 }
 
 # int8 token layouts (featstore.tokens): how `tokens` reads back as floats, also in the tokens
