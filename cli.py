@@ -355,7 +355,7 @@ def rm(store_path, name):
 @STORE
 @click.option("--name", required=True, help="The feature set to export.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file: .npy (+ .uids.txt) or .parquet.")
-@click.option("--array", default="pooled", show_default=True, help="Which array of the feature set.")
+@click.option("--array", default="pooled", show_default=True, help="Which array of the feature set (int8 tokens are written dequantized, float32).")
 @_friendly
 def export(store_path, name, out, array):
     """Export a feature set's valid rows with their uids, as npy or parquet."""

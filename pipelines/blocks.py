@@ -1,7 +1,7 @@
 """The block stage of extraction: compute work items (rows of one row block) and write them.
 
-    one item:  read the rows' image bytes from their source (or their captions from the store)
-               -> decode+preprocess in a pool, running ahead of the forward pass -> backbone
+    one item:  read the rows' image bytes from their source (a reader thread, one item ahead; or
+               their captions from the store) -> decode+preprocess in a pool, running ahead of the forward pass -> backbone
                forward in batches (autocast) -> handed to the writer thread (`writes`), which
                quantizes int8 tokens and runs `featstore.writer.write_rows` (under the block's
                lock: done rows read back, the whole block written, then its marker) while the
@@ -161,13 +161,22 @@ class BlockRunner:
         return out
 
     def _image_batches(self, items):
-        """(item index, rows, raw items) for every batch of every item, in order."""
+        """(item index, rows, raw items) for every batch of every item, in order.  The next item's
+        image bytes are read on a reader thread while this item's batches go by (a remote source's
+        ranged reads never stall the forward pass for long); one item's bytes are read ahead."""
         b = self.spec.batch_size
-        for k, item in enumerate(items):
-            raw = list(self.source(item.source).read_images(item.refs, item.spans))
-            rows = np.asarray(item.rows, dtype=np.int64)
-            for i in range(0, len(rows), b):
-                yield k, rows[i : i + b], raw[i : i + b]
+
+        def read(item) -> list:
+            return list(self.source(item.source).read_images(item.refs, item.spans))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="featstore-read") as reader:
+            ahead = reader.submit(read, items[0]) if items else None
+            for k, item in enumerate(items):
+                raw = ahead.result()
+                ahead = reader.submit(read, items[k + 1]) if k + 1 < len(items) else None
+                rows = np.asarray(item.rows, dtype=np.int64)
+                for i in range(0, len(rows), b):
+                    yield k, rows[i : i + b], raw[i : i + b]
 
     def _decoded_batches(self, items):
         """Decoded batches in order, with up to `lookahead` batches decoding ahead."""
