@@ -103,8 +103,8 @@ _FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES, _POOLED_DTYPES = 
 
 @main.command()
 @STORE
-@click.option("--source", "source_path", help="Webdataset shard dir, HF dataset dir, parquet, or image folder "
-              "(omit it to complete the feature set from each row's recorded source).")
+@click.option("--source", "source_path", help="Webdataset shard dir (or an s3://... / fsspec URL of .tar shards), HF "
+              "dataset dir, parquet, or image folder (omit it to complete the feature set from each row's recorded source).")
 @click.option("--source-type", type=click.Choice(_SOURCE_TYPES), default="auto", show_default=True)
 @click.option("--captions", help="Image folder: JSON of uid -> caption.")
 @click.option("--labels", help="Image folder: JSON of uid -> class name (or class index).")
@@ -412,7 +412,7 @@ def rm(store_path, name):
 @STORE
 @click.option("--name", required=True, help="The feature set to export.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file: .npy (+ .uids.txt) or .parquet.")
-@click.option("--array", default="pooled", show_default=True, help="Which array of the feature set.")
+@click.option("--array", default="pooled", show_default=True, help="Which array of the feature set (int8 tokens are written dequantized, float32).")
 @_friendly
 def export(store_path, name, out, array):
     """Export a feature set's valid rows with their uids, as npy or parquet."""

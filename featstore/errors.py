@@ -73,6 +73,16 @@ class ExtractFailed(FeatstoreError, RuntimeError):
         self.summary = summary
 
 
+class WriteFailed(FeatstoreError, RuntimeError):
+    """Writing a computed row block failed for a reason that is not a FeatstoreError (disk full,
+    a storage error); the blocks written before it are kept and a re-run continues."""
+
+
+class FidelityTooLow(FeatstoreError, ValueError):
+    """int8 tokens of a block would read back too far from the backbone's output (worst token cosine
+    below the threshold): the block is not written; store such tokens as float16."""
+
+
 class WorkerError(FeatstoreError, RuntimeError):
     """A Dask worker failed on a block for a reason that is not a FeatstoreError."""
 

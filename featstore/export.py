@@ -1,7 +1,9 @@
-"""Export one feature set's pooled features for tools that want plain files.
+"""Export one feature set's pooled features (or another of its arrays) for tools that want plain files.
 
 `.npy`: an (n, D) array of the usable rows plus `<stem>.uids.txt` (one uid per line, same
-order).  `.parquet`: columns `uid`, `row` and `pooled` (a list of float32 per row).
+order).  `.parquet`: columns `uid`, `row` and the array (a list of float32 per row).  int8
+tokens are exported dequantized (float32) with their scales, per token or token x channel
+(`featstore.tokens`), never as raw int8 that would read as wrong numbers.
 """
 
 from __future__ import annotations
@@ -12,17 +14,26 @@ import numpy as np
 
 from .errors import ConfigError
 from .store import Store
+from .tokens import dequantize_int8
 
 
 def export(store: Store, name: str, out: str, array: str = "pooled") -> dict:
     fs = store.feature_set(name)
     rows = np.flatnonzero(fs.usable_rows())
-    data = np.zeros((0,) + fs.array(array).shape[1:], dtype=fs.array(array).dtype)
+    int8 = array == "tokens" and fs.token_scaling is not None
+    dtype = np.float32 if int8 else fs.array(array).dtype
+    data = np.zeros((0,) + fs.array(array).shape[1:], dtype=dtype)
     parts = []
     for b in np.unique(rows // store.rows_per_shard):  # whole blocks, then select
         start, stop = store.block_range(int(b))
         sel = rows[(rows >= start) & (rows < stop)] - start
-        parts.append(np.asarray(fs.array(array)[start:stop])[sel])
+        part = np.asarray(fs.array(array)[start:stop])[sel]
+        if int8:
+            scale = np.asarray(fs.array("tokens_scale")[start:stop])[sel]
+            channel = (np.asarray(fs.array("tokens_channel_scale")[start:stop])[sel]
+                       if fs.token_scaling == "token_channel" else None)
+            part = dequantize_int8(part, scale, np.float32, channel_scale=channel)
+        parts.append(part)
     if parts:
         data = np.concatenate(parts)
     uids = store.uids()[rows] if len(rows) else np.array([], dtype=str)

@@ -1,6 +1,8 @@
 """A feature set: one backbone's outputs over the store's rows, `features/<name>/`.
 
-    pooled (row, dim) · tokens (row, token, token_dim) [+ tokens_scale (row, token)] · valid (row)
+    pooled (row, dim) · valid (row)
+    tokens (row, token, token_dim): float16, or int8 + tokens_scale (row, token)
+        [+ tokens_channel_scale (row, token_dim): token x channel scaling, `featstore.tokens`]
     pixels/<name> (row, channel, height, width), when the feature set stores its crops
 
 Which rows are done comes from the block markers (`featstore.progress`); `usable_rows()` is
@@ -65,6 +67,12 @@ class FeatureSet:
         return self.group.attrs.get("pixels")
 
     @property
+    def token_scaling(self) -> str | None:
+        """How int8 tokens read back: "token_channel" or "token" (per-token, the layout made
+        before token x channel scaling); None without int8 tokens."""
+        return _scaling_of(self.attrs)
+
+    @property
     def field(self) -> str:
         """What the rows were computed from: "image" or "caption" (samples/caption)."""
         return self.identity.get("field", "image")
@@ -126,8 +134,15 @@ class FeatureSet:
         return mask
 
 
+def _scaling_of(attrs: dict) -> str | None:
+    if attrs.get("tokens") is None or attrs.get("token_dtype") != "int8":
+        return None
+    return attrs.get("token_scaling") or "token"
+
+
 def create(store: "Store", name: str, identity: dict, dim: int, *, tokens=None, token_dtype="float16",
-           dtype="float16", pixels=None, pixels_shape=None, pixels_identity=None, compressors=None) -> FeatureSet:
+           dtype="float16", pixels=None, pixels_shape=None, pixels_identity=None, compressors=None,
+           token_scaling: str = "token") -> FeatureSet:
     """Create `features/<name>` on the store's row grid (the caller holds the store lock and has
     checked that it does not exist)."""
     n, r = store.n_rows, store.rows_per_shard
@@ -147,8 +162,13 @@ def create(store: "Store", name: str, identity: dict, dim: int, *, tokens=None, 
     if tokens is not None:
         t, d = (int(x) for x in tokens)
         if token_dtype == "int8":
-            make(group, "tokens", (t, d), "int8", fmt.DIMS["tokens"], max_rows=16)
+            if token_scaling not in fmt.TOKEN_SCALINGS:
+                raise ConfigError(f"token scaling must be one of {', '.join(fmt.TOKEN_SCALINGS)}, not {token_scaling!r}")
+            make(group, "tokens", (t, d), "int8", fmt.DIMS["tokens"], max_rows=16,
+                 attributes={"scaling": token_scaling, "dequantize": fmt.DEQUANTIZE[token_scaling]})
             make(group, "tokens_scale", (t,), "float16", fmt.DIMS["tokens_scale"])
+            if token_scaling == "token_channel":
+                make(group, "tokens_channel_scale", (d,), "float16", fmt.DIMS["tokens_channel_scale"])
         elif token_dtype == "float16":
             make(group, "tokens", (t, d), "float16", fmt.DIMS["tokens"], max_rows=16)
         else:
@@ -162,13 +182,15 @@ def create(store: "Store", name: str, identity: dict, dim: int, *, tokens=None, 
         "dim": int(dim),
         "tokens": list(tokens) if tokens is not None else None,
         "token_dtype": token_dtype if tokens is not None else None,
+        "token_scaling": token_scaling if tokens is not None and token_dtype == "int8" else None,
         "pixels": pixels,
         "created": now(),
     })
     return FeatureSet(store, name, group)
 
 
-def check_same(fs: FeatureSet, identity: dict, *, dim=None, tokens=None, token_dtype="float16", pixels=None) -> None:
+def check_same(fs: FeatureSet, identity: dict, *, dim=None, tokens=None, token_dtype="float16", pixels=None,
+               token_scaling: str | None = None) -> None:
     """Refuse writing to `fs` with another identity or another layout (a flag that cannot take effect)."""
     diff = identity_diff(fs.identity, identity)
     if diff:
@@ -179,6 +201,8 @@ def check_same(fs: FeatureSet, identity: dict, *, dim=None, tokens=None, token_d
     have = {"tokens": fs.attrs.get("tokens"), "token_dtype": fs.attrs.get("token_dtype"), "pixels": fs.pixels_name}
     want = {"tokens": list(tokens) if tokens is not None else None,
             "token_dtype": token_dtype if tokens is not None else None, "pixels": pixels}
+    if token_scaling is not None and fs.token_scaling is not None:
+        have["token_scaling"], want["token_scaling"] = fs.token_scaling, token_scaling
     layout = [f"{k}: {have[k]!r} in the store vs {want[k]!r} now" for k in have if jsonable(have[k]) != jsonable(want[k])]
     if layout:
         raise IdentityMismatch(f"feature set '{fs.name}' in {fs.store.path} has another layout ({'; '.join(layout)}): "

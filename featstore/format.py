@@ -32,8 +32,18 @@ DIMS = {
     "valid": (ROW,),
     "tokens": (ROW, "token", "token_dim"),
     "tokens_scale": (ROW, "token"),
+    "tokens_channel_scale": (ROW, "token_dim"),
     "pixels": (ROW, "channel", "height", "width"),
+    # prompts/<text feature set>/{text, pooled}: the eval prompt cache (trainers/prompts.py)
+    "prompts_text": ("prompt",),
+    "prompts_pooled": ("prompt", "dim"),
 }
+
+# int8 token layouts (featstore.tokens): how `tokens` reads back as floats, also in the tokens
+# array's attrs so a plain-zarr reader can do it.
+TOKEN_SCALINGS = ("token_channel", "token")  # the first is what new int8 feature sets get
+DEQUANTIZE = {"token": "tokens * tokens_scale[..., None]",
+              "token_channel": "tokens * tokens_scale[..., None] * tokens_channel_scale[..., None, :]"}
 
 TARGET_CHUNK_BYTES = 2 << 20  # aim for ~2 MiB chunks (DESIGN: 1-4 MiB)
 

@@ -10,6 +10,7 @@ import numpy as np
 from . import format as fmt
 from .files import is_url as _is_url
 from .store import Store
+from .tokens import merge_fidelity
 
 
 def _bytes_on_disk(path: str) -> int | None:
@@ -63,6 +64,8 @@ def summarize(store: Store, examples: int = 3) -> dict:
             "dim": fs.attrs.get("dim"),
             "tokens": fs.attrs.get("tokens"),
             "token_dtype": fs.attrs.get("token_dtype"),
+            "token_scaling": fs.token_scaling,
+            "int8_fidelity": _fidelity(markers),
             "pixels": fs.pixels_name,
             "arrays": arrays,
             "blocks_done": len(done),
@@ -81,6 +84,14 @@ def summarize(store: Store, examples: int = 3) -> dict:
         arr = store.pixels(name)
         out["pixels"][name] = {"shape": list(arr.shape), "feature_set": arr.attrs.get("feature_set"),
                                "identity": dict(arr.attrs.get("identity", {}))}
+    return out
+
+
+def _fidelity(markers: dict[int, dict]) -> dict | None:
+    """int8 tokens: the fidelity over every block's marker (None when none records it)."""
+    out = None
+    for m in markers.values():
+        out = merge_fidelity(out, m.get("int8_fidelity"))
     return out
 
 
@@ -108,6 +119,11 @@ def format_summary(s: dict) -> str:
             f"{f['blocks_done']}/{f['blocks_done'] + f['blocks_missing']} blocks complete), "
             f"valid {f['valid_rows']:,}, invalid {f['invalid_rows']:,}" + (f", pixels/{f['pixels']}" if f["pixels"] else "")
         )
+        fid = f.get("int8_fidelity")
+        if f.get("token_scaling"):
+            lines.append(f"        int8 tokens, {f['token_scaling'].replace('_', ' x ')} scaling"
+                         + (f": token cosine to the backbone's output mean {fid['mean_cos']:.5f}, worst {fid['worst_cos']:.5f}"
+                            if fid else " (no fidelity recorded)"))
         for reason, count in list(f["failures_by_reason"].items())[:5]:
             ex = ", ".join(str(u) for u in f["failure_examples"].get(reason, []))
             lines.append(f"        {count:>6} {reason}  (e.g. {ex})")

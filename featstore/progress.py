@@ -75,8 +75,12 @@ class Progress:
 
     def markers(self) -> dict[int, dict]:
         """block -> its newest marker: one listing + the index + markers newer than the index."""
-        versions = self._versions(self.files.list(self.prefix))
-        index = (self.files.read_json(f"{self.prefix}/{fmt.INDEX}") or {}).get("markers", {})
+        return self._markers(self._versions(self.files.list(self.prefix)), self._index())
+
+    def _index(self) -> dict:
+        return (self.files.read_json(f"{self.prefix}/{fmt.INDEX}") or {}).get("markers", {})
+
+    def _markers(self, versions: dict[int, list[int]], index: dict) -> dict[int, dict]:
         out = {}
         for block, vs in versions.items():
             cached = index.get(str(block))
@@ -115,14 +119,15 @@ class Progress:
         return marker
 
     def compact(self) -> dict[int, dict]:
-        """Rewrite the index with every current marker and drop superseded versions (a writer
-        killed between writing a version and removing the old one leaves one behind).  The
-        caller holds the store lock."""
-        names = self.files.list(self.prefix)
-        versions = self._versions(names)
-        markers = self.markers()
-        self.files.write_json(f"{self.prefix}/{fmt.INDEX}",
-                              {"format": fmt.FORMAT_VERSION, "markers": {str(b): m for b, m in sorted(markers.items())}})
+        """Rewrite the index with every current marker (only when it changed) and drop superseded
+        versions (a writer killed between writing a version and removing the old one leaves one
+        behind).  One listing and one index read; the caller holds the store lock."""
+        versions = self._versions(self.files.list(self.prefix))
+        index = self._index()
+        markers = self._markers(versions, index)
+        fresh = {str(b): m for b, m in sorted(markers.items())}
+        if fresh != index:
+            self.files.write_json(f"{self.prefix}/{fmt.INDEX}", {"format": fmt.FORMAT_VERSION, "markers": fresh})
         for block, vs in versions.items():
             for v in vs[:-1]:
                 self.files.remove(self.key(block, v))

@@ -1,6 +1,7 @@
 """Open, create and describe a featstore store: a zarr v3 group on one row grid.
 
-    store.zarr/  samples/{uid,source,source_ref,caption,label}  features/<name>/{pooled,tokens,tokens_scale,valid}
+    store.zarr/  samples/{uid,source,source_ref,caption,label}
+                 features/<name>/{pooled,tokens,tokens_scale,tokens_channel_scale,valid}
                  pixels/<name>  prompts/<name>/...  _progress/<name>/<block>-<version>.json
 
 `attrs.featstore` holds the format, the row grid, `n_rows` (the commit point of a registration:
@@ -235,8 +236,12 @@ class Store:
     def create_feature_set(self, name: str, identity: dict, dim: int, *, tokens: tuple[int, int] | None = None,
                            token_dtype: str = "float16", dtype: str = "float16", pixels: str | None = None,
                            pixels_shape: tuple[int, int, int] | None = None, pixels_identity: dict | None = None,
-                           compressors=None) -> FeatureSet:
+                           compressors=None, token_scaling: str = "token") -> FeatureSet:
         """Create `features/<name>` (or return it when its identity and layout match).
+
+        int8 tokens get `token_scaling` (`featstore.tokens`): "token" (one scale per token, the
+        default here so existing callers keep their layout) or "token_channel" (what extraction
+        gives new feature sets).
 
         A feature set of the same name made with a different identity is refused, showing the
         difference.  Arrays are sharded on the store's row grid, chunks sized by row width.
@@ -249,7 +254,8 @@ class Store:
             cur = self.fresh()
             if name in cur.feature_set_names():
                 fs = cur.feature_set(name)
-                fsets.check_same(fs, identity, tokens=tokens, token_dtype=token_dtype, pixels=pixels)
+                fsets.check_same(fs, identity, tokens=tokens, token_dtype=token_dtype, pixels=pixels,
+                                 token_scaling=token_scaling)
                 self.root = cur.root
                 return FeatureSet(self, name, fs.group)
             if pixels and pixels in cur.pixels_names():
@@ -258,7 +264,7 @@ class Store:
                 raise IdentityMismatch(f"pixels '{pixels}' already exist in {self.path}: pick another pixels name")
             fs = fsets.create(cur, name, identity, dim, tokens=tokens, token_dtype=token_dtype, dtype=dtype,
                               pixels=pixels, pixels_shape=pixels_shape, pixels_identity=pixels_identity,
-                              compressors=compressors)
+                              compressors=compressors, token_scaling=token_scaling)
             cur.keep_consolidated()
         self.root = cur.root
         return FeatureSet(self, name, fs.group)

@@ -19,17 +19,34 @@ as well on outlier channels but loses tokens whose norm is far below the row's l
 of README.md, from tests/test_tokens.py.
 
 `int8_fidelity(x)` quantizes and dequantizes `x` under a scheme and returns the mean and worst
-cosine per token (optionally over a subset of channels) - the check an extraction can run on its
-first block before it commits to int8.
+cosine per token (optionally over a subset of channels).
+
+In a store (`encode_tokens`, what extraction's writer runs on every block): a token x channel
+feature set holds `tokens` (row, token, token_dim) int8, `tokens_scale` (row, token) float16 and
+`tokens_channel_scale` (row, token_dim) float16, and reads back as
+`tokens * tokens_scale[..., None] * tokens_channel_scale[..., None, :]`; a per-token one (the
+layout before token x channel, still read and resumed) has no channel scale.  Each row is
+quantized on its own, so a row's bytes never depend on the rows beside it.  Every block's mean
+and worst token cosine go into its marker, and a block whose worst cosine is below
+`MIN_COSINE` is refused (`check_fidelity`).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from featstore.errors import ConfigError
+from featstore.errors import ConfigError, FidelityTooLow
 
 SCHEMES = ("token", "token_channel")
+# The worst token cosine (int8 read back vs the backbone's output) a stored block may have.  Real
+# tokens stay far above it under token x channel scaling (MiniLM's raw residual stream: worst
+# 0.998; EfficientNet-Lite0's feature map: 0.9999, tests/test_tokens.py); what falls below it is
+# a row whose energy sits in values a handful of int8 levels cannot hold.  The environment
+# variable FEATSTORE_MIN_INT8_COSINE overrides it (e.g. 0 to store whatever int8 keeps).
+MIN_COSINE = 0.99
+CHUNK_ROWS = 64  # rows quantized at a time: bounds the float32 temporaries of a large block
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +99,81 @@ def int8_fidelity(x, scheme: str = "token_channel", channels=None) -> dict:
     b = np.concatenate([q.reshape(-1, q.shape[-1]) for _, q in pairs])
     if channels is not None:
         a, b = a[:, channels], b[:, channels]
+    cos = _cosines(a, b)
+    return {"scheme": scheme, "tokens": int(len(cos)), "mean_cos": float(cos.mean()), "worst_cos": float(cos.min())}
+
+
+def encode_tokens(x: np.ndarray, scheme: str = "token_channel", valid: np.ndarray | None = None) -> tuple[dict, dict | None]:
+    """int8 columns of a block of token rows (N, T, D), quantized row by row under `scheme`, and
+    their fidelity over the `valid` rows (None when there are none).  Rows that are not valid are
+    quantized as zeros (their bytes are zeroed by the writer anyway).
+
+    Returns ({"tokens", "tokens_scale"[, "tokens_channel_scale"]}, {"scheme", "tokens",
+    "mean_cos", "worst_cos"})."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown int8 scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    x = np.asarray(x)
+    n, t, d = x.shape
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, dtype=bool)
+    cols = {"tokens": np.zeros((n, t, d), np.int8), "tokens_scale": np.ones((n, t), np.float16)}
+    if scheme == "token_channel":
+        cols["tokens_channel_scale"] = np.ones((n, d), np.float16)
+    cos_sum, count, worst = 0.0, 0, 1.0
+    for a in range(0, n, CHUNK_ROWS):
+        b = min(n, a + CHUNK_ROWS)
+        chunk = np.asarray(x[a:b], dtype=np.float32).copy()
+        ok = valid[a:b]
+        chunk[~ok] = 0
+        if scheme == "token_channel":
+            q, s, c = quantize_int8_token_channel(chunk)
+            cols["tokens_channel_scale"][a:b] = c
+        else:
+            q, s, c = (*quantize_int8(chunk), None)
+        cols["tokens"][a:b], cols["tokens_scale"][a:b] = q, s
+        if ok.any():
+            cos = _cosines(chunk[ok].reshape(-1, d),
+                           dequantize_int8(q[ok], s[ok], np.float32, None if c is None else c[ok]).reshape(-1, d))
+            cos_sum, count, worst = cos_sum + float(cos.sum(dtype=np.float64)), count + len(cos), min(worst, float(cos.min()))
+    fidelity = {"scheme": scheme, "tokens": count, "mean_cos": cos_sum / count, "worst_cos": worst} if count else None
+    return cols, fidelity
+
+
+def merge_fidelity(a: dict | None, b: dict | None) -> dict | None:
+    """The fidelity of two sets of tokens together (a block written in two parts)."""
+    if not a or not b:
+        return dict(a or b) if (a or b) else None
+    n = a["tokens"] + b["tokens"]
+    return {"scheme": b["scheme"], "tokens": n, "mean_cos": (a["mean_cos"] * a["tokens"] + b["mean_cos"] * b["tokens"]) / n,
+            "worst_cos": min(a["worst_cos"], b["worst_cos"])}
+
+
+def min_cosine() -> float:
+    """The threshold in force: FEATSTORE_MIN_INT8_COSINE, else MIN_COSINE."""
+    value = os.environ.get("FEATSTORE_MIN_INT8_COSINE")
+    if value is None:
+        return MIN_COSINE
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"FEATSTORE_MIN_INT8_COSINE must be a number, not {value!r}") from None
+
+
+def check_fidelity(fidelity: dict | None, where: str, threshold: float | None = None) -> None:
+    """Refuse (FidelityTooLow) int8 tokens whose worst token cosine is below `threshold`
+    (default: `min_cosine()`)."""
+    threshold = min_cosine() if threshold is None else threshold
+    if fidelity and fidelity["worst_cos"] < threshold:
+        raise FidelityTooLow(
+            f"{where}: int8 tokens ({fidelity['scheme']} scaling) would read back with a worst token cosine of "
+            f"{fidelity['worst_cos']:.4f} (mean {fidelity['mean_cos']:.5f}), below {threshold}; the block was not "
+            "written: store these tokens as float16 (--token-dtype float16 with another --name, or --overwrite)")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of `a` to the same row of `b`; rows zero on both sides count as 1."""
     na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
     both_zero = (na == 0) & (nb == 0)
-    cos = np.where(both_zero, 1.0, (a * b).sum(-1) / np.maximum(na * nb, np.finfo(np.float32).tiny))
-    return {"scheme": scheme, "tokens": int(len(cos)), "mean_cos": float(cos.mean()), "worst_cos": float(cos.min())}
+    return np.where(both_zero, 1.0, (a * b).sum(-1) / np.maximum(na * nb, np.finfo(np.float32).tiny))
 
 
 def _fp16_scale(s: np.ndarray, check: bool = False) -> np.ndarray:

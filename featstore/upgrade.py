@@ -23,7 +23,7 @@ from .store import Store
 from .writer import block_checksums
 
 _DIMS_BY_NAME = {"pooled": fmt.DIMS["pooled"], "valid": fmt.DIMS["valid"], "tokens": fmt.DIMS["tokens"],
-                 "tokens_scale": fmt.DIMS["tokens_scale"]}
+                 "tokens_scale": fmt.DIMS["tokens_scale"], "tokens_channel_scale": fmt.DIMS["tokens_channel_scale"]}
 
 
 def upgrade(path) -> dict:

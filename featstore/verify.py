@@ -4,8 +4,9 @@ Rows still to do are not a problem (work not done yet: a re-run does it).  Probl
 whose checksums do not match the bytes, or that names rows outside its block, failures outside
 its done rows, sources the store does not record, or a uid that is not the row's; a row not
 done that is marked valid; duplicate or empty uids; rows whose source is not recorded; an array
-shorter than n_rows; NaN/inf in valid rows; attrs that break the format; an index entry that
-disagrees with its marker file.
+shorter than n_rows; NaN/inf in valid rows (features and int8 token scales, which must also be
+positive); an int8 token layout that lacks its scale arrays; attrs that break the format; an
+index entry that disagrees with its marker file.
 """
 
 from __future__ import annotations
@@ -82,6 +83,23 @@ def _check_samples(store: Store, problems: list, notes: list) -> None:
         problems.append(f"the manifest record says {registered_total} rows were registered but the store has {n}")
 
 
+def _int8_layout_problem(fs) -> str | None:
+    """The arrays an int8 token layout needs (`featstore.tokens`), with the right shapes."""
+    scaling = fs.token_scaling
+    if scaling is None:
+        return None
+    n, t, d = fs.array("tokens").shape if "tokens" in fs.group else (0, 0, 0)
+    need = {"tokens": (n, t, d), "tokens_scale": (n, t)}
+    if scaling == "token_channel":
+        need["tokens_channel_scale"] = (n, d)
+    for key, shape in need.items():
+        if key not in fs.group:
+            return f"features/{fs.name} has int8 tokens with {scaling} scaling but no '{key}' array"
+        if tuple(fs.array(key).shape) != shape:
+            return f"features/{fs.name}/{key} has shape {tuple(fs.array(key).shape)}, expected {shape}"
+    return None
+
+
 def _check_feature_set(store: Store, name: str, problems: list, notes: list) -> int:
     n = store.n_rows
     fs = store.feature_set(name)
@@ -92,6 +110,10 @@ def _check_feature_set(store: Store, name: str, problems: list, notes: list) -> 
             problems.append(f"{path} has {arr.shape[0]} rows but the store has {n}")
         elif arr.shape[0] > n:
             notes.append(f"{path} has {arr.shape[0] - n} rows past n_rows (an interrupted registration)")
+    layout = _int8_layout_problem(fs)
+    if layout:
+        problems.append(layout)
+        return 0
     if fs.pixels_name and fs.pixels_name not in store.pixels_names():
         problems.append(f"features/{name} names pixels/{fs.pixels_name}, which does not exist")
         return 0
@@ -141,11 +163,13 @@ def _check_feature_set(store: Store, name: str, problems: list, notes: list) -> 
         cached = index.get(str(b))
         if cached is not None and cached.get("version") == m.get("version") and cached != m:
             problems.append(f"{where}: the progress index disagrees with marker version {m.get('version')}")
-        for key in ("pooled", "tokens"):
+        for key in ("pooled", "tokens", "tokens_scale", "tokens_channel_scale"):
             if key in fs.group and fs.array(key).dtype.kind == "f":
                 x = np.asarray(fs.array(key)[start:stop])[valid & done]
                 if x.size and not np.isfinite(x).all():
                     problems.append(f"features/{name}/{key} block {b}: NaN or inf in valid rows")
+                elif x.size and key.endswith("_scale") and not (x > 0).all():
+                    problems.append(f"features/{name}/{key} block {b}: a scale <= 0 in valid rows")
         checked += 1
     orphan = sorted(b for b in markers if b >= store.n_blocks)
     if orphan:

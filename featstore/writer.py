@@ -24,6 +24,7 @@ import numpy as np
 from . import format as fmt
 from .files import now, owner
 from .progress import done_ranges, mask_of, ranges_of
+from .tokens import merge_fidelity
 
 
 def checksum(data: np.ndarray) -> str:
@@ -41,23 +42,28 @@ def block_checksums(store, name: str, block: int, extent: tuple[int, int] | None
 
 
 def write_block(store, name: str, block: int, columns: dict[str, np.ndarray], valid: np.ndarray,
-                failures: list[dict] | None = None, stats: dict | None = None, *, source: int | None = None) -> dict:
+                failures: list[dict] | None = None, stats: dict | None = None, *, source: int | None = None,
+                int8_fidelity: dict | None = None) -> dict:
     """Write every row of block `block` (as `store` sees the block now); see `write_rows`."""
     start, stop = store.block_range(block)
-    return write_rows(store, name, block, np.arange(start, stop), columns, valid, failures, stats, source=source)
+    return write_rows(store, name, block, np.arange(start, stop), columns, valid, failures, stats, source=source,
+                      int8_fidelity=int8_fidelity)
 
 
 def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray], valid: np.ndarray,
-               failures: list[dict] | None = None, stats: dict | None = None, *, source: int | None = None) -> dict:
+               failures: list[dict] | None = None, stats: dict | None = None, *, source: int | None = None,
+               int8_fidelity: dict | None = None) -> dict:
     """Write `rows` (absolute, inside block `block`) of feature set `name`, then the block's marker.
 
-    `columns` maps "pooled", "tokens", "tokens_scale" and "pixels" (if the feature set has
-    pixels) to arrays with one entry per row of `rows`; rows where `valid` is false are zeroed
+    `columns` maps "pooled", "tokens" (+ "tokens_scale", "tokens_channel_scale" for int8
+    tokens: `featstore.tokens.encode_tokens`) and "pixels" (if the feature set has pixels) to
+    arrays with one entry per row of `rows`; rows where `valid` is false are zeroed
     so their bytes are deterministic.  `failures` are dicts with at least `row` (absolute) and
     `reason`; `source` is the id of the source the rows were computed from (None: from the
     store itself, e.g. its captions); `stats` go into the marker's `last_write`.  Returns the
     marker now in force; its `last_write` says what this call added (0 rows when every row was
-    already done).
+    already done).  `int8_fidelity` (int8 tokens: mean/worst token cosine of the rows given) goes
+    into `last_write`, and merged with the block's earlier writes into the marker's `int8_fidelity`.
     """
     rows = np.asarray(rows, dtype=np.int64)
     valid = np.asarray(valid, dtype=bool)
@@ -134,6 +140,10 @@ def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray
                 "source": None if source is None else int(source), "at": now(), **(stats or {}),
             },
         }
+        if int8_fidelity is not None or (old or {}).get("int8_fidelity"):
+            marker["int8_fidelity"] = merge_fidelity((old or {}).get("int8_fidelity"), int8_fidelity)
+            if int8_fidelity is not None:
+                marker["last_write"]["int8_fidelity"] = int8_fidelity
         return fs.progress.write(block, marker, old)
 
 

@@ -1,9 +1,11 @@
 """The block stage of extraction: compute work items (rows of one row block) and write them.
 
-    one item:  read the rows' image bytes from their source (or their captions from the store)
-               -> decode+preprocess in a pool, running ahead of the forward pass -> backbone
-               forward in batches (autocast) -> `featstore.writer.write_rows` (under the block's
-               lock: done rows read back, the whole block written, then its marker)
+    one item:  read the rows' image bytes from their source (a reader thread, one item ahead; or
+               their captions from the store) -> decode+preprocess in a pool, running ahead of the forward pass -> backbone
+               forward in batches (autocast) -> handed to the writer thread (`writes`), which
+               quantizes int8 tokens and runs `featstore.writer.write_rows` (under the block's
+               lock: done rows read back, the whole block written, then its marker) while the
+               forward pass computes the next item
 
 Where a sample's bytes become a feature row: `BlockRunner` below.  A bad sample never stops the
 job: it becomes `valid=False` with its reason in the block's marker.  Batches never span blocks,
@@ -27,13 +29,14 @@ import torch
 from featstore import format as fmt
 from featstore.errors import BadSample
 from featstore.store import Store
-from featstore.tokens import quantize_int8
+from featstore.tokens import check_fidelity, encode_tokens
 from featstore.writer import write_rows
 
 from . import plan
 from .backbones import Backbone, load_backbone
 from .preprocess import Preprocess, load_and_preprocess
 from .sources import open_source
+from .writes import WriteBehind
 
 
 @dataclass
@@ -50,6 +53,7 @@ class ExtractSpec:
     layer: int | None = None
     tokens: bool = False
     token_dtype: str = "float16"
+    token_scaling: str | None = None  # int8 tokens: "token_channel" or "token" (the feature set's own)
     pixels: str | None = None
     batch_size: int = 64
     device: str = "cpu"
@@ -58,6 +62,7 @@ class ExtractSpec:
     trust_remote_code: bool = False
     store_identity: tuple | None = None  # Store.identity when the job was planned
     source_id: int | None = None  # the given source's id in the store
+    writes_in_flight: int = 1  # computed blocks that may wait for the writer thread (0: write on the forward thread)
 
     def load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, pooling=self.pooling, layer=self.layer, tokens=self.tokens,
@@ -126,18 +131,25 @@ class BlockRunner:
 
     def run(self, items: list, on_rows=None) -> list[dict]:
         """Compute and write `items` (WorkItems, their dicts, or whole block numbers read from the
-        spec's source) in order; returns the markers.  `on_rows(n)` reports progress."""
+        spec's source) in order; returns the markers once every block is written.  Writes run
+        on a writer thread behind the forward pass (`writes`).  `on_rows(n)` reports progress."""
         items = self._as_items(items)
-        markers = []
-        if self.spec.field == "image":
-            self.pool = self.pool or make_pool(self.spec.num_workers)
-            batches = self._decoded_batches(items)
-            for item in items:
-                markers.append(self._image_item(item, batches, on_rows))
-        else:
-            for item in items:
-                markers.append(self._caption_item(item, on_rows))
-        return markers
+        writes = WriteBehind(self.spec.writes_in_flight, f"features/{self.spec.name}")
+        try:
+            if self.spec.field == "image":
+                self.pool = self.pool or make_pool(self.spec.num_workers)
+                batches = self._decoded_batches(items)
+                for item in items:
+                    writes.submit(item.block, self._image_item(item, batches, on_rows, writes.check))
+            else:
+                for item in items:
+                    writes.submit(item.block, self._caption_item(item, on_rows, writes.check))
+            return writes.finish()
+        except BaseException:
+            writes.abort()
+            raise
+        finally:
+            writes.close()
 
     def _as_items(self, items) -> list[plan.WorkItem]:
         out = [plan.WorkItem(**it) if isinstance(it, dict) else it for it in items]
@@ -149,13 +161,22 @@ class BlockRunner:
         return out
 
     def _image_batches(self, items):
-        """(item index, rows, raw items) for every batch of every item, in order."""
+        """(item index, rows, raw items) for every batch of every item, in order.  The next item's
+        image bytes are read on a reader thread while this item's batches go by (a remote source's
+        ranged reads never stall the forward pass for long); one item's bytes are read ahead."""
         b = self.spec.batch_size
-        for k, item in enumerate(items):
-            raw = list(self.source(item.source).read_images(item.refs))
-            rows = np.asarray(item.rows, dtype=np.int64)
-            for i in range(0, len(rows), b):
-                yield k, rows[i : i + b], raw[i : i + b]
+
+        def read(item) -> list:
+            return list(self.source(item.source).read_images(item.refs, item.spans))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="featstore-read") as reader:
+            ahead = reader.submit(read, items[0]) if items else None
+            for k, item in enumerate(items):
+                raw = ahead.result()
+                ahead = reader.submit(read, items[k + 1]) if k + 1 < len(items) else None
+                rows = np.asarray(item.rows, dtype=np.int64)
+                for i in range(0, len(rows), b):
+                    yield k, rows[i : i + b], raw[i : i + b]
 
     def _decoded_batches(self, items):
         """Decoded batches in order, with up to `lookahead` batches decoding ahead."""
@@ -170,13 +191,16 @@ class BlockRunner:
             kk, r, fut = pending.popleft()
             yield kk, r, fut.result()
 
-    def _image_item(self, item: plan.WorkItem, batches, on_rows) -> dict:
+    def _image_item(self, item: plan.WorkItem, batches, on_rows, check=None):
+        """Compute one item's rows; returns the job that writes them (`writes`)."""
         rows_all = np.asarray(item.rows, dtype=np.int64)
         n = len(rows_all)
         t0 = time.perf_counter()
         bb, spec = self.backbone, self.spec
         pooled = np.zeros((n, bb.dim), np.float32)
-        tokens = np.zeros((n,) + tuple(bb.token_shape), np.float32) if spec.tokens else None
+        # float16 tokens are staged as stored (the same rounding the writer would do, half the memory)
+        staged = np.float32 if spec.token_dtype == "int8" else np.float16
+        tokens = np.zeros((n,) + tuple(bb.token_shape), staged) if spec.tokens else None
         pixels = np.zeros((n, 3, bb.preprocess.crop, bb.preprocess.crop), np.uint8) if spec.pixels else None
         valid = np.zeros(n, bool)
         failures = []
@@ -203,23 +227,35 @@ class BlockRunner:
             done += len(rows)
             if on_rows:
                 on_rows(len(rows))
-        columns = {"pooled": pooled}
-        if tokens is not None:
-            columns.update(self._token_columns(tokens))
-        if pixels is not None:
-            columns["pixels"] = pixels
+            if check:
+                check()  # a failed write stops the forward pass at the next batch
         stats = {"seconds": round(time.perf_counter() - t0, 3), "forward_seconds": round(forward_s, 3),
                  "worker": f"pid-{os.getpid()}"}
-        return write_rows(self.store, spec.name, item.block, rows_all, columns, valid, failures, stats,
-                          source=item.source_id)
 
-    def _token_columns(self, tokens: np.ndarray) -> dict:
-        if self.spec.token_dtype == "int8":
-            q, scale = quantize_int8(tokens)
-            return {"tokens": q, "tokens_scale": scale}
-        return {"tokens": tokens}
+        def write() -> dict:  # on the writer thread
+            columns = {"pooled": pooled}
+            fidelity = None
+            if tokens is not None:
+                token_columns, fidelity = self.token_columns(tokens, valid, item.block)
+                columns.update(token_columns)
+            if pixels is not None:
+                columns["pixels"] = pixels
+            return write_rows(self.store, spec.name, item.block, rows_all, columns, valid, failures, stats,
+                              source=item.source_id, int8_fidelity=fidelity)
 
-    def _caption_item(self, item: plan.WorkItem, on_rows) -> dict:
+        return write
+
+    def token_columns(self, tokens: np.ndarray, valid: np.ndarray, block: int) -> tuple[dict, dict | None]:
+        """The stored token columns of one block and, for int8, their fidelity (refused below
+        `featstore.tokens.MIN_COSINE`: the block is not written)."""
+        if self.spec.token_dtype != "int8":
+            return {"tokens": tokens}, None
+        columns, fidelity = encode_tokens(tokens, self.spec.token_scaling or "token", valid)
+        check_fidelity(fidelity, f"block {block} of features/{self.spec.name}")
+        return columns, fidelity
+
+    def _caption_item(self, item: plan.WorkItem, on_rows, check=None):
+        """Compute one item's caption rows; returns the job that writes them (`writes`)."""
         rows = np.asarray(item.rows, dtype=np.int64)
         n = len(rows)
         t0 = time.perf_counter()
@@ -252,11 +288,13 @@ class BlockRunner:
             valid[idx] = _finite(out, failures, rows[idx])
             if on_rows:
                 on_rows(len(idx))
+            if check:
+                check()
         if on_rows:
             on_rows(n - len(order))
         stats = {"seconds": round(time.perf_counter() - t0, 3), "forward_seconds": round(forward_s, 3),
                  "worker": f"pid-{os.getpid()}"}
-        return write_rows(self.store, self.spec.name, item.block, rows, {"pooled": pooled}, valid, failures, stats)
+        return lambda: write_rows(self.store, self.spec.name, item.block, rows, {"pooled": pooled}, valid, failures, stats)
 
 
 def _finite(out: dict, failures: list, rows: np.ndarray) -> np.ndarray:

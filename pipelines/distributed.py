@@ -19,7 +19,7 @@ import collections
 import os
 import time
 
-from featstore.errors import FeatstoreError, WorkerError
+from featstore.errors import FeatstoreError, WorkerError, WriteFailed
 from featstore.store import Store
 
 from .blocks import BlockRunner, ExtractSpec
@@ -67,10 +67,13 @@ def _runner(spec: ExtractSpec) -> BlockRunner:
 
 def extract_item_task(spec: ExtractSpec, item: dict) -> dict:
     """The Dask task: compute and write one work item; returns its marker and who computed it.
-    An error that is not a FeatstoreError comes back as one line naming the worker and block."""
+    An error that is not a FeatstoreError (or a failed write) comes back as one line naming the
+    worker and block."""
     t0 = time.perf_counter()
     try:
         marker = _runner(spec).run([item])[0]
+    except WriteFailed as err:  # a storage error on one worker: say which
+        raise WorkerError(f"worker {_worker_name()}: {err}") from None
     except FeatstoreError:
         raise
     except Exception as err:  # noqa: BLE001 - every failure reaches the user as one line

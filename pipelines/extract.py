@@ -75,8 +75,14 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
             captions=None, labels=None, uid_field=None, image_column=None, text_column=None, label_column=None,
             rows_per_shard=None, pooling=None, layer=None, tokens=False, token_dtype="float16", dtype="float16",
             pixels=None, batch_size=64, device="cpu", precision="fp32", num_workers=0, overwrite=False, update_metadata=False,
-            trust_remote_code=False, log=print):
+            trust_remote_code=False, token_scaling=None, writes_in_flight=1, log=print):
     """Validate, register the source, load the backbone once and create the feature set.
+
+    int8 tokens of a new feature set get token x channel scaling (`featstore.tokens`); an
+    existing one keeps its own (per-token sets made before it read and resume unchanged).
+    `token_scaling="token"` makes a new per-token set (the old layout, for comparison);
+    `writes_in_flight` is how many computed blocks may wait for the writer thread (0: write on
+    the forward thread).
 
     Returns (spec, store, backbone, registration result); the result's "records" holds the
     source's manifest (for planning).  Nothing is written before every check has passed."""
@@ -87,6 +93,12 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     store_path = str(store_path) if "://" in str(store_path) else os.path.abspath(os.path.expanduser(str(store_path)))
     _check_options(field, token_dtype, dtype, precision, batch_size, pixels, tokens, device, rows_per_shard, pooling,
                    num_workers, source_path, source_options, update_metadata, store_path)
+    if token_scaling is not None and token_scaling not in fmt.TOKEN_SCALINGS:
+        raise ConfigError(f"token scaling must be one of {', '.join(fmt.TOKEN_SCALINGS)}, not {token_scaling!r}")
+    if token_scaling is not None and not (tokens and token_dtype == "int8"):
+        raise ConfigError("a token scaling only applies to --tokens --token-dtype int8")
+    if writes_in_flight < 0:
+        raise ConfigError(f"writes_in_flight must be >= 0, not {writes_in_flight}")
     if name is not None:
         check_name(name)
     existing = Store.open(store_path) if _store_exists(store_path) else None
@@ -103,15 +115,22 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         raise ConfigError(f"{backbone} is a {bb.modality} backbone but --field {field} needs a {want} backbone")
     name = name or bb.name
     check_name(name)
+    have = existing.feature_set(name) if existing is not None and name in existing.feature_set_names() else None
+    if tokens and token_dtype == "int8" and token_scaling is None:
+        keep = have is not None and not overwrite and have.token_scaling is not None
+        token_scaling = have.token_scaling if keep else fmt.TOKEN_SCALINGS[0]
     identity = dict(bb.identity, field=field, precision=precision)
     if tokens:
         identity["token_dtype"] = token_dtype
     if dtype != "float16":  # another storage dtype is another feature set (float16 identities stay as they were)
         identity["pooled_dtype"] = dtype
+    if token_scaling == "token_channel":  # per-token sets keep the identity they were made with
+        identity["token_scaling"] = token_scaling
     identity = jsonable(identity)
-    layout = dict(tokens=bb.token_shape if tokens else None, token_dtype=token_dtype, pixels=pixels)
-    if existing is not None and name in existing.feature_set_names() and not overwrite:
-        check_same(existing.feature_set(name), identity, **layout)
+    layout = dict(tokens=bb.token_shape if tokens else None, token_dtype=token_dtype, pixels=pixels,
+                  token_scaling=token_scaling)
+    if have is not None and not overwrite:
+        check_same(have, identity, **layout)
     records = []
     if source is not None:
         records = list(source.records())
@@ -148,12 +167,13 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         name, identity, bb.dim, dtype=dtype,
         tokens=bb.token_shape if tokens else None, token_dtype=token_dtype,
         pixels=pixels, pixels_shape=(3, bb.preprocess.crop, bb.preprocess.crop) if pixels else None,
-        pixels_identity=bb.preprocess.identity() if pixels else None,
+        pixels_identity=bb.preprocess.identity() if pixels else None, token_scaling=token_scaling or "token",
     )
     backbone_arg = os.path.abspath(os.path.expanduser(backbone)) if os.path.exists(os.path.expanduser(backbone)) else backbone
     spec = ExtractSpec(
         store_path=store.path, name=name, source=source.spec() if source else None, backbone=backbone_arg,
-        field=field, pooling=pooling, layer=layer, tokens=tokens, token_dtype=token_dtype, pixels=pixels,
+        field=field, pooling=pooling, layer=layer, tokens=tokens, token_dtype=token_dtype,
+        token_scaling=token_scaling, pixels=pixels, writes_in_flight=writes_in_flight,
         batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
         trust_remote_code=trust_remote_code, store_identity=store.fresh().identity,
         source_id=registered.get("source_id"),
@@ -183,7 +203,7 @@ def extract(store_path, source_path=None, backbone=None, *, workers: int | None 
         work = plan.from_recorded(cur, fs, log=log)
     items = work["items"]
     rows_todo = sum(len(it.rows) for it in items)
-    done_now = int(fs.done_mask().sum())
+    done_now = work["rows_done"]
     log(f"{spec.name}: {rows_todo:,} rows to compute in {len(items)} blocks"
         + (f"; {done_now:,} of {cur.n_rows:,} rows already done" if done_now else ""))
     per_worker = None

@@ -22,7 +22,8 @@ def summarize_run(store, spec, markers: list[dict], registered: dict | None, sec
     valid = sum(w.get("valid", 0) for w in writes)
     cur = store.fresh()
     fs = cur.feature_set(spec.name)
-    done = fs.done_mask()
+    progress = fs.markers()  # read once: a listing and the index (`featstore.progress`)
+    done = fs.done_mask(progress)
     usable = done & np.asarray(fs.array("valid")[: cur.n_rows]) if cur.n_rows else done
     registered = registered or {}
     work = work or {}
@@ -47,7 +48,7 @@ def summarize_run(store, spec, markers: list[dict], registered: dict | None, sec
         "rows_usable": int(usable.sum()),
         "rows_to_do": int(cur.n_rows - done.sum()),
         "blocks_total": cur.n_blocks,
-        "blocks_missing": len(fs.missing_blocks()),
+        "blocks_missing": len(fs.missing_blocks(progress)),
         "rows_not_in_source": int(work.get("todo_elsewhere", 0) + work.get("not_held", 0)),
         "rows_without_source": int(work.get("no_source", 0)),
         "sources_gone": list(work.get("gone", [])),

@@ -184,7 +184,8 @@ def test_deterministic_bytes_across_runs_and_batch_sizes_of_text(tmp_path, shard
 def test_kill_mid_extract_then_rerun_gives_the_same_bytes(tmp_path, shards, tiny_dinov2_path):
     args = ["extract", "--source", str(shards), "--backbone", tiny_dinov2_path, "--name", "dino",
             "--rows-per-shard", "2", "--batch-size", "2", "--no-progress"]
-    subprocess.run([FEATSTORE, *args, "--store", str(tmp_path / "clean.zarr")], check=True, capture_output=True)
+    # the clean run and the re-run in this process (the same `extract` the command calls); the kill in a real one
+    extract(tmp_path / "clean.zarr", shards, tiny_dinov2_path, name="dino", rows_per_shard=2, batch_size=2, **QUIET)
     proc = subprocess.Popen([FEATSTORE, *args, "--store", str(tmp_path / "killed.zarr")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "killed.zarr" / "_progress" / "dino"
@@ -197,8 +198,9 @@ def test_kill_mid_extract_then_rerun_gives_the_same_bytes(tmp_path, shards, tiny
     st = Store.open(tmp_path / "killed.zarr")
     assert 0 < len(st.feature_set("dino").missing_blocks()) < st.n_blocks
     assert verify(st)["ok"]
-    out = subprocess.run([FEATSTORE, *args, "--store", str(tmp_path / "killed.zarr")], check=True, capture_output=True, text=True).stdout
-    assert "already done" in out
+    said = []
+    extract(tmp_path / "killed.zarr", shards, tiny_dinov2_path, name="dino", batch_size=2, progress=False, log=said.append)
+    assert "already done" in said[0]
     assert verify(Store.open(tmp_path / "killed.zarr"))["ok"]
     assert feature_bytes(tmp_path / "killed.zarr", "dino") == feature_bytes(tmp_path / "clean.zarr", "dino")
 
@@ -216,3 +218,80 @@ def test_cli_summary_and_one_line_errors(tmp_path, shards):
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr
+
+
+# ---- int8 tokens: token x channel for new feature sets, per-token ones kept -----------------------------
+def test_int8_tokens_get_token_x_channel_scaling_checked_per_block(tmp_path, shards, tiny_dinov2_path):
+    from featstore import format as fmt
+    from featstore.export import export
+    from featstore.inspect import summarize
+    from featstore.tokens import MIN_COSINE, dequantize_int8
+
+    store = tmp_path / "s.zarr"
+    extract(store, shards, tiny_dinov2_path, name="f16", tokens=True, rows_per_shard=8, **QUIET)
+    extract(store, shards, tiny_dinov2_path, name="q", tokens=True, token_dtype="int8", **QUIET)
+    st = Store.open(store)
+    fs = st.feature_set("q")
+    assert fs.token_scaling == "token_channel" and fs.identity["token_scaling"] == "token_channel"
+    n, t, d = fs.array("tokens").shape
+    channel = fs.array("tokens_channel_scale")
+    assert channel.shape == (n, d) and channel.dtype == np.float16
+    assert tuple(channel.metadata.dimension_names) == ("row", "token_dim")
+    assert fs.array("tokens").attrs["dequantize"] == fmt.DEQUANTIZE["token_channel"]
+    for b, m in fs.markers().items():  # every block's fidelity, in its marker
+        f = m["int8_fidelity"]
+        assert f["scheme"] == "token_channel" and f["tokens"] == m["n_valid"] * t and f["worst_cos"] >= MIN_COSINE, (b, f)
+    assert summarize(st)["feature_sets"]["q"]["int8_fidelity"]["tokens"] == n * t
+    # export dequantizes with both scales: the float16 run's tokens, to int8 precision
+    out = export(st, "q", str(tmp_path / "q.npy"), "tokens")
+    got = np.load(tmp_path / "q.npy")
+    want = dequantize_int8(np.asarray(fs.array("tokens")[:]), np.asarray(fs.array("tokens_scale")[:]), np.float32,
+                           channel_scale=np.asarray(channel[:]))
+    assert out["shape"] == [n, t, d] and got.dtype == np.float32 and np.array_equal(got, want)
+    ref = np.asarray(st.feature_set("f16").array("tokens")[:]).astype(np.float32)
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() > 0.99
+    assert verify(st)["ok"]
+    # verify covers the channel scale
+    g = zarr.open_group(str(store), mode="r+")
+    g["features/q/tokens_channel_scale"][8:16] = np.asarray(g["features/q/tokens_channel_scale"][8:16]) * 2
+    problems = verify(Store.open(store))["problems"]
+    assert any("block 1" in p and "tokens_channel_scale does not match" in p for p in problems), problems
+
+
+def test_per_token_int8_feature_sets_keep_reading_and_resuming(tmp_path, shards, tiny_dinov2_path):
+    """A per-token int8 set (as featstore made them before token x channel) resumes per-token."""
+    from featstore.loader import Loader
+    from featstore.tokens import dequantize_int8
+
+    whole = tmp_path / "whole.zarr"
+    extract(whole, shards, tiny_dinov2_path, name="q", tokens=True, token_dtype="int8", token_scaling="token",
+            rows_per_shard=8, **QUIET)
+    store = tmp_path / "s.zarr"
+    extract(store, shards / "00000.tar", tiny_dinov2_path, name="q", tokens=True, token_dtype="int8",
+            token_scaling="token", rows_per_shard=8, **QUIET)
+    fs = Store.open(store).feature_set("q")
+    assert fs.token_scaling == "token" and "token_scaling" not in fs.identity and "tokens_channel_scale" not in fs.group
+    s = extract(store, shards, tiny_dinov2_path, name="q", tokens=True, token_dtype="int8", **QUIET)  # the default
+    assert s["rows_written"] == 11 and s["blocks_missing"] == 0
+    assert feature_bytes(store, "q") == feature_bytes(whole, "q")
+    st = Store.open(store)
+    assert verify(st)["ok"] and "int8_fidelity" in st.feature_set("q").marker(2)
+    batch = next(iter(Loader(st, {"t": "features/q/tokens"}, 24, shuffle=False)))
+    fs = st.feature_set("q")
+    want = dequantize_int8(np.asarray(fs.array("tokens")[:]), np.asarray(fs.array("tokens_scale")[:]))
+    assert np.array_equal(batch["t"].numpy(), want)
+    with pytest.raises(IdentityMismatch, match="token_scaling"):
+        extract(store, shards, tiny_dinov2_path, name="q", tokens=True, token_dtype="int8", token_scaling="token_channel",
+                **QUIET)
+
+
+def test_int8_blocks_below_the_fidelity_threshold_are_refused(tmp_path, shards, tiny_dinov2_path, monkeypatch):
+    from featstore.errors import FidelityTooLow
+
+    monkeypatch.setenv("FEATSTORE_MIN_INT8_COSINE", "1.01")  # above any cosine: every block is refused
+    store = tmp_path / "s.zarr"
+    with pytest.raises(FidelityTooLow, match="block 0 of features/q: int8 tokens .* below 1.01; the block was not written"):
+        extract(store, shards, tiny_dinov2_path, name="q", tokens=True, token_dtype="int8", rows_per_shard=8, **QUIET)
+    st = Store.open(store)
+    assert st.feature_set("q").missing_blocks() == [0, 1, 2] and verify(st)["ok"]

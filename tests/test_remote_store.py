@@ -1,48 +1,39 @@
-"""A store on object storage: a real S3 server on 127.0.0.1 (moto's, which speaks the S3 protocol),
-written by the `featstore` command; writers are serialized by a lease object made with a
-conditional create (If-None-Match)."""
+"""Stores and sources on object storage: a real S3 server on 127.0.0.1 (moto's, which speaks the S3
+protocol; `s3util`), written by the `featstore` command.  Writers are serialized by a lease object
+made with a conditional create (If-None-Match); webdataset tars on S3 stream as a source; and the
+requests a job makes are counted on the server."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import zarr
 
 from imagedata import encode, real_images, write_shard
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
+BUCKET = "featstore-test"
+QUIET = dict(progress=False, log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on a free loopback port, and the environment a process needs to reach it."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
+def s3():
+    from s3util import s3_server
 
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("featstore-test")
-    try:
-        yield {**os.environ, **env}
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with s3_server() as server:
+        server.fs.mkdir(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3):
+    return s3.env
 
 
 @pytest.fixture(scope="module")
@@ -58,39 +49,128 @@ def shards(tmp_path_factory):
     return d, more
 
 
+@pytest.fixture(scope="module")
+def remote_shards(s3, shards):
+    """The same samples as webdataset tars on S3: s3://featstore-test/wds/{00000,00001}.tar."""
+    a, more = shards
+    s3.fs.put(str(a / "00000.tar"), f"{BUCKET}/wds/00000.tar")
+    s3.fs.put(str(more / "00000.tar"), f"{BUCKET}/wds/00001.tar")
+    local = a.parent / "both"
+    local.mkdir(exist_ok=True)
+    for src, name in ((a / "00000.tar", "00000.tar"), (more / "00000.tar", "00001.tar")):
+        (local / name).write_bytes(src.read_bytes())
+    return f"s3://{BUCKET}/wds", local
+
+
 def cli(env, *args):
     return subprocess.run([FEATSTORE, *map(str, args)], capture_output=True, text=True, env=env)
 
 
 def test_extract_grow_and_verify_a_store_on_s3(s3_env, shards, tiny_llama_path):
     a, b = shards
-    url = "s3://featstore-test/s.zarr"
+    url = f"s3://{BUCKET}/s.zarr"
     r = cli(s3_env, "extract", "--store", url, "--source", a, "--backbone", tiny_llama_path, "--name", "txt",
             "--field", "caption", "--rows-per-shard", "4", "--no-progress")
     assert r.returncode == 0, r.stderr
     r = cli(s3_env, "extract", "--store", url, "--source", b, "--backbone", tiny_llama_path, "--name", "txt",
             "--field", "caption", "--no-progress")
     assert r.returncode == 0 and "coverage: 10 of 10 rows done (10 usable)" in r.stdout, r.stdout + r.stderr
-    r = cli(s3_env, "verify", "--store", url)
-    assert r.returncode == 0 and r.stdout.strip().startswith("ok"), r.stdout
-    s = json.loads(cli(s3_env, "inspect", "--store", url, "--json").stdout)
+    from featstore.inspect import summarize
+    from featstore.store import Store
+    from featstore.verify import verify
+
+    st = Store.open(url)  # what `featstore verify` / `inspect` run, in this process
+    assert verify(st)["ok"], verify(st)["problems"]
+    s = summarize(st)
     assert s["rows"] == 10 and len(s["sources"]) == 2 and s["feature_sets"]["txt"]["valid_rows"] == 10
     import fsspec
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    assert not fs.exists("featstore-test/s.zarr/_progress/_locks/store.lock")  # every lease was released
+    assert not fs.exists(f"{BUCKET}/s.zarr/_progress/_locks/store.lock")  # every lease was released
 
 
 def test_a_held_lease_makes_a_writer_wait_then_refuse_naming_its_holder(s3_env, shards, tiny_llama_path):
     import fsspec
 
     a, _ = shards
-    url = "s3://featstore-test/busy.zarr"
+    url = f"s3://{BUCKET}/busy.zarr"
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.pipe_file("featstore-test/busy.zarr/_progress/_locks/store.lock",
+    fs.pipe_file(f"{BUCKET}/busy.zarr/_progress/_locks/store.lock",
                  json.dumps({"owner": "other-host:4242", "since": "2026-01-01T00:00:00+00:00"}).encode())
     r = cli({**s3_env, "FEATSTORE_LOCK_TIMEOUT": "2"}, "extract", "--store", url, "--source", a, "--backbone",
             tiny_llama_path, "--field", "caption", "--no-progress")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "held by other-host:4242" in r.stderr and "delete s3://featstore-test/busy.zarr/_progress/_locks/store.lock" in r.stderr
-    assert not fs.exists("featstore-test/busy.zarr/zarr.json")  # nothing was created
+    assert "held by other-host:4242" in r.stderr and f"delete s3://{BUCKET}/busy.zarr/_progress/_locks/store.lock" in r.stderr
+    assert not fs.exists(f"{BUCKET}/busy.zarr/zarr.json")  # nothing was created
+
+
+# ---- webdataset tars on S3 as a source ---------------------------------------------------------------
+def tar_gets(requests):
+    return [r for r in requests if r.method == "GET" and r.key.startswith("wds/") and r.key.endswith(".tar")]
+
+
+def test_tars_on_s3_stream_once_for_the_manifest_and_images_come_by_ranged_reads(s3, remote_shards):
+    from featstore.pipelines.sources import open_source
+
+    url, local = remote_shards
+    s3.requests.clear()
+    src = open_source(url)
+    records = list(src.records())
+    loc = open_source(local)
+    want = list(loc.records())
+    assert [(r.uid, r.caption, r.source_ref, r.span) for r in records] == [(r.uid, r.caption, r.source_ref, r.span) for r in want]
+    assert src.provenance()["location"] == url and src.provenance()["type"] == "webdataset"
+    gets = tar_gets(s3.requests)
+    assert sorted(r.key for r in gets) == ["wds/00000.tar", "wds/00001.tar"]  # each tar streamed once, in one GET
+    s3.requests.clear()
+    got = list(src.read_images([r.source_ref for r in records], [r.span for r in records]))
+    assert got == list(loc.read_images([r.source_ref for r in want]))
+    gets = tar_gets(s3.requests)
+    assert len(gets) == 2 and all(r.range and not r.range.startswith("bytes=0-") for r in gets)  # one merged range per tar
+    # a ref the manifest does not hold is a bad sample, not an error
+    assert [type(x).__name__ for x in src.read_images(["00000.tar:nope", "zzz.tar:1"])] == ["BadSample"] * 2
+
+
+def test_extract_from_tars_on_s3_gives_the_bytes_of_the_local_tars(s3, remote_shards, tmp_path, tiny_dinov2_path):
+    from featstore.pipelines.extract import extract
+    from featstore.store import Store
+
+    url, local = remote_shards
+    extract(tmp_path / "local.zarr", local, tiny_dinov2_path, name="dino", rows_per_shard=4, batch_size=4, **QUIET)
+    s3.requests.clear()
+    r = cli(s3.env, "extract", "--store", tmp_path / "remote.zarr", "--source", url, "--backbone", tiny_dinov2_path,
+            "--name", "dino", "--rows-per-shard", "4", "--batch-size", "4", "--no-progress")
+    assert r.returncode == 0 and "coverage: 10 of 10 rows done (10 usable)" in r.stdout, r.stdout + r.stderr
+    streams = [g for g in tar_gets(s3.requests) if g.range is None or g.range.startswith("bytes=0-")]
+    assert sorted(g.key for g in streams) == ["wds/00000.tar", "wds/00001.tar"]  # the manifest, once; images by range
+    a, b = (zarr.open_group(str(tmp_path / f"{k}.zarr"), mode="r") for k in ("local", "remote"))
+    for key in ("pooled", "valid"):
+        assert np.array_equal(np.asarray(a[f"features/dino/{key}"][:]), np.asarray(b[f"features/dino/{key}"][:]))
+    assert Store.open(tmp_path / "remote.zarr").sources[0]["location"] == url
+    # a folder with no tars is refused, naming it
+    from featstore.errors import SourceError
+    from featstore.pipelines.sources import open_source
+
+    with pytest.raises(SourceError, match=f"s3://{BUCKET}/nothing-here"):
+        open_source(f"s3://{BUCKET}/nothing-here")
+
+
+def test_progress_reads_cost_the_same_few_requests_whatever_the_number_of_blocks(s3, shards, tiny_llama_path):
+    """A job's progress reads (which rows are done: planning, the summary, the index) cost a listing
+    and the index, never one request per block: a no-op re-run of a 6-block store costs what a
+    2-block one does."""
+    from featstore.pipelines.extract import extract
+
+    a, _ = shards
+    cost = {}
+    for rows_per_shard in (1, 3):
+        url = f"s3://{BUCKET}/blocks{rows_per_shard}.zarr"
+        extract(url, a, tiny_llama_path, name="txt", field="caption", rows_per_shard=rows_per_shard, **QUIET)
+        s3.requests.clear()
+        s = extract(url, a, tiny_llama_path, name="txt", field="caption", **QUIET)
+        assert s["rows_written"] == 0 and s["blocks_total"] == 6 // rows_per_shard
+        prefix = f"blocks{rows_per_shard}.zarr/_progress/txt/"
+        cost[rows_per_shard] = sorted((r.method, r.key.removeprefix(prefix), r.is_listing)
+                                      for r in s3.requests if r.touches(prefix))
+    assert cost[1] == cost[3], cost
+    assert len(cost[1]) <= 8, cost[1]  # today: a listing and the index, three times (plan, summary, compaction)

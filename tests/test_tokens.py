@@ -155,3 +155,58 @@ def test_token_channel_beats_per_channel_alone_on_high_norm_tokens(residual_stre
           f"token x channel mean {tc['mean_cos']:.5f} worst {tc['worst_cos']:.5f}")
     assert 1 - tc["mean_cos"] < 0.5 * (1 - float(cos.mean()))  # under half the per-channel loss
     assert tc["worst_cos"] > float(cos.min())
+
+
+# ---- the store's token x channel layout, read back ------------------------------------------------------
+def _token_channel_store(path):
+    from featstore.store import Store
+    from featstore.tokens import encode_tokens
+    from featstore.writer import write_block
+
+    store = Store.create(path, rows_per_shard=4)
+    store.register([f"u{i}" for i in range(8)])
+    store.create_feature_set("t", {"model": "synthetic"}, 4, tokens=(5, 16), token_dtype="int8", token_scaling="token_channel")
+    x = np.random.default_rng(0).standard_normal((8, 5, 16)).astype(np.float32)
+    x[:, :, 3] *= 200.0  # an outlier channel
+    for b in range(2):
+        cols, fidelity = encode_tokens(x[4 * b : 4 * b + 4], "token_channel")
+        write_block(store, "t", b, {"pooled": x[4 * b : 4 * b + 4, 0, :4], **cols}, np.ones(4, bool), int8_fidelity=fidelity)
+    return store, x
+
+
+def test_token_x_channel_blocks_are_quantized_row_by_row(tmp_path):
+    store, x = _token_channel_store(tmp_path / "s.zarr")
+    fs = store.feature_set("t")
+    q, s, c = (np.asarray(fs.array(k)[:]) for k in ("tokens", "tokens_scale", "tokens_channel_scale"))
+    one = quantize_int8_token_channel(x[5])  # a row's bytes do not depend on the rows beside it
+    assert np.array_equal(q[5], one[0]) and np.array_equal(s[5], one[1]) and np.array_equal(c[5], one[2])
+    assert fs.marker(1)["int8_fidelity"]["tokens"] == 20 and fs.marker(1)["int8_fidelity"]["worst_cos"] > 0.98
+
+
+def test_failing_rows_are_refused_by_the_fidelity_check():
+    from featstore.errors import FidelityTooLow
+    from featstore.tokens import check_fidelity, encode_tokens
+
+    # token 0's small channels sit under other tokens' channel maxima: int8 rounds them to 0
+    x = np.ones((1, 2, 64), np.float32) * 100.0
+    x[0, 0, 0], x[0, 1, 1:], x[0, 1, 0] = 1000.0, 50000.0, 1.0
+    cols, fidelity = encode_tokens(x, "token_channel")
+    assert fidelity["worst_cos"] < 0.9
+    with pytest.raises(FidelityTooLow, match="block 3: int8 tokens"):
+        check_fidelity(fidelity, "block 3")
+    check_fidelity(encode_tokens(np.random.default_rng(0).standard_normal((2, 4, 8)), "token_channel")[1], "ok")
+
+
+@pytest.mark.xfail(strict=True, reason="featstore/loader.py does not apply tokens_channel_scale yet (the loader "
+                   "helper's rewrite must: see the store2 report); trainers serve such tokens raw and dequantize "
+                   "them in trainers/uta.py: prepare_batch")
+def test_the_loader_dequantizes_token_x_channel_tokens(tmp_path):
+    from featstore.loader import Loader
+    from featstore.tokens import dequantize_int8
+
+    store, _ = _token_channel_store(tmp_path / "s.zarr")
+    fs = store.feature_set("t")
+    want = dequantize_int8(*(np.asarray(fs.array(k)[:]) for k in ("tokens", "tokens_scale")),
+                           channel_scale=np.asarray(fs.array("tokens_channel_scale")[:]))
+    batch = next(iter(Loader(store, {"t": "features/t/tokens"}, 8, shuffle=False)))
+    assert np.array_equal(batch["t"].numpy(), want)

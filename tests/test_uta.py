@@ -415,7 +415,8 @@ def test_sigkill_then_resume_reaches_the_same_weights(digits, tmp_path):
 # ---- int8 teacher tokens: real backbone tokens -------------------------------------------------------------
 def test_int8_tokens_round_trip_on_real_efficientnet_tokens(tmp_path):
     """EfficientNet-Lite0's final 7x7x1280 feature map on 16 real images, stored as float16 and as
-    int8 (+ per-token fp16 scale): the dequantized int8 tokens the loader serves keep the direction."""
+    int8 (token x channel: + fp16 token and channel scales): the int8 tokens as the step dequantizes them keep
+    the direction."""
     from featstore.pipelines.extract import extract
 
     images = real_images(16)
@@ -428,19 +429,19 @@ def test_int8_tokens_round_trip_on_real_efficientnet_tokens(tmp_path):
     s = Store.open(store)
     assert s.array("features/eff-int8/tokens").dtype == np.int8
     assert s.array("features/eff-int8/tokens_scale").dtype == np.float16
-    batch = next(iter(Loader(s, {"a": "features/eff-float16/tokens", "q": "features/eff-int8/tokens"}, 64, shuffle=False)))
-    assert batch["q"].dtype == torch.float16 and batch["a"].shape == (16, 49, 1280)
-    cos = F.cosine_similarity(batch["a"].float(), batch["q"].float(), dim=-1)
-    assert (batch["a"].float().norm(dim=-1) > 0).all()
-    assert float(cos.mean()) >= 0.999 and float(cos.min()) >= 0.995
-    # on a GPU the loader serves int8 raw + scales and the step dequantizes on the device: same tokens
-    columns, dequantize = loader_columns("pixels/crops224", "eff-int8", int8_on_device=True, store=s)
-    assert columns["target_scale"] == "features/eff-int8/tokens_scale" and not dequantize
-    raw = next(iter(Loader(s, columns, 64, shuffle=False, dequantize=False)))
-    assert raw["target"].dtype == torch.int8
+    assert s.array("features/eff-int8/tokens_channel_scale").shape == (16, 1280)  # token x channel (featstore.tokens)
+    a = next(iter(Loader(s, {"a": "features/eff-float16/tokens"}, 64, shuffle=False)))["a"].float()
+    assert a.shape == (16, 49, 1280) and (a.norm(dim=-1) > 0).all()
     arch = resolve_arch(UTAConfig(), teacher_tokens=(49, 1280), pixels_shape=(3, 224, 224), pixels_identity={})
-    _, on_device = prepare_batch(raw, arch, None, torch.device("cpu"))
-    assert torch.allclose(on_device, batch["q"].float(), rtol=1e-3, atol=1e-4)
+    # token x channel int8 is served raw with both scales and dequantized by the step, on CPU and GPU alike
+    for on_gpu in (False, True):
+        columns, dequantize = loader_columns("pixels/crops224", "eff-int8", int8_on_device=on_gpu, store=s)
+        assert columns["target_channel_scale"] == "features/eff-int8/tokens_channel_scale" and not dequantize
+        raw = next(iter(Loader(s, columns, 64, shuffle=False, dequantize=False)))
+        assert raw["target"].dtype == torch.int8
+        _, q = prepare_batch(raw, arch, None, torch.device("cpu"))
+        cos = F.cosine_similarity(a, q, dim=-1)
+        assert float(cos.mean()) >= 0.999 and float(cos.min()) >= 0.995
 
     # int8 targets train as they are served, and a /16 student on the 7x7 teacher grid (resized to 14x14)
     summary = train_uta(store, "eff-int8", "crops224", tmp_path / "run", steps=4,

@@ -318,7 +318,9 @@ def loader_columns(input_column: str, teacher: str, *, int8_on_device: bool, sto
         columns["pooled"] = f"features/{teacher}/pooled"
     token_keys = [k for k, p in columns.items() if p.endswith("/tokens") and store.array(p).dtype == np.int8]
     channel = {k for k in token_keys if _has_array(store, columns[k] + "_channel_scale")}
-    raw = token_keys if int8_on_device else sorted(channel)
+    # token x channel int8 needs both scales, which only prepare_batch applies: then every int8
+    # column is served raw with its scales (the loader's `dequantize` flag is one for all columns)
+    raw = token_keys if int8_on_device or channel else []
     for key in raw:
         columns[f"{key}_scale"] = columns[key] + "_scale"
         if key in channel:

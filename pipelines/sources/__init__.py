@@ -8,6 +8,8 @@
 
 Kinds, one module each, same interface (`base.Source`): ``webdataset`` (tars as img2dataset
 writes them), ``hf`` and ``parquet`` (`hf.py`), ``folder`` (images + captions/labels JSON files).
+A URL (``s3://bucket/shards/``, any fsspec URL) is a remote source: webdataset tars, streamed for
+the manifest and read by ranged reads (`tars.py`); other kinds are read from local paths.
 
 A source re-opens in another process from ``spec()`` (``open_source(**src.spec())``), and pickles as
 that spec, so ``pickle``/multiprocessing/dask can ship it; caches (tar indexes) are rebuilt lazily.
@@ -25,6 +27,7 @@ from featstore.errors import ConfigError, SourceError
 from .base import IMAGE_EXTS, Record, Source, _is_image_name
 from .folder import FolderSource
 from .hf import HFSource, ParquetSource
+from .tars import is_url
 from .webdataset import WebDatasetSource
 
 SOURCE_KINDS = ("webdataset", "hf", "parquet", "folder")
@@ -58,6 +61,10 @@ def open_source(
     """
     if source_type not in SOURCE_TYPES:
         raise ConfigError(f"unknown source type {source_type!r}: use one of {', '.join(SOURCE_TYPES)}")
+    given = {"captions": captions, "labels": labels, "uid_field": uid_field, "image_column": image_column,
+             "text_column": text_column, "label_column": label_column}
+    if is_url(path):
+        return _open_remote(str(path), source_type, given)
     p = Path(path).expanduser()
     if not p.exists():
         raise SourceError(f"source not found: {path} (give webdataset shards, a saved HF dataset, "
@@ -67,13 +74,24 @@ def open_source(
     if kind == "hf" and _is_parquet(p):
         kind = "parquet"
     cls = _KINDS[kind]
-    given = {"captions": captions, "labels": labels, "uid_field": uid_field, "image_column": image_column,
-             "text_column": text_column, "label_column": label_column}
     wrong = [k for k, v in given.items() if v is not None and k not in cls.options]
     if wrong:
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise ConfigError(f"{flags} does not apply to a {kind} source ({p})")
     return cls(p, **{k: v for k, v in given.items() if k in cls.options})
+
+
+def _open_remote(url: str, source_type: str, given: dict) -> Source:
+    """A remote source: webdataset tars under a URL (a folder of .tar files, or one .tar)."""
+    if source_type not in ("auto", "webdataset"):
+        raise SourceError(f"--source-type {source_type} cannot be read from {url}: remote sources are webdataset "
+                          "tars; copy the source to a local path")
+    wrong = [k for k, v in given.items() if v is not None and k not in WebDatasetSource.options]
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise ConfigError(f"{flags} does not apply to a webdataset source ({url})")
+    src = WebDatasetSource(url.rstrip("/"), **{k: v for k, v in given.items() if k in WebDatasetSource.options})
+    return src
 
 
 def detect_kind(path: Path) -> str:

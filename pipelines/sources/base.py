@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ class Record:
     caption: str | None
     label: int | None
     source_ref: str
+    # where the image's bytes are inside the source, when the kind knows it from its manifest
+    # (webdataset: (offset, size) in the tar); handed back to `read_images(refs, spans)`
+    span: tuple[int, int] | None = field(default=None, compare=False)
 
 
 class Source:
@@ -43,7 +46,9 @@ class Source:
     def records(self) -> Iterator[Record]:
         raise NotImplementedError
 
-    def read_images(self, refs: Iterable[str]) -> Iterator[bytes | BadSample]:
+    def read_images(self, refs: Iterable[str], spans=None) -> Iterator[bytes | BadSample]:
+        """Raw bytes (or BadSample) per ref; `spans` are the records' spans of those refs, which
+        kinds that know them use to skip their own index (others ignore them)."""
         raise NotImplementedError
 
     def read_image(self, source_ref: str) -> bytes:

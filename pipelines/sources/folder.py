@@ -83,7 +83,7 @@ class FolderSource(Source):
         if lists[0]:
             self._warn(f"{lists[0]} captions are lists: the first item is used")
 
-    def read_images(self, refs: Iterable[str]) -> Iterator[bytes | BadSample]:
+    def read_images(self, refs: Iterable[str], spans=None) -> Iterator[bytes | BadSample]:
         for ref in refs:
             norm = posixpath.normpath(ref)
             if posixpath.isabs(norm) or norm == ".." or norm.startswith("../"):

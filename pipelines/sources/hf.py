@@ -97,7 +97,7 @@ class HFSource(Source):
         if lists[0]:
             self._warn(f"{lists[0]} captions are lists: the first item is used")
 
-    def read_images(self, refs: Iterable[str]) -> Iterator[bytes | BadSample]:
+    def read_images(self, refs: Iterable[str], spans=None) -> Iterator[bytes | BadSample]:
         refs = list(refs)
         for start in range(0, len(refs), self.batch_size):
             yield from self._read_batch(refs[start:start + self.batch_size])

@@ -4,13 +4,17 @@
 uid = the json field ``uid_field`` if given, else the json ``uid`` (``download`` writes it), else
 ``<tar stem>/<key>`` (warned: stable only for this download).  caption = the ``.txt`` member
 (``text_column`` names another extension), decoded as UTF-8 with U+FFFD for bad bytes; label =
-the json field ``label_column``.  source_ref = ``<tar name>:<key>``.
+the json field ``label_column``.  source_ref = ``<tar name>:<key>``; each record also carries the
+image member's span (offset, size) in its tar, so a reader handed the spans (a work item) reads
+images without indexing the tars again.
+
+The tars may be local or on object storage (``s3://bucket/shards/``, any fsspec URL): remote tars
+are streamed once each for the manifest and their images read by ranged reads (`tars`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -19,7 +23,11 @@ from typing import Any
 
 from featstore.errors import BadSample, SourceError
 
-from .base import IMAGE_EXTS, Source, Record, _label, _text, files_fingerprint
+from .base import IMAGE_EXTS, Source, Record, _label, _text
+from .tars import open_tars
+
+NO_IMAGE = (-1, 0)  # the span of a sample without an image member
+READ_CHUNK = 512  # remote: refs fetched together (their ranged GETs run concurrently)
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # webdataset: key = path up to the basename's first dot
 
@@ -31,30 +39,28 @@ class WebDatasetSource(Source):
     max_open_shards = 8
     max_cached_indexes = 16
 
-    def __init__(self, path: Path, *, uid_field=None, label_column=None, image_column=None, text_column=None):
+    def __init__(self, path: Path | str, *, uid_field=None, label_column=None, image_column=None, text_column=None):
         super().__init__(path)
         self.uid_field, self.label_column = uid_field, label_column
         self.image_column, self.text_column = image_column, text_column
         self._text_ext = (text_column or "txt").lower()
         self._image_exts = (image_column.lower(),) if image_column else IMAGE_EXTS
-        if path.is_file():
-            self.root, self.shards = path.parent, [path.name]
-        else:
-            self.root = path
-            self.shards = sorted(n for n in os.listdir(path) if n.endswith(".tar") and (path / n).is_file())
+        self.tars = open_tars(path)
+        self.shards = self.tars.names
         if not self.shards:
-            raise SourceError(f"no .tar shards in {path}")
+            raise SourceError(f"no .tar shards in {path}" + (" (remote sources are webdataset tars)" if self.tars.remote else ""))
         self._shard_set = set(self.shards)
         self._index: dict[str, dict[str, tuple[str, int, int] | None]] = {}  # LRU: shard -> key -> image member
 
     def fingerprint(self) -> str:
-        return files_fingerprint([self.root / shard for shard in self.shards])
+        return self.tars.fingerprint()
 
     def records(self) -> Iterator[Record]:
         no_uid = bad_json = bad_label = count = 0
         for shard in self.shards:
             stem = shard[: -len(".tar")]
-            for key, small in self._scan(shard):
+            samples, index = self._scan(shard)
+            for key, small in samples:
                 meta = None
                 if "json" in small:
                     try:
@@ -73,7 +79,9 @@ class WebDatasetSource(Source):
                     bad_label += label is None
                 caption = small.get(self._text_ext)
                 count += 1
-                yield Record(str(uid), _text(caption, [0]), label, f"{shard}:{key}")
+                span = index.get(key)
+                yield Record(str(uid), _text(caption, [0]), label, f"{shard}:{key}",
+                             span=NO_IMAGE if span is None else span[1:])
         if no_uid:
             field = self.uid_field or "uid"
             hint = "" if self.uid_field else " (pass --uid-field to name one)"
@@ -86,15 +94,16 @@ class WebDatasetSource(Source):
         if count == 0:
             raise SourceError(f"no samples in the shards of {self.path}")
 
-    def _scan(self, shard: str) -> list[tuple[str, dict[str, bytes]]]:
-        """(key, {small ext: bytes}) per sample in tar order; caches the shard's image index."""
+    def _scan(self, shard: str):
+        """([(key, {small ext: bytes})] per sample in tar order, the shard's image index); caches
+        the index.  One pass over the tar (remote: one stream)."""
         small_exts = {"json", self._text_ext}
         samples: list[tuple[str, dict[str, bytes]]] = []
         members: dict[str, dict[str, tuple[int, int]]] = {}
         current = None
         duplicates = 0
         try:
-            with open(self.root / shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            with self.tars.scan(shard) as (tar, read):
                 for key, ext, member in _members(tar):
                     if current is None or current[0] != key:
                         current = (key, {})
@@ -105,17 +114,15 @@ class WebDatasetSource(Source):
                             samples.append(current)
                     members[key].setdefault(ext, (member.offset_data, member.size))
                     if ext in small_exts:
-                        f.seek(member.offset_data)
-                        current[1][ext] = f.read(member.size)
+                        current[1][ext] = read(member)
                 # tarfile stops quietly at a truncated header: a whole shard ends with 2 zero blocks
-                if os.fstat(f.fileno()).st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                if self.tars.size(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
                     raise tarfile.ReadError("truncated")
         except (tarfile.TarError, OSError, EOFError) as err:
             self._warn(f"shard {shard} is unreadable after {len(samples)} samples ({err}); the rest is skipped")
         if duplicates:
             self._warn(f"shard {shard} repeats {duplicates} keys apart from their first members; repeats skipped")
-        self._cache_index(shard, members)
-        return samples
+        return samples, self._cache_index(shard, members)
 
     def _shard_index(self, shard: str) -> dict[str, tuple[str, int, int] | None]:
         """key -> (image ext, data offset, size) or None, for one shard: built from the tar headers
@@ -126,7 +133,7 @@ class WebDatasetSource(Source):
             return index
         members: dict[str, dict[str, tuple[int, int]]] = {}
         try:
-            with tarfile.open(self.root / shard, mode="r:") as tar:
+            with self.tars.scan(shard) as (tar, _):
                 for key, ext, member in _members(tar):
                     members.setdefault(key, {}).setdefault(ext, (member.offset_data, member.size))
         except (tarfile.TarError, OSError, EOFError):
@@ -144,33 +151,49 @@ class WebDatasetSource(Source):
             self._index.pop(next(iter(self._index)))
         return index
 
-    def read_images(self, refs: Iterable[str]) -> Iterator[bytes | BadSample]:
+    def read_images(self, refs: Iterable[str], spans=None) -> Iterator[bytes | BadSample]:
+        """The image bytes of each ref, in order.  `spans` (one (offset, size) per ref, from the
+        records) skip the tar index; without them each shard's index is built once (remote: by
+        streaming the tar again)."""
+        refs = list(refs)
+        spans = [None] * len(refs) if spans is None else list(spans)
+        if self.tars.remote:
+            for i in range(0, len(refs), READ_CHUNK):
+                yield from self._read_remote(refs[i : i + READ_CHUNK], spans[i : i + READ_CHUNK])
+            return
         handles: dict[str, Any] = {}
         try:
-            for ref in refs:
+            for ref, span in zip(refs, spans):
                 try:
-                    yield self._read(ref, handles)
+                    shard, offset, size = self._locate(ref, span)
+                    yield self._read_local(ref, shard, offset, size, handles)
                 except BadSample as bad:
                     yield bad
         finally:
             for handle in handles.values():
                 handle.close()
 
-    def _read(self, ref: str, handles: dict[str, Any]) -> bytes:
+    def _locate(self, ref: str, span=None) -> tuple[str, int, int]:
+        """(shard, offset, size) of a ref's image member; raises BadSample."""
         shard, sep, key = ref.partition(".tar:")
         shard += ".tar"
         if not sep or shard not in self._shard_set:
             raise BadSample("bad-ref", f"{ref!r} names no shard of {self.path}")
-        index = self._shard_index(shard)
-        if key not in index:
-            raise BadSample("missing-image", f"{ref}: no such sample")
-        if index[key] is None:
+        if span is None:
+            index = self._shard_index(shard)
+            if key not in index:
+                raise BadSample("missing-image", f"{ref}: no such sample")
+            span = NO_IMAGE if index[key] is None else index[key][1:]
+        offset, size = (int(x) for x in span)
+        if offset < 0:
             raise BadSample("missing-image", f"{ref}: the sample has no image member")
-        _, offset, size = index[key]
+        return shard, offset, size
+
+    def _read_local(self, ref: str, shard: str, offset: int, size: int, handles: dict[str, Any]) -> bytes:
         handle = handles.pop(shard, None)  # re-inserted last: a small LRU of open shards
         try:
             if handle is None:
-                handle = open(self.root / shard, "rb")
+                handle = self.tars.opener(shard)
             handles[shard] = handle
             if len(handles) > self.max_open_shards:
                 handles.pop(next(iter(handles))).close()
@@ -181,6 +204,19 @@ class WebDatasetSource(Source):
         if len(data) != size:
             raise BadSample("truncated-image", f"{ref}: {len(data)} of {size} bytes")
         return data
+
+    def _read_remote(self, refs: list[str], spans: list) -> list[bytes | BadSample]:
+        out: list[bytes | BadSample] = [b""] * len(refs)
+        want, where = [], []
+        for i, (ref, span) in enumerate(zip(refs, spans)):
+            try:
+                want.append(self._locate(ref, span))
+                where.append(i)
+            except BadSample as bad:
+                out[i] = bad
+        for i, (shard, _, size), data in zip(where, want, self.tars.read_spans(want)):
+            out[i] = data if len(data) == size else BadSample("truncated-image", f"{refs[i]}: {len(data)} of {size} bytes")
+        return out
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
