@@ -6,7 +6,9 @@ folder gives them), batch 1024.  Each contender (benchmarks/contenders/, one mod
 each used the way its documentation recommends) writes the same rows in its own format, passes
 an untimed correctness check, then serves whole epochs:
 
-  featstore          featstore.Loader with its defaults (settings: contenders/featstore_loader.py)
+  featstore          featstore.Loader with its defaults (settings: contenders/featstore_loader.py),
+                     a fresh Loader per epoch (a job's first epoch)
+  featstore_reused   one Loader iterated epoch after epoch (a trainer's later epochs)
   zarr               the same Loader reading through zarr (direct=False)
   memmap             the limit: .npy memmaps, the Loader's order, gathered with one copy
   ram                the same order over in-RAM torch tensors (warm only)
@@ -47,7 +49,7 @@ import torch
 from common import (bench_parser, data_dir, device_string, drop_cache, print_table, resident_fraction,
                     warm_cache, write_results)
 from contenders import DIMS, Data, Unavailable, write_npy
-from contenders.featstore_loader import Featstore, ZarrLoader
+from contenders.featstore_loader import Featstore, FeatstoreReused, ZarrLoader
 from contenders.hf_iterable import HFIterable, HFIterableTorch
 from contenders.lance_take import Lance
 from contenders.litdata_stream import Litdata
@@ -207,6 +209,8 @@ def summarize(runs: dict, shuffle: dict) -> tuple[dict, dict, dict]:
         sfx = "_cold" if key.endswith("_cold") else ""
         ratios[f"featstore_vs_{key}"] = paired(runs, "featstore" + sfx, key)
     ratios["featstore_vs_memmap_steady"] = paired(runs, "featstore", "memmap", "steady_samples_per_s")
+    for sfx in ("", "_cold"):
+        ratios[f"featstore_reused_vs_memmap{sfx}"] = paired(runs, "featstore_reused" + sfx, "memmap" + sfx)
     ratios["shuffle_quality"] = round(shuffle["ratio"], 4)
     ratios["remote_vs_local"] = paired(runs, "featstore_remote", "featstore_local")
     for peer in ("litdata_remote", "mosaic_remote"):
@@ -217,7 +221,8 @@ def summarize(runs: dict, shuffle: dict) -> tuple[dict, dict, dict]:
 def main():
     p = bench_parser(__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=None, help="rows (default 200,000; --quick 4,096)")
-    p.add_argument("--rounds", type=int, default=None, help="warm rounds (default 5; --quick 1); cold: 3 (1)")
+    p.add_argument("--rounds", type=int, default=None, help="warm rounds (default 5; --quick 1)")
+    p.add_argument("--cold-rounds", type=int, default=None, help="cold rounds (default 3; --quick 1)")
     p.add_argument("--only", default=None, help="comma-separated contenders (featstore always runs)")
     p.add_argument("--no-remote", action="store_true", help="skip the S3 contenders")
     p.add_argument("--device", default="cpu", help="cuda: every batch is copied to the GPU (pinned where the contender can)")
@@ -226,6 +231,7 @@ def main():
     size = dict(SIZES["quick" if args.quick else "full"])
     n = args.rows or size["n"]
     warm = args.rounds or size["warm"]
+    cold = args.cold_rounds if args.cold_rounds is not None else size["cold"]
     device = torch.device(args.device) if args.device != "cpu" else None
     gpu = torch.cuda.get_device_name(device) if device is not None else None
     t0 = time.perf_counter()
@@ -237,7 +243,7 @@ def main():
 
     only = set(args.only.split(",")) | {"featstore"} if args.only else None
     featstore = Featstore(data)
-    local = [ZarrLoader(data), MemmapOneCopy(data), InRam(data), ShareLockStaged(data, size["sharelock"]),
+    local = [FeatstoreReused(data), ZarrLoader(data), MemmapOneCopy(data), InRam(data), ShareLockStaged(data, size["sharelock"]),
              HFIterable(data), HFIterableTorch(data), Litdata(data), Mosaic(data), Lance(data)]
     local = [c for c in local if only is None or c.name in only]
     built, unavailable, runs = {}, {}, {}
@@ -250,7 +256,7 @@ def main():
     print(f"  shuffle quality: per-batch label entropy {shuffle['loader_entropy']:.3f} vs "
           f"{shuffle['full_permutation_entropy']:.3f} for a full permutation (ratio {shuffle['ratio']:.3f})", flush=True)
     load_start = os.getloadavg()
-    rounds(local, [(False, warm), (True, size["cold"])], runs, device)
+    rounds(local, [(False, warm), (True, cold)], runs, device)
 
     remote_rows = min(size["remote"], n)
     if not args.no_remote and (only is None or only & {"featstore_remote", "featstore_local", "litdata_remote", "mosaic_remote"}):
@@ -273,7 +279,7 @@ def main():
     params = {
         "rows": n, "dims": DIMS, "dtype": "float16", "batch_size": BATCH, "rows_per_shard": R, "seed": SEED,
         "classes": CLASSES, "labels": "row * classes // rows (class-sorted)", "warm_rounds": warm,
-        "cold_rounds": size["cold"], "remote_rounds": size["remote_rounds"], "remote_rows": remote_rows,
+        "cold_rounds": cold, "remote_rounds": size["remote_rounds"], "remote_rows": remote_rows,
         "device_copy": args.device, "statistic": "figures: median over rounds (spread: min/max); ratios: median over "
         "rounds of featstore / other in the same round; iteration timed, opening untimed; steady = after the first batch",
         "warm": "files read just before the timed epoch", "cold": "files dropped with posix_fadvise(DONTNEED) just before",

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("FEATSTORE_BENCH_RESULTS") or HERE / "results")  # the tests write elsewhere
 
 
 def device_string(gpu: str | None = None) -> str:

@@ -90,3 +90,23 @@ class ZarrLoader(Featstore):
 
     def open(self):
         return open_loader(self.path, self.data, direct=False)
+
+    def describe(self) -> dict:
+        return {"settings": self.settings, "loader_settings": {**LOADER, "direct": False}}
+
+
+class FeatstoreReused(Featstore):
+    """One Loader kept across rounds, as a trainer keeps it across epochs: every timed epoch is a
+    later epoch of the same Loader (its window buffers already allocated and faulted in)."""
+
+    name = "featstore_reused"
+    settings = "the featstore contender's Loader, one object iterated epoch after epoch (a trainer's later epochs)"
+
+    def build(self) -> None:  # reads the featstore contender's store
+        self.loader = open_loader(self.path, self.data)
+        for _ in self.loader:  # its first epoch, untimed
+            pass
+
+    def open(self):
+        self.loader.set_epoch(self.loader.epoch)  # a whole epoch, as a trainer's loop starts one
+        return self.loader
