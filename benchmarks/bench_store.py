@@ -161,20 +161,35 @@ def build_all(contenders, data, built: dict, unavailable: dict) -> list:
             unavailable[c.name] = str(e)
             print(f"  {c.name:<20} unavailable: {e}", flush=True)
             continue
+        except Exception as e:  # a peer that breaks here is reported, and the others still run
+            unavailable[c.name] = f"failed while building or checking: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"  {c.name:<20} {unavailable[c.name]}", flush=True)
+            continue
         built[c.name] = round(time.perf_counter() - t, 1)
         print(f"  {c.name:<20} built and checked in {built[c.name]:.1f}s", flush=True)
         ok.append(c)
     return ok
 
 
-def rounds(contenders, phases, runs: dict, device) -> None:
+def rounds(contenders, phases, runs: dict, device, unavailable: dict) -> None:
+    broken = set()
     for cold, k in phases:
         for r in range(k):
             for c in contenders:
-                if (cold and not c.cold) or (c.name in ONCE and (cold or r > 0)):
+                if (cold and not c.cold) or (c.name in ONCE and (cold or r > 0)) or c.name in broken:
                     continue
                 key = c.name + ("_cold" if cold else "")
-                res = {"round": r, **measure(c, cold, device)}
+                try:
+                    res = {"round": r, **measure(c, cold, device)}
+                except Exception as e:  # reported, never a figure; featstore itself failing ends the run
+                    if c.name == "featstore":
+                        raise
+                    broken.add(c.name)
+                    unavailable[c.name] = f"failed in {key} round {r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                    print(f"  {c.name:<20} {unavailable[c.name]}", flush=True)
+                    runs.pop(c.name, None)
+                    runs.pop(c.name + "_cold", None)
+                    continue
                 runs.setdefault(key, []).append(res)
                 steady = res["steady_samples_per_s"]
                 print(f"  {key:<24} round {r}: {res['samples_per_s']:>12,.0f} samples/s"
@@ -225,6 +240,7 @@ def main():
     p.add_argument("--cold-rounds", type=int, default=None, help="cold rounds (default 3; --quick 1)")
     p.add_argument("--only", default=None, help="comma-separated contenders (featstore always runs)")
     p.add_argument("--no-remote", action="store_true", help="skip the S3 contenders")
+    p.add_argument("--sharelock-rows", type=int, default=None, help="rows ShareLock's layout holds (default 20,000)")
     p.add_argument("--device", default="cpu", help="cuda: every batch is copied to the GPU (pinned where the contender can)")
     p.add_argument("--tag", default=None, help="results file tag: results/store.<tag>.json (gpu.sh: gpu)")
     args = p.parse_args()
@@ -243,7 +259,7 @@ def main():
 
     only = set(args.only.split(",")) | {"featstore"} if args.only else None
     featstore = Featstore(data)
-    local = [FeatstoreReused(data), ZarrLoader(data), MemmapOneCopy(data), InRam(data), ShareLockStaged(data, size["sharelock"]),
+    local = [FeatstoreReused(data), ZarrLoader(data), MemmapOneCopy(data), InRam(data), ShareLockStaged(data, args.sharelock_rows or size["sharelock"]),
              HFIterable(data), HFIterableTorch(data), Litdata(data), Mosaic(data), Lance(data)]
     local = [c for c in local if only is None or c.name in only]
     built, unavailable, runs = {}, {}, {}
@@ -256,7 +272,7 @@ def main():
     print(f"  shuffle quality: per-batch label entropy {shuffle['loader_entropy']:.3f} vs "
           f"{shuffle['full_permutation_entropy']:.3f} for a full permutation (ratio {shuffle['ratio']:.3f})", flush=True)
     load_start = os.getloadavg()
-    rounds(local, [(False, warm), (True, cold)], runs, device)
+    rounds(local, [(False, warm), (True, cold)], runs, device, unavailable)
 
     remote_rows = min(size["remote"], n)
     if not args.no_remote and (only is None or only & {"featstore_remote", "featstore_local", "litdata_remote", "mosaic_remote"}):
@@ -269,9 +285,9 @@ def main():
                           MosaicRemote(data, remote_rows, whole["mosaic"].dir if "mosaic" in whole else None)]
                 remote = build_all(remote, data, built, unavailable)
                 print(f"  S3 server {url}: uploaded", flush=True)
-                rounds(remote, [(False, size["remote_rounds"])], runs, device)
-        except Unavailable as e:
-            unavailable["remote"] = str(e)
+                rounds(remote, [(False, size["remote_rounds"])], runs, device, unavailable)
+        except Exception as e:  # no S3 server here: said so in the results
+            unavailable["remote"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     load_end = os.getloadavg()
 
     figures, ratios, spread = summarize(runs, shuffle)
