@@ -83,7 +83,10 @@ def captions(n: int) -> list[str]:
 def fastest_precision(probe) -> tuple[str, dict]:
     """probe(precision) -> items/s; bf16 autocast is ~2x faster than fp32 on CPUs with AVX-512
     BF16/AMX and several times slower on AVX2-only ones, so measure."""
-    rates = {p: probe(p) for p in ("fp32", "bf16")}
+    rates = {"fp32": 0.0, "bf16": 0.0}
+    for _ in range(2):  # interleaved, best of two: one busy moment must not pick the slow one
+        for p in rates:
+            rates[p] = max(rates[p], probe(p))
     return max(rates, key=rates.get), rates
 
 
@@ -260,7 +263,7 @@ def main() -> None:
     img = interleave({"forward": images.forward, "extract": images.extract, "extract_e2e": images.extract_e2e,
                       "hf_map": images.hf_map}, rounds)
     print(f"captions: {n_cap}, MiniLM, {text_precision}", flush=True)
-    cap = interleave(caption_contenders(d, n_cap, text_precision, 16 if args.quick else n_cap // 8), rounds)
+    cap = interleave(caption_contenders(d, n_cap, text_precision, 16 if args.quick else 256), rounds)
     dask = {} if args.quick and not args.dask else bench_dask(d, images.shards, model, n_img, batch, precision)
 
     med = {k: statistics.median(v) for k, v in {**img, **cap}.items()}
