@@ -252,12 +252,12 @@ def main() -> None:
     precision = "bf16" if dev.type == "cuda" else "fp32"  # bf16 autocast is slow on AVX2-only CPUs
     default_workers = 0 if args.quick else (os.cpu_count() or 1)  # --quick: one decode thread, no process start-up
     workers = args.num_workers if args.num_workers is not None else default_workers
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     d = str(data_dir(args, "gpu"))
-    fig = {"gemm_flops_per_s": gemm_rate(dev, 8192 if dev.type == "cuda" else 512)}
-    print(f"GEMM: {fig['gemm_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
-    fig.update(bench_images(d, s, dev, precision, workers))
+    fig = bench_images(d, s, dev, precision, workers)  # first: its JPEGs are made by forked processes before CUDA starts
     print(f"images: forward {fig['forward_images_per_s']:,.0f}/s, extract {fig['extract_images_per_s']:,.0f}/s", flush=True)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    fig["gemm_flops_per_s"] = gemm_rate(dev, 8192 if dev.type == "cuda" else 512)
+    print(f"GEMM: {fig['gemm_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     fig.update(bench_captions(s, dev))
