@@ -1,34 +1,43 @@
-"""Extraction throughput, side by side in one run:
+"""Extraction throughput, side by side in one run, rounds interleaved (A B C ... A B C ...), medians:
 
-(a) `extract` end to end (tar → decode+preprocess → forward → store) vs the same backbone's
-    forward pass alone on pre-made uint8 tensors: same model (a DINOv2-small-sized ViT: hidden
-    384, 12 layers, patch 14, 224 px, random weights), batch, threads and precision (the faster
-    of fp32 and bf16 on this machine, probed first)
-    → `extract_vs_forward` (target ≥ 0.85: decode and writes hide behind the forward pass).
-(b) MiniLM caption encoding: featstore's length-sorted batches (through the extract job) vs one
-    caption per forward pass (what ShareLock's script does), each at its fastest precision
-    → `batched_vs_one_caption` (target ≥ 5 on this CPU).
-(c) Scaling on Dask: images/s with 1 and 2 single-threaded worker processes (a pre-started
-    LocalCluster; the figure includes each worker loading the model once)
-    → `dask_2_vs_1_workers` and `dask_scaling_efficiency` (= speed-up / 2).  On a 2-core
-    machine the ideal is bounded by the cores: 2 workers can at best double 1 worker.
+(a) Images: a DINOv2-small-sized ViT (hidden 384, 12 layers, patch 14, 224 px, random weights;
+    --quick: hidden 96, 4 layers)
+    over JPEGs of 320-640 px in one webdataset tar, the same batch, threads and precision (the
+    faster of fp32 and bf16 here, probed first) for every contender:
+      forward      the backbone's forward pass alone on pre-made uint8 tensors
+      extract      featstore's block runner: tar → decode+preprocess → forward → store
+      extract_e2e  the whole job as `featstore extract` runs it (prepare: manifest + model load, then run)
+      hf_map       the peer a user would script: transformers AutoModel + AutoImageProcessor over
+                   datasets.load_dataset("webdataset", data_files=tar) → .map(batched=True, batch_size)
+                   into Arrow (a fresh cache per round), model loading included
+    → `extract_vs_forward` (how much of the forward rate extraction keeps) and `extract_vs_hf_map`
+      (extract_e2e ÷ hf_map).
+(b) Captions (MiniLM, the faster precision): featstore's length-sorted batches of 64 through the
+    extract job vs one caption per forward pass (ShareLock's script) → `batched_vs_one_caption`.
+(c) Dask: images/s with 1 and 2 single-threaded worker processes (a pre-started LocalCluster; each
+    worker loads the model once, included) → `dask_2_vs_1_workers`, `dask_scaling_efficiency`.
 
-    python benchmarks/bench_extract.py [--quick]
+    python benchmarks/bench_extract.py [--quick [--dask]] [--rounds K]       (--quick skips (c))
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import statistics
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import bench_parser, data_dir, print_table, write_results  # noqa: E402
+from common import bench_parser, data_dir, device_string, print_table, write_results  # noqa: E402
+
+CAPTION_BATCH = 64
 
 
 def make_images(n: int, out: str) -> str:
@@ -49,12 +58,15 @@ def make_images(n: int, out: str) -> str:
     return out
 
 
-def dinov2_small_sized(path: str) -> str:
+VIT = {"full": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+       "quick": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=2, intermediate_size=384)}
+
+
+def dinov2_small_sized(path: str, shape: dict) -> str:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                       patch_size=14, image_size=224)
+    cfg = Dinov2Config(patch_size=14, image_size=224, **shape)
     Dinov2Model(cfg).eval().save_pretrained(path)
     BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
                       resample=3).save_pretrained(path)
@@ -68,80 +80,140 @@ def captions(n: int) -> list[str]:
     return [" ".join(rng.choice(words, int(rng.integers(4, 40)))) for _ in range(n)]
 
 
-def fastest_precision(model: str, batch: int) -> tuple[str, dict]:
-    """Probe fp32 and bf16 forward speed: bf16 autocast is ~2x faster than fp32 on CPUs with
-    AVX-512 BF16/AMX and several times slower on AVX2-only ones."""
-    from featstore.pipelines.backbones import load_backbone
+def fastest_precision(probe) -> tuple[str, dict]:
+    """probe(precision) -> items/s; bf16 autocast is ~2x faster than fp32 on CPUs with AVX-512
+    BF16/AMX and several times slower on AVX2-only ones, so measure."""
+    rates = {"fp32": 0.0, "bf16": 0.0}
+    for _ in range(2):  # interleaved, best of two: one busy moment must not pick the slow one
+        for p in rates:
+            rates[p] = max(rates[p], probe(p))
+    return max(rates, key=rates.get), rates
 
-    x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
-    rates = {}
-    for precision in ("fp32", "bf16"):
-        bb = load_backbone(model, precision=precision)
-        bb.encode_images(x[:2])
+
+# ---- image contenders: each returns images/s of one run ------------------------------------------
+class Images:
+    def __init__(self, d: str, model: str, n: int, batch: int, precision: str):
+        from featstore.pipelines.backbones import load_backbone
+
+        self.d, self.model, self.n, self.batch, self.precision = d, model, n, batch, precision
+        self.shards = make_images(n, os.path.join(d, "shards"))
+        self.bb = load_backbone(model, precision=precision)
+        self.x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
+        self.bb.encode_images(self.x)  # warm-up
+        self.k = 0
+
+    def _store(self) -> str:
+        self.k += 1
+        path = os.path.join(self.d, f"img-{self.k}.zarr")
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    def forward(self) -> float:
         t = time.perf_counter()
-        bb.encode_images(x)
-        rates[f"probe_forward_{precision}_images_per_s"] = batch / (time.perf_counter() - t)
-    best = max(("fp32", "bf16"), key=lambda p: rates[f"probe_forward_{p}_images_per_s"])
-    return best, rates
+        for _ in range(self.n // self.batch):
+            self.bb.encode_images(self.x)
+        return (self.n // self.batch) * self.batch / (time.perf_counter() - t)
 
+    def extract(self) -> float:
+        """The block runner alone (what extract does after prepare), the loaded backbone reused."""
+        from featstore.pipelines.extract import BlockRunner, prepare
 
-def bench_images(d: str, model: str, n: int, batch: int, precision: str) -> dict:
-    from featstore.pipelines.extract import BlockRunner, prepare
-
-    shards = make_images(n, os.path.join(d, "shards"))
-    spec, store, bb, _ = prepare(os.path.join(d, "img.zarr"), shards, model, name="vit", rows_per_shard=batch * 2,
-                                 batch_size=batch, precision=precision, log=lambda *_: None)
-    x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
-    bb.encode_images(x)  # warm-up
-    t = time.perf_counter()
-    for _ in range(n // batch):
-        bb.encode_images(x)
-    forward = (n // batch) * batch / (time.perf_counter() - t)
-    runner = BlockRunner(spec, backbone=bb, store=store)
-    t = time.perf_counter()
-    runner.run(store.feature_set("vit").missing_blocks())
-    end_to_end = n / (time.perf_counter() - t)
-    runner.close()
-    return {"forward_images_per_s": forward, "extract_images_per_s": end_to_end}
-
-
-def bench_captions(d: str, n: int) -> dict:
-    from featstore.pipelines.backbones import load_backbone
-    from featstore.pipelines.extract import BlockRunner, prepare
-    from featstore.store import Store
-
-    texts = captions(n)
-    folder = os.path.join(d, "captions")
-    os.makedirs(folder, exist_ok=True)
-    # an HF dataset of captions only: the text path never touches images
-    import datasets
-
-    datasets.Dataset.from_dict({"uid": [f"c{i:06d}" for i in range(n)], "caption": texts}).save_to_disk(folder)
-    out = {}
-    for precision in ("fp32", "bf16"):
-        bb = load_backbone("minilm", precision=precision)
-        bb.encode_texts(texts[:8])
-        k = max(64, n // 8)
+        spec, store, _, _ = prepare(self._store(), self.shards, self.model, name="vit", rows_per_shard=self.batch * 2,
+                                    batch_size=self.batch, precision=self.precision, log=lambda *_: None)
+        runner = BlockRunner(spec, backbone=self.bb, store=store)
         t = time.perf_counter()
-        for c in texts[:k]:
-            bb.encode_texts([c])
-        out[f"one_caption_{precision}_per_s"] = k / (time.perf_counter() - t)
-        path = os.path.join(d, f"cap-{precision}.zarr")
-        spec, store, bb, _ = prepare(path, folder, "minilm", field="caption", uid_field="uid", text_column="caption",
-                                     rows_per_shard=n, batch_size=64, precision=precision, log=lambda *_: None)
-        runner = BlockRunner(spec, backbone=bb, store=store)
+        runner.run(store.feature_set("vit").missing_blocks())
+        rate = self.n / (time.perf_counter() - t)
+        runner.close()
+        assert store.feature_set("vit").usable_rows().sum() == self.n
+        return rate
+
+    def extract_e2e(self) -> float:
+        from featstore.pipelines.extract import extract
+
         t = time.perf_counter()
-        runner.run(Store.open(path).feature_set("minilm").missing_blocks())
-        out[f"batched_{precision}_per_s"] = n / (time.perf_counter() - t)
+        s = extract(self._store(), self.shards, self.model, name="vit", rows_per_shard=self.batch * 2,
+                    batch_size=self.batch, precision=self.precision, progress=False, log=lambda *_: None)
+        rate = self.n / (time.perf_counter() - t)
+        assert s["valid"] == self.n
+        return rate
+
+    def hf_map(self) -> float:
+        """What a user scripts with transformers + datasets: a batched map into Arrow."""
+        import datasets
+        from transformers import AutoImageProcessor, AutoModel
+
+        datasets.disable_progress_bars()
+        cache = os.path.join(self.d, f"hf-cache-{self.k}")
+        self.k += 1
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else torch.autocast("cpu", enabled=False))
+        t = time.perf_counter()
+        processor = AutoImageProcessor.from_pretrained(self.model)
+        model = AutoModel.from_pretrained(self.model).eval()
+        ds = datasets.load_dataset("webdataset", data_files={"train": os.path.join(self.shards, "*.tar")}, split="train",
+                                   cache_dir=cache)
+
+        def embed(batch):
+            inputs = processor(images=[im.convert("RGB") for im in batch["jpg"]], return_tensors="pt")
+            with torch.inference_mode(), autocast:
+                out = model(**inputs)
+            return {"embedding": out.pooler_output.float().numpy()}
+
+        out = ds.map(embed, batched=True, batch_size=self.batch, remove_columns=ds.column_names)
+        rate = self.n / (time.perf_counter() - t)
+        assert len(out) == self.n and np.asarray(out[0]["embedding"]).shape == (self.bb.dim,)
+        shutil.rmtree(cache, ignore_errors=True)
+        return rate
+
+
+def interleave(contenders: dict, rounds: int) -> dict[str, list[float]]:
+    out = {k: [] for k in contenders}
+    for r in range(rounds):
+        for name, fn in contenders.items():
+            out[name].append(fn())
+            print(f"  {name:<14} round {r}: {out[name][-1]:8.2f} /s", flush=True)
     return out
 
 
-def bench_dask(d: str, model: str, n: int, batch: int, precision: str) -> dict:
+# ---- captions -----------------------------------------------------------------------------------
+def caption_contenders(d: str, n: int, precision: str, one_n: int) -> dict:
+    import datasets
+
+    from featstore.pipelines.backbones import load_backbone
+    from featstore.pipelines.extract import BlockRunner, prepare
+
+    texts = captions(n)
+    folder = os.path.join(d, "captions")
+    datasets.Dataset.from_dict({"uid": [f"c{i:06d}" for i in range(n)], "caption": texts}).save_to_disk(folder)
+    bb = load_backbone("minilm", precision=precision)
+    bb.encode_texts(texts[:8])
+    k = one_n
+    state = {"round": 0}
+
+    def one():
+        t = time.perf_counter()
+        for c in texts[:k]:
+            bb.encode_texts([c])
+        return k / (time.perf_counter() - t)
+
+    def batched():
+        state["round"] += 1
+        path = os.path.join(d, f"cap-{state['round']}.zarr")
+        spec, store, _, _ = prepare(path, folder, "minilm", field="caption", uid_field="uid", text_column="caption",
+                                    rows_per_shard=n, batch_size=CAPTION_BATCH, precision=precision, log=lambda *_: None)
+        runner = BlockRunner(spec, backbone=bb, store=store)
+        t = time.perf_counter()
+        runner.run(store.feature_set("minilm").missing_blocks())
+        return n / (time.perf_counter() - t)
+
+    return {"one_caption": one, "batched": batched}
+
+
+def bench_dask(d: str, shards: str, model: str, n: int, batch: int, precision: str) -> dict:
     from dask.distributed import LocalCluster
 
     from featstore.pipelines.extract import extract
 
-    shards = os.path.join(d, "shards")
     out = {}
     for workers in (1, 2):
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
@@ -155,31 +227,86 @@ def bench_dask(d: str, model: str, n: int, batch: int, precision: str) -> dict:
 
 
 def main() -> None:
-    args = bench_parser(__doc__).parse_args()
+    p = bench_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 1)")
+    p.add_argument("--dask", action="store_true", help="with --quick: run (c) too (starting Dask workers takes ~30 s)")
+    args = p.parse_args()
+    t0 = time.perf_counter()
     d = str(data_dir(args, "extract"))
-    n_img, batch, n_cap = (32, 16, 512) if args.quick else (192, 32, 4096)
-    model = dinov2_small_sized(os.path.join(d, "dinov2-small-sized"))
-    precision, fig = fastest_precision(model, batch)
-    fig.update(bench_images(d, model, n_img, batch, precision))
-    fig.update(bench_captions(d, n_cap))
-    fig.update(bench_dask(d, model, n_img, batch, precision))
-    best_one = max(fig["one_caption_fp32_per_s"], fig["one_caption_bf16_per_s"])
-    best_batched = max(fig["batched_fp32_per_s"], fig["batched_bf16_per_s"])
+    n_img, batch, n_cap = (16, 8, 128) if args.quick else (192, 32, 4096)
+    rounds = args.rounds or (1 if args.quick else 3)
+    vit = VIT["quick" if args.quick else "full"]
+    model = dinov2_small_sized(os.path.join(d, "vit"), vit)
+
+    from featstore.pipelines.backbones import load_backbone
+
+    x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
+
+    def probe_image(precision):
+        bb = load_backbone(model, precision=precision)
+        bb.encode_images(x[:2])
+        t = time.perf_counter()
+        bb.encode_images(x)
+        return batch / (time.perf_counter() - t)
+
+    def probe_text(precision):
+        bb, texts = load_backbone("minilm", precision=precision), captions(64)
+        bb.encode_texts(texts[:8])
+        t = time.perf_counter()
+        bb.encode_texts(texts)
+        return 64 / (time.perf_counter() - t)
+
+    precision, img_probe = fastest_precision(probe_image)
+    text_precision, text_probe = fastest_precision(probe_text)
+    images = Images(d, model, n_img, batch, precision)
+    print(f"images: {n_img} JPEGs, batch {batch}, {precision}; {rounds} interleaved rounds", flush=True)
+    img = interleave({"forward": images.forward, "extract": images.extract, "extract_e2e": images.extract_e2e,
+                      "hf_map": images.hf_map}, rounds)
+    print(f"captions: {n_cap}, MiniLM, {text_precision}", flush=True)
+    cap = interleave(caption_contenders(d, n_cap, text_precision, 16 if args.quick else 256), rounds)
+    dask = {} if args.quick and not args.dask else bench_dask(d, images.shards, model, n_img, batch, precision)
+
+    med = {k: statistics.median(v) for k, v in {**img, **cap}.items()}
+    fig = {f"{k}_images_per_s": v for k, v in med.items() if k in img}
+    fig.update({"one_caption_per_s": med["one_caption"], "batched_captions_per_s": med["batched"], **dask})
+    fig.update({f"probe_forward_{k}_images_per_s": v for k, v in img_probe.items()})
+    fig.update({f"probe_minilm_{k}_captions_per_s": v for k, v in text_probe.items()})
+    spread = {k: {"min": round(min(v), 2), "max": round(max(v), 2), "rounds": len(v)} for k, v in {**img, **cap}.items()}
+
+    def paired(a, b, runs):
+        return statistics.median(x / y for x, y in zip(runs[a], runs[b]))
+
     ratios = {
-        "extract_vs_forward": fig["extract_images_per_s"] / fig["forward_images_per_s"],
-        "batched_vs_one_caption": best_batched / best_one,
-        "dask_2_vs_1_workers": fig["dask_2_workers_images_per_s"] / fig["dask_1_workers_images_per_s"],
+        "extract_vs_forward": paired("extract", "forward", img),
+        "extract_vs_hf_map": paired("extract_e2e", "hf_map", img),
+        "batched_vs_one_caption": paired("batched", "one_caption", cap),
     }
-    ratios["dask_scaling_efficiency"] = ratios["dask_2_vs_1_workers"] / 2
+    if dask:
+        ratios["dask_2_vs_1_workers"] = dask["dask_2_workers_images_per_s"] / dask["dask_1_workers_images_per_s"]
+        ratios["dask_scaling_efficiency"] = ratios["dask_2_vs_1_workers"] / 2
     fig = {k: round(v, 2) for k, v in fig.items()}
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print_table([{"figure": k, "value": v} for k, v in fig.items()], "extraction throughput")
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], "ratios (ours / theirs)")
-    params = {"images": n_img, "batch": batch, "precision": precision, "captions": n_cap, "caption_batch": 64,
-              "model": "DINOv2-small-sized ViT (384/12/14/224), random weights", "text_model": "minilm",
+    params = {"images": n_img, "batch": batch, "precision": precision, "rounds": rounds, "captions": n_cap,
+              "caption_batch": CAPTION_BATCH, "caption_precision": text_precision,
+              "model": f"DINOv2-style ViT ({vit['hidden_size']}/{vit['num_hidden_layers']}/14/224), random weights",
+              "text_model": "minilm",
               "torch_threads": torch.get_num_threads(), "decode": "1 background thread (--num-workers 0)",
-              "dask": "LocalCluster, 1 thread per worker; includes each worker loading the model"}
-    print(f"wrote {write_results('extract', params, fig, ratios, quick=args.quick)}")
+              "statistic": "figures: median over interleaved rounds (spread: min/max); ratios: median over rounds of "
+                           "the pair measured in the same round",
+              "contenders": {
+                  "forward": "bb.encode_images on pre-made uint8 batches",
+                  "extract": "BlockRunner.run over the tar (decode thread, forward, block writes), backbone loaded",
+                  "extract_e2e": "featstore.pipelines.extract.extract(): manifest, model load, run",
+                  "hf_map": "AutoModel + AutoImageProcessor; load_dataset('webdataset') → map(batched=True, "
+                            "batch_size) into Arrow (fresh cache); model load included",
+              },
+              "dask": "LocalCluster, 1 thread per worker; includes each worker loading the model",
+              "wall_seconds": round(time.perf_counter() - t0, 1)}
+    print(f"wrote {write_results('extract', params, fig, ratios, quick=args.quick, device=device_string(), spread=spread)}")
+    if not args.keep:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,494 +1,344 @@
-"""Shuffled batches of two aligned fp16 feature columns: featstore against what a user would pick.
+"""Shuffled batches of two aligned float16 feature columns: featstore against what a user would pick.
 
-Two columns, "img" (768-d) and "txt" (4096-d), float16, N rows (200k; --quick 40960), batch
-1024, shuffled.  Each contender serves whole epochs, measured warm (its files read just before:
-these VMs evict page cache nobody touched for about a minute) and cold (its files dropped with
-posix_fadvise(DONTNEED); the residency left is recorded), interleaved over a few rounds in one
-process; figures are medians in samples/s, timing the iteration only (objects opened untimed);
-ratios are medians of featstore / other measured back to back in the same round (the machine
-drifts; pairs hold).  The slow ones (ShareLock's layout, hf_torch, featstore_via_zarr) run in
-round 0 only.
+The data: N rows (200k; --quick 4k) of a 768-d "img" and a 4096-d "txt" float16 column (a ViT-B
+image feature and a Llama-3-8B caption feature), rows sorted by class (1,000 classes, as an image
+folder gives them), batch 1024.  Each contender (benchmarks/contenders/, one module per peer,
+each used the way its documentation recommends) writes the same rows in its own format, passes
+an untimed correctness check, then serves whole epochs:
 
-  featstore  featstore.Loader(store, {"img": "features/img/pooled", "txt": "features/txt/pooled"},
-             1024, shuffle=True, seed=0) with its defaults: blocks (4096 rows) in a seeded random
-             order, rows shuffled inside windows of 4 blocks, batches gathered from the window
-             buffers.  Threads: 1 producer (gathers) + 4 readers (preadv) + the consuming thread.
-  memmap     the limit: the same data as .npy files through np.memmap, the same windows (the
-             Loader's own order), each window copied into a buffer by 1 read-ahead thread, each
-             batch gathered into a torch tensor (np.take, as featstore) by the consuming thread.
-  sharelock  ShareLock's layout (its FeatureUtils ZIP backend): one torch.save .pt per sample and
-             feature (fp32; the vision one (768,), the language one (1, 4096)), in uncompressed zip
-             shards of 10k keys, a directory per backbone; read per sample by a Dataset through a
-             torch DataLoader (batch 1024, shuffle, 2 worker processes).  `sharelock` opens each
-             zip once per worker; `sharelock_as_shipped` reopens it for every sample, as
-             FeatureUtils.load_feature does (measured on a few hundred samples, batch 32).
-             Its store holds the first SL_N rows only (20k; --quick 4k).
-  hf         a Hugging Face `datasets` Arrow table (fixed-size lists of float16) from
-             load_from_disk, ds.shuffle(seed) (a full random permutation), read with
-             .iter(batch_size=1024).  `hf` is its fastest path: the arrow format turned into
-             torch tensors by hand (zero-copy from the gathered Arrow buffers); `hf_torch` is
-             with_format("torch", dtype=torch.float16) (without the dtype it silently upcasts
-             fp16 to fp32).  One thread.
-  zarr       the featstore's own arrays opened with plain zarr and read naively: arr[a:b] per
-             block in the same windows, np.concatenate, buf[idx] per batch, one thread (plus
-             zarr's I/O event-loop thread).
+  featstore          featstore.Loader with its defaults (settings: contenders/featstore_loader.py),
+                     a fresh Loader per epoch (a job's first epoch)
+  featstore_reused   one Loader iterated epoch after epoch (a trainer's later epochs)
+  zarr               the same Loader reading through zarr (direct=False)
+  memmap             the limit: .npy memmaps, the Loader's order, gathered with one copy
+  ram                the same order over in-RAM torch tensors (warm only)
+  sharelock_staged   ShareLock's real path: staged .pt files per feature, DataLoader workers
+  hf_iterable        HF datasets to_iterable_dataset(num_shards).shuffle(buffer), arrow→torch
+  hf_iterable_torch  the same with_format("torch") in a DataLoader (round 0, warm only)
+  litdata            optimize + StreamingDataset + StreamingDataLoader
+  mosaic             MDSWriter + StreamingDataset + StreamingDataLoader
+  lance              pylance, full permutation by ds.take per batch
+  remote: featstore_local / featstore_remote / litdata_remote / mosaic_remote over one local S3
+          server (moto, 127.0.0.1) on a subset of whole row blocks (contenders/remote.py)
 
-Ratios are featstore's samples/s over the other's (DESIGN.md, "Benchmarks"), warm unless named
-_cold.  Writes benchmarks/results/store.json (--quick: store.quick.json) and prints the table.
+Rounds are interleaved (A B C ... A B C ...): warm rounds (each contender's files read just before
+its epoch: these VMs evict page cache nobody touched for about a minute), then cold rounds (its
+files dropped with posix_fadvise(DONTNEED) first, the residency left checked with mincore), then
+the remote rounds.  Only iteration is timed (opening is not; DataLoader worker start-up is part of
+an epoch, as it is for a trainer); `steady` figures leave out the first batch.  Figures are
+medians over rounds with their min/max in `spread`; ratios are medians over rounds of featstore ÷
+the other measured in the same round.  `shuffle_quality` is the mean per-batch label entropy of
+featstore's default shuffle over that of a full random permutation, on this class-sorted data.
 
-    .venv/bin/python benchmarks/bench_store.py [--quick] [--rounds K] [--zarrs] [--keep] [--data-dir D]
+    .venv/bin/python benchmarks/bench_store.py [--quick] [--rounds K] [--only a,b] [--device cuda]
 """
 
 from __future__ import annotations
 
 import gc
-import io
+import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
-import warnings
-import zipfile
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from common import (bench_parser, data_dir, device_string, drop_cache, print_table, resident_fraction,
-                    timed, warm_cache, write_results)
+                    warm_cache, write_results)
+from contenders import DIMS, Data, Unavailable, write_npy
+from contenders.featstore_loader import Featstore, FeatstoreReused, ZarrLoader
+from contenders.hf_iterable import HFIterable, HFIterableTorch
+from contenders.lance_take import Lance
+from contenders.litdata_stream import Litdata
+from contenders.memmap_ram import InRam, MemmapOneCopy
+from contenders.mosaic_mds import Mosaic
+from contenders.remote import FeatstoreLocal, FeatstoreRemote, LitdataRemote, MosaicRemote, s3_server
+from contenders.sharelock_staged import ShareLockStaged
 
-from featstore.loader import Loader, _aligned_empty
-from featstore.store import Store
-from featstore.writer import write_block
-
-DIMS = {"img": 768, "txt": 4096}
-COLUMNS = {"img": "features/img/pooled", "txt": "features/txt/pooled"}
-SL_FEATURE = {"img": "vision_features", "txt": "language_features"}
-SL_SHARD = 10_000  # FeatureUtils' default shard_size
-R = 4096
-BATCH = 1024
-SEED = 0
-
-
-# ---- data --------------------------------------------------------------------------------------
-def block_data(block: int, n: int) -> dict[str, np.ndarray]:
-    """Deterministic random fp16 rows, all finite (|x| < 2: the exponent's top bit cleared)."""
-    rng = np.random.default_rng([SEED, block])
-    return {k: (rng.integers(0, 1 << 16, (n, d), dtype=np.uint16) & 0xBFFF).view(np.float16) for k, d in DIMS.items()}
+R, BATCH, SEED, CLASSES = 4096, 1024, 0, 1000
+SIZES = {  # rows, ShareLock's rows, remote rows, warm rounds, cold rounds, remote rounds
+    "full": dict(n=200_000, sharelock=20_000, remote=12 * R, warm=5, cold=3, remote_rounds=3),
+    "quick": dict(n=R, sharelock=1_000, remote=R, warm=1, cold=1, remote_rounds=1),
+}
+ONCE = {"hf_iterable_torch"}  # slow: round 0, warm only
 
 
-def generate(root, n: int, sl_n: int) -> dict:
-    """The same N x (768 + 4096) fp16 rows as a featstore store, .npy files, an HF Arrow dataset,
-    and (first sl_n rows) ShareLock's zip layout."""
-    import datasets
-    import pyarrow as pa
-
-    datasets.disable_progress_bars()
-    paths = {"featstore": root / "store.zarr", "memmap": root / "npy", "hf": root / "hf", "sharelock": root / "sharelock"}
-    store = Store.create(paths["featstore"], rows_per_shard=R)
-    store.register([f"s{i:08d}" for i in range(n)])
-    for name, dim in DIMS.items():
-        store.create_feature_set(name, {"model": f"synthetic-{name}", "dim": dim}, dim)
-    paths["memmap"].mkdir()
-    mm = {k: np.lib.format.open_memmap(paths["memmap"] / f"{k}.npy", "w+", np.float16, (n, d)) for k, d in DIMS.items()}
-    tables = []
-    sl = _ShareLockWriter(paths["sharelock"])
-    for b in range(store.n_blocks):
-        start, stop = store.block_range(b)
-        cols = block_data(b, stop - start)
-        for k, x in cols.items():
-            write_block(store, k, b, {"pooled": x}, np.ones(len(x), dtype=bool))
-            mm[k][start:stop] = x
-        tables.append(pa.table({k: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-                                for k, x in cols.items()}))
-        for i in range(start, min(stop, sl_n)):
-            sl.add(str(i), {k: x[i - start] for k, x in cols.items()})
-    sl.close()
-    for m in mm.values():
-        m.flush()
-    del mm
-    datasets.Dataset(pa.concat_tables(tables)).save_to_disk(str(paths["hf"]))
-    return paths
+# ---- one measurement ---------------------------------------------------------------------------
+def run_epoch(batches, device) -> dict:
+    """Iterate one epoch; with a GPU, every batch goes to it (non_blocking) as a trainer's would."""
+    t0 = time.perf_counter()
+    n = first_n = 0
+    first = None
+    for batch in batches:
+        if device is not None:
+            for k in DIMS:
+                batch[k].to(device, non_blocking=True)
+        n += len(batch["img"])
+        if first is None:
+            first, first_n = time.perf_counter() - t0, n
+    if device is not None:
+        torch.cuda.synchronize(device)
+    secs = time.perf_counter() - t0
+    steady = (n - first_n) / (secs - first) if n > first_n else None  # None: a single batch
+    return {"samples": n, "seconds": round(secs, 4), "samples_per_s": n / secs, "steady_samples_per_s": steady,
+            "first_batch_s": round(first or 0.0, 4)}
 
 
-class _ShareLockWriter:
-    """Writes FeatureUtils' ZIP layout: <dir>/<backbone>/shard_<k>.zip holding '<key>_<feature>.pt'."""
+def measure(c, cold: bool, device) -> dict:
+    gc.collect()  # no stale map may pin pages of these files
+    files = c.files()
+    extra = {}
+    if cold:
+        drop_cache(*files)
+        extra["resident_after_drop"] = round(resident_fraction(*files), 4)
+    elif files:
+        warm_cache(*files)
+    try:
+        out = run_epoch(c.open(), device)
+    finally:
+        c.close()
+        gc.collect()
+    if out["samples"] != c.rows:
+        raise RuntimeError(f"{c.name} served {out['samples']} rows of {c.rows}")
+    return {**out, **extra}
 
-    def __init__(self, root):
-        self.root, self.count, self.zips = root, 0, {}
-        self.key2shard: dict[str, str] = {}
+
+def check(c, data: Data) -> None:
+    """Untimed: the contender's first batch holds the right bytes for the rows it names."""
+    if hasattr(c, "check"):
+        c.rows = c.check()
+        return
+    try:
+        batch = next(iter(c.open()))
+        rows = batch["row"].numpy().astype(np.int64)
+        assert len(rows) == min(data.batch_size, c.rows), f"{c.name}: first batch has {len(rows)} rows"
+        want = data.truth(rows)
         for k in DIMS:
-            (root / k).mkdir(parents=True)
-
-    def add(self, key: str, rows: dict[str, np.ndarray]) -> None:
-        shard = f"shard_{self.count // SL_SHARD}"
-        if self.count % SL_SHARD == 0:
-            self._close_zips()
-            self.zips = {k: zipfile.ZipFile(self.root / k / f"{shard}.zip", "w") for k in DIMS}  # ZIP_STORED
-        for k, x in rows.items():
-            t = torch.from_numpy(x.astype(np.float32))
-            t = t.reshape(1, -1) if k == "txt" else t  # ShareLock's language features are (1, D)
-            buf = io.BytesIO()
-            torch.save(t.clone(), buf)
-            self.zips[k].writestr(f"{key}_{SL_FEATURE[k]}.pt", buf.getvalue())
-        self.key2shard[key] = shard
-        self.count += 1
-
-    def _close_zips(self):
-        for z in self.zips.values():
-            z.close()
-
-    def close(self):
-        self._close_zips()
-        import json
-
-        (self.root / "key2shard.json").write_text(json.dumps(self.key2shard))
+            got = batch[k].numpy()
+            assert got.shape == want[k].shape, f"{c.name}/{k}: shape {got.shape}"
+            assert np.array_equal(got.astype(np.float32), want[k].astype(np.float32)), f"{c.name}/{k}: wrong values"
+    finally:
+        c.close()
 
 
-# ---- contenders: each open_* is untimed and returns epoch() -> samples served -------------------
-def _windows(paths) -> list[np.ndarray]:
-    """The featstore Loader's epoch order (block order + windows), shared by memmap and zarr."""
-    return Loader(Store.open(paths["featstore"]), COLUMNS, BATCH, shuffle=True, seed=SEED)._windows()
+# ---- shuffle quality ---------------------------------------------------------------------------
+def mean_batch_entropy(labels: np.ndarray, batches: list[np.ndarray]) -> tuple[float, float]:
+    """Mean Shannon entropy (nats) of the label distribution of each batch, and mean classes per batch."""
+    ent, classes = [], []
+    for rows in batches:
+        _, counts = np.unique(labels[rows], return_counts=True)
+        p = counts / counts.sum()
+        ent.append(float(-(p * np.log(p)).sum()))
+        classes.append(len(counts))
+    return statistics.fmean(ent), statistics.fmean(classes)
 
 
-def open_featstore(paths, **kw):
-    loader = Loader(Store.open(paths["featstore"]), COLUMNS, BATCH, shuffle=True, seed=SEED, **kw)
-
-    def epoch():
-        n = 0
-        for batch in loader:
-            n += len(batch["row"])
-        return n
-
-    return epoch
-
-
-def _window_index(rows: np.ndarray, n_rows: int):
-    blocks = np.unique(rows // R)
-    ranges = [(int(b) * R, min((int(b) + 1) * R, n_rows)) for b in blocks]
-    lengths = np.array([b - a for a, b in ranges])
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    pos = np.searchsorted(blocks * R, rows, side="right") - 1
-    return ranges, offsets, offsets[pos] + rows - blocks[pos] * R
-
-
-def open_memmap(paths):
-    windows = _windows(paths)
-    mms = {k: np.load(paths["memmap"] / f"{k}.npy", mmap_mode="r") for k in DIMS}
-    n_rows = len(mms["img"])
-    free: dict[str, list] = {k: [] for k in DIMS}
-
-    def read(rows):
-        ranges, offsets, local = _window_index(rows, n_rows)
-        data = {}
-        for k, m in mms.items():
-            buf = free[k].pop() if free[k] else _aligned_empty((4 * R, DIMS[k]), np.float16)
-            for (a, b), o in zip(ranges, offsets):
-                np.copyto(buf[o : o + b - a], m[a:b])
-            data[k] = buf
-        return data, local
-
-    def gather(parts, k):
-        n = sum(b - a for _, _, a, b in parts)
-        out = torch.empty((n, DIMS[k]), dtype=torch.float16)
-        dst, pos = out.numpy(), 0
-        for data, local, a, b in parts:
-            np.take(data[k], local[a:b], axis=0, out=dst[pos : pos + b - a], mode="clip")
-            pos += b - a
-        return out
-
-    def epoch():
-        served, parts, have = 0, [], 0
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, windows[0])
-            for i in range(len(windows)):
-                data, local = pending.result()
-                if i + 1 < len(windows):
-                    pending = pool.submit(read, windows[i + 1])  # read ahead while gathering this one
-                a, last = 0, i == len(windows) - 1
-                while a < len(local):
-                    k = min(BATCH - have, len(local) - a)
-                    parts.append((data, local, a, a + k))
-                    have, a = have + k, a + k
-                    if have == BATCH or (last and a == len(local)):
-                        batch = {key: gather(parts, key) for key in DIMS}
-                        served += len(batch["img"])
-                        for d, *_ in parts if a == len(local) else parts[:-1]:  # windows used up
-                            for key in DIMS:
-                                free[key].append(d[key])
-                        parts, have = [], 0
-        return served
-
-    return epoch
-
-
-def open_zarr(paths):
-    import zarr
-
-    windows = _windows(paths)
-    arrs = {k: zarr.open_array(str(paths["featstore"] / v), mode="r") for k, v in COLUMNS.items()}
-    n_rows = Store.open(paths["featstore"]).n_rows
-
-    def epoch():
-        served = 0
-        for rows in windows:
-            ranges, _, local = _window_index(rows, n_rows)
-            bufs = {k: np.concatenate([a[s:e] for s, e in ranges]) for k, a in arrs.items()}
-            for i in range(0, len(rows), BATCH):
-                batch = {k: torch.from_numpy(buf[local[i : i + BATCH]]) for k, buf in bufs.items()}
-                served += len(batch["img"])
-        return served
-
-    return epoch
-
-
-def open_hf(paths, torch_format: bool):
-    import datasets
-
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # zero-copy from Arrow
-
-    datasets.disable_progress_bars()
-    ds = datasets.load_from_disk(str(paths["hf"])).shuffle(seed=SEED, keep_in_memory=True)
-
-    if torch_format:
-        def epoch():
-            served = 0
-            for b in ds.with_format("torch", dtype=torch.float16).iter(batch_size=BATCH):
-                assert b["txt"].dtype == torch.float16
-                served += len(b["img"])
-            return served
-    else:
-        def epoch():
-            served = 0
-            for t in ds.with_format("arrow").iter(batch_size=BATCH):
-                batch = {k: torch.from_numpy(t.column(k).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                                             .reshape(len(t), DIMS[k])) for k in DIMS}
-                served += len(batch["img"])
-            return served
-    return epoch
-
-
-class ShareLockFeatures(torch.utils.data.Dataset):
-    """ShareLock's VisionLanguageFeatureDataset over FeatureUtils' ZIP backend (not staged):
-    per sample, the vision feature and the language feature, each torch.load-ed from its zip."""
-
-    def __init__(self, root, reopen: bool):
-        import json
-
-        self.root, self.reopen = root, reopen
-        key2shard = json.loads((root / "key2shard.json").read_text())
-        self.keys = list(key2shard)
-        self.key2shard = key2shard
-        self._zips: dict = {}  # (pid, backbone, shard) -> ZipFile, opened in the worker
-
-    def __len__(self):
-        return len(self.keys)
-
-    def _load(self, zf, key, k):
-        with zf.open(f"{key}_{SL_FEATURE[k]}.pt") as f:
-            return torch.load(io.BytesIO(f.read()), weights_only=True)
-
-    def __getitem__(self, idx):
-        key = self.keys[idx]
-        shard = self.key2shard[key]
-        out = {}
-        for k in DIMS:
-            path = self.root / k / f"{shard}.zip"
-            if self.reopen:  # FeatureUtils.load_feature: a ZipFile per call
-                with zipfile.ZipFile(path, "r") as zf:
-                    out[SL_FEATURE[k]] = self._load(zf, key, k)
-            else:
-                zkey = (os.getpid(), k, shard)
-                if zkey not in self._zips:
-                    self._zips[zkey] = zipfile.ZipFile(path, "r")
-                out[SL_FEATURE[k]] = self._load(self._zips[zkey], key, k)
-        out["language_features"] = out["language_features"].squeeze()
-        return out
-
-
-def open_sharelock(paths, reopen: bool, limit: int | None = None, batch: int = BATCH, workers: int = 2):
-    ds = ShareLockFeatures(paths["sharelock"], reopen)
-    if limit is not None:
-        ds = torch.utils.data.Subset(ds, np.random.default_rng(SEED).permutation(len(ds))[:limit].tolist())
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                         generator=torch.Generator().manual_seed(SEED))
-
-    def epoch():
-        served = 0
-        for b in loader:
-            served += len(b["vision_features"])
-        return served
-
-    return epoch
-
-
-def check(paths) -> None:
-    """Untimed sanity check: featstore's batches hold the rows' bytes, in the memmap's order."""
-    loader = Loader(Store.open(paths["featstore"]), COLUMNS, BATCH, shuffle=True, seed=SEED)
-    first = next(iter(loader))
-    rows = np.concatenate(_windows(paths))[:BATCH]
-    assert np.array_equal(first["row"].numpy(), rows), "featstore and memmap orders differ"
-    for k in DIMS:
-        want = np.load(paths["memmap"] / f"{k}.npy", mmap_mode="r")[rows]
-        assert first[k].dtype == torch.float16 and np.array_equal(first[k].numpy(), want), f"{k}: wrong bytes"
+def shuffle_quality(data: Data) -> dict:
+    full = np.random.default_rng(SEED + 1).permutation(data.n)
+    full_batches = [full[i : i + data.batch_size] for i in range(0, data.n, data.batch_size)]
+    ours, ours_classes = mean_batch_entropy(data.labels, data.order)
+    theirs, theirs_classes = mean_batch_entropy(data.labels, full_batches)
+    return {"loader_entropy": ours, "full_permutation_entropy": theirs, "loader_classes_per_batch": ours_classes,
+            "full_permutation_classes_per_batch": theirs_classes, "ratio": ours / theirs}
 
 
 # ---- the run -----------------------------------------------------------------------------------
-def measure(open_fn, files, cold: bool) -> dict:
-    gc.collect()  # no stale mmap may pin pages of these files
-    if cold:
-        drop_cache(*files)
-        left = resident_fraction(*files)
-    else:
-        warm_cache(*files)
-        left = None
-    epoch = open_fn()
-    secs, n = timed(epoch)
-    del epoch
-    gc.collect()
-    out = {"samples_per_s": n / secs, "samples": n, "seconds": round(secs, 4)}
-    if left is not None:
-        out["resident_after_drop"] = round(left, 4)
-    return out
+def build_all(contenders, data, built: dict, unavailable: dict) -> list:
+    ok = []
+    start_method = multiprocessing.get_start_method()
+    for c in contenders:
+        t = time.perf_counter()
+        try:
+            c.build()
+            # litdata's optimize sets the process-wide start method to spawn (force=True); put back
+            # the platform's, so every DataLoader reads the way it would in its own program
+            multiprocessing.set_start_method(start_method, force=True)
+            check(c, data)
+        except Unavailable as e:
+            unavailable[c.name] = str(e)
+            print(f"  {c.name:<20} unavailable: {e}", flush=True)
+            continue
+        except Exception as e:  # a peer that breaks here is reported, and the others still run
+            unavailable[c.name] = f"failed while building or checking: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"  {c.name:<20} {unavailable[c.name]}", flush=True)
+            continue
+        built[c.name] = round(time.perf_counter() - t, 1)
+        print(f"  {c.name:<20} built and checked in {built[c.name]:.1f}s", flush=True)
+        ok.append(c)
+    return ok
+
+
+def rounds(contenders, phases, runs: dict, device, unavailable: dict) -> None:
+    broken = set()
+    for cold, k in phases:
+        for r in range(k):
+            for c in contenders:
+                if (cold and not c.cold) or (c.name in ONCE and (cold or r > 0)) or c.name in broken:
+                    continue
+                key = c.name + ("_cold" if cold else "")
+                try:
+                    res = {"round": r, **measure(c, cold, device)}
+                except Exception as e:  # reported, never a figure; featstore itself failing ends the run
+                    if c.name == "featstore":
+                        raise
+                    broken.add(c.name)
+                    unavailable[c.name] = f"failed in {key} round {r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                    print(f"  {c.name:<20} {unavailable[c.name]}", flush=True)
+                    runs.pop(c.name, None)
+                    runs.pop(c.name + "_cold", None)
+                    continue
+                runs.setdefault(key, []).append(res)
+                steady = res["steady_samples_per_s"]
+                print(f"  {key:<24} round {r}: {res['samples_per_s']:>12,.0f} samples/s"
+                      + (f" (steady {steady:>12,.0f})" if steady else ""), flush=True)
+
+
+def paired(runs: dict, ours: str, other: str, field: str = "samples_per_s") -> float | None:
+    """ours / other, paired by round (measured in the same round), median over rounds."""
+    if ours not in runs or other not in runs:
+        return None
+    mine = {x["round"]: x[field] for x in runs[ours] if x[field]}
+    pairs = [mine[x["round"]] / x[field] for x in runs[other] if x["round"] in mine and x[field]]
+    return round(statistics.median(pairs), 3) if pairs else None
+
+
+def summarize(runs: dict, shuffle: dict) -> tuple[dict, dict, dict]:
+    figures, spread = {}, {}
+    for key, xs in runs.items():
+        for field in ("samples_per_s", "steady_samples_per_s"):
+            v = [x[field] for x in xs if x[field] is not None]
+            if v:
+                figures[f"{key}_{field}"] = round(statistics.median(v), 1)
+        v = [x["samples_per_s"] for x in xs]
+        spread[key] = {"min": round(min(v), 1), "max": round(max(v), 1), "rounds": len(v)}
+    figures.update({f"shuffle_{k}": round(v, 4) for k, v in shuffle.items() if k != "ratio"})
+    figures["shuffle_rate_samples_per_s"] = figures.get("featstore_samples_per_s")
+    ratios = {}
+    for key in runs:
+        base = key.removesuffix("_cold")
+        if base.startswith("featstore") or base.endswith("_remote"):
+            continue
+        sfx = "_cold" if key.endswith("_cold") else ""
+        ratios[f"featstore_vs_{key}"] = paired(runs, "featstore" + sfx, key)
+    ratios["featstore_vs_memmap_steady"] = paired(runs, "featstore", "memmap", "steady_samples_per_s")
+    for sfx in ("", "_cold"):
+        ratios[f"featstore_reused_vs_memmap{sfx}"] = paired(runs, "featstore_reused" + sfx, "memmap" + sfx)
+    ratios["shuffle_quality"] = round(shuffle["ratio"], 4)
+    ratios["remote_vs_local"] = paired(runs, "featstore_remote", "featstore_local")
+    for peer in ("litdata_remote", "mosaic_remote"):
+        ratios[f"featstore_remote_vs_{peer}"] = paired(runs, "featstore_remote", peer)
+    return figures, {k: v for k, v in ratios.items() if v is not None}, spread
 
 
 def main():
     p = bench_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=None, help="warm rounds (default 5; --quick 1); cold rounds: 3 (1)")
-    p.add_argument("--zarrs", action="store_true", help="use the zarrs codec pipeline for the zarr reads "
-                   "(the `zarr` contender and featstore's zarr fallback); featstore's direct shard reads don't use zarr")
+    p.add_argument("--rows", type=int, default=None, help="rows (default 200,000; --quick 4,096)")
+    p.add_argument("--rounds", type=int, default=None, help="warm rounds (default 5; --quick 1)")
+    p.add_argument("--cold-rounds", type=int, default=None, help="cold rounds (default 3; --quick 1)")
+    p.add_argument("--only", default=None, help="comma-separated contenders (featstore always runs)")
+    p.add_argument("--no-remote", action="store_true", help="skip the S3 contenders")
+    p.add_argument("--sharelock-rows", type=int, default=None, help="rows ShareLock's layout holds (default 20,000)")
+    p.add_argument("--device", default="cpu", help="cuda: every batch is copied to the GPU (pinned where the contender can)")
+    p.add_argument("--tag", default=None, help="results file tag: results/store.<tag>.json (gpu.sh: gpu)")
     args = p.parse_args()
-    if args.zarrs:
-        import zarr
-        import zarrs  # noqa: F401  (optional: pip install zarrs)
-
-        zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
-    quick = args.quick
-    n = 32_768 if quick else 200_000
-    sl_n = 1_000 if quick else 20_000
-    shipped_n = 32 if quick else 256
-    warm_rounds = args.rounds or (1 if quick else 5)
-    cold_rounds = 1 if quick else 3
-    root = data_dir(args, "store")
+    size = dict(SIZES["quick" if args.quick else "full"])
+    n = args.rows or size["n"]
+    warm = args.rounds or size["warm"]
+    cold = args.cold_rounds if args.cold_rounds is not None else size["cold"]
+    device = torch.device(args.device) if args.device != "cpu" else None
+    gpu = torch.cuda.get_device_name(device) if device is not None else None
     t0 = time.perf_counter()
-    print(f"generating {n} rows (+ ShareLock layout for {sl_n}) under {root} ...", flush=True)
-    gen_s, paths = timed(generate, root, n, sl_n)
-    print(f"  done in {gen_s:.0f}s", flush=True)
-    check(paths)
+    root = data_dir(args, "store")
+    labels = (np.arange(n) * CLASSES // n).astype(np.int64)  # class-sorted rows
+    data = Data(root=root, n=n, rows_per_shard=R, batch_size=BATCH, seed=SEED, labels=labels, pin_memory=device is not None)
+    print(f"writing {n:,} rows under {root} ...", flush=True)
+    write_npy(root, n, R, SEED)
+
+    only = set(args.only.split(",")) | {"featstore"} if args.only else None
+    featstore = Featstore(data)
+    local = [FeatstoreReused(data), ZarrLoader(data), MemmapOneCopy(data), InRam(data), ShareLockStaged(data, args.sharelock_rows or size["sharelock"]),
+             HFIterable(data), HFIterableTorch(data), Litdata(data), Mosaic(data), Lance(data)]
+    local = [c for c in local if only is None or c.name in only]
+    built, unavailable, runs = {}, {}, {}
+    if not build_all([featstore], data, built, unavailable):
+        raise SystemExit(f"featstore itself cannot run: {unavailable['featstore']}")
+    data.order = featstore.epoch_order()  # the Loader's epoch: memmap and ram replay it
+    assert np.array_equal(np.sort(np.concatenate(data.order)), np.arange(n)), "featstore's epoch is not a permutation"
+    local = [featstore] + build_all(local, data, built, unavailable)
+    shuffle = shuffle_quality(data)
+    print(f"  shuffle quality: per-batch label entropy {shuffle['loader_entropy']:.3f} vs "
+          f"{shuffle['full_permutation_entropy']:.3f} for a full permutation (ratio {shuffle['ratio']:.3f})", flush=True)
     load_start = os.getloadavg()
+    rounds(local, [(False, warm), (True, cold)], runs, device, unavailable)
 
-    fs_files = [paths["featstore"] / "features"]
-    contenders = {  # name -> (open, files read, what)
-        "featstore": (lambda: open_featstore(paths), fs_files),
-        "memmap": (lambda: open_memmap(paths), [paths["memmap"]]),
-        "sharelock": (lambda: open_sharelock(paths, reopen=False), [paths["sharelock"]]),
-        "hf": (lambda: open_hf(paths, torch_format=False), [paths["hf"]]),
-        "hf_torch": (lambda: open_hf(paths, torch_format=True), [paths["hf"]]),
-        "zarr": (lambda: open_zarr(paths), fs_files),
-        "featstore_via_zarr": (lambda: open_featstore(paths, direct=False), fs_files),
-    }
-    shipped = (lambda: open_sharelock(paths, reopen=True, limit=shipped_n, batch=shipped_n // 8), [paths["sharelock"]])
-
-    once = {"sharelock", "sharelock_as_shipped", "hf_torch", "featstore_via_zarr"}  # slow: round 0 only
-    contenders["sharelock_as_shipped"] = shipped
-    runs: dict[str, list[dict]] = {}
-    for cold, rounds in ((False, warm_rounds), (True, cold_rounds)):
-        for r in range(rounds):
-            for name, (fn, fl) in contenders.items():
-                if (name in once and r > 0) or (name in ("hf_torch", "featstore_via_zarr") and (cold or quick)):
-                    continue
-                key = name + ("_cold" if cold else "")
-                res = {"round": r, **measure(fn, fl, cold)}
-                runs.setdefault(key, []).append(res)
-                print(f"  {key:<28} round {r}: {res['samples_per_s']:>12,.1f} samples/s", flush=True)
-
+    remote_rows = min(size["remote"], n)
+    if not args.no_remote and (only is None or only & {"featstore_remote", "featstore_local", "litdata_remote", "mosaic_remote"}):
+        try:
+            with s3_server() as url:
+                whole = {c.name: c for c in local}
+                fl = FeatstoreLocal(data, remote_rows, featstore.path)
+                remote = [fl, FeatstoreRemote(data, remote_rows, fl),
+                          LitdataRemote(data, remote_rows, whole["litdata"].dir if "litdata" in whole else None),
+                          MosaicRemote(data, remote_rows, whole["mosaic"].dir if "mosaic" in whole else None)]
+                remote = build_all(remote, data, built, unavailable)
+                print(f"  S3 server {url}: uploaded", flush=True)
+                rounds(remote, [(False, size["remote_rounds"])], runs, device, unavailable)
+        except Exception as e:  # no S3 server here: said so in the results
+            unavailable["remote"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     load_end = os.getloadavg()
-    fig = {k: statistics.median(x["samples_per_s"] for x in v) for k, v in runs.items()}
-    figures = {f"{k}_samples_per_s": round(v, 1) for k, v in fig.items()}
 
-    def ratio(other: str, cold: bool = False) -> float:
-        """featstore / other, paired by round (measured back to back), median over rounds."""
-        sfx = "_cold" if cold else ""
-        ours = {x["round"]: x["samples_per_s"] for x in runs["featstore" + sfx]}
-        return statistics.median(ours[x["round"]] / x["samples_per_s"] for x in runs[other + sfx])
-
-    ratios = {
-        "featstore_vs_memmap": ratio("memmap"),
-        "featstore_vs_memmap_cold": ratio("memmap", cold=True),
-        "featstore_vs_sharelock": ratio("sharelock"),
-        "featstore_vs_sharelock_as_shipped": ratio("sharelock_as_shipped"),
-        "featstore_vs_hf": ratio("hf"),
-        "featstore_vs_zarr": ratio("zarr"),
-    }
-    ratios = {k: round(v, 3) for k, v in ratios.items()}
-    device = device_string()
+    figures, ratios, spread = summarize(runs, shuffle)
+    dev = device_string(gpu)
     params = {
-        "rows": n, "dims": DIMS, "dtype": "float16", "batch_size": BATCH, "rows_per_shard": R,
-        "window_blocks": 4, "seed": SEED, "warm_rounds": warm_rounds, "cold_rounds": cold_rounds,
-        "statistic": "figures: median over rounds; ratios: median over rounds of featstore / other measured in "
-                     "the same round; sharelock*, hf_torch, featstore_via_zarr: round 0 only; iteration timed, opening untimed",
+        "rows": n, "dims": DIMS, "dtype": "float16", "batch_size": BATCH, "rows_per_shard": R, "seed": SEED,
+        "classes": CLASSES, "labels": "row * classes // rows (class-sorted)", "warm_rounds": warm,
+        "cold_rounds": cold, "remote_rounds": size["remote_rounds"], "remote_rows": remote_rows,
+        "device_copy": args.device, "statistic": "figures: median over rounds (spread: min/max); ratios: median over "
+        "rounds of featstore / other in the same round; iteration timed, opening untimed; steady = after the first batch",
         "warm": "files read just before the timed epoch", "cold": "files dropped with posix_fadvise(DONTNEED) just before",
-        "sharelock_rows": sl_n, "sharelock_zip_keys": SL_SHARD, "sharelock_dtype": "float32",
-        "sharelock_as_shipped_samples": shipped_n, "sharelock_as_shipped_batch": shipped_n // 8,
-        "zarrs_codec_pipeline": bool(args.zarrs), "featstore_read_path": "direct shard preadv (featstore.loader)",
-        "threads": {
-            "featstore": "1 producer (gather) + 4 readers + consumer",
-            "memmap": "1 read-ahead + consumer (gather)",
-            "sharelock": "2 DataLoader worker processes + consumer",
-            "hf": "1", "hf_torch": "1", "zarr": "1 (+ zarr's event-loop thread)",
-            "torch_intra_op": torch.get_num_threads(),
-        },
-        "versions": _versions(),
-        "loadavg_1_5_15_at_start": [round(x, 2) for x in load_start],
-        "loadavg_1_5_15_at_end": [round(x, 2) for x in load_end],
+        "contenders": {c.name: c.describe() for c in local}, "build_seconds": built, "unavailable": unavailable,
+        "torch_threads": torch.get_num_threads(), "versions": _versions(),
+        "loadavg_1_5_15_at_start": [round(x, 2) for x in load_start], "loadavg_1_5_15_at_end": [round(x, 2) for x in load_end],
+        "wall_seconds": round(time.perf_counter() - t0, 1),
     }
-    path = write_results("store", params, figures, ratios, quick=quick, device=device, runs=runs)
-
-    what = {
-        "featstore": "featstore Loader (block shuffle, 4-block window)",
-        "memmap": "np.memmap, same order and buffer (the limit)",
-        "sharelock": "ShareLock zip layout, zip opened once per worker",
-        "sharelock_as_shipped": "ShareLock zip layout, zip reopened per sample (as shipped)",
-        "hf": "HF datasets Arrow, shuffled, arrow→torch by hand (fastest HF path)",
-        "hf_torch": "HF datasets Arrow, shuffled, with_format('torch', dtype=float16)",
-        "zarr": "plain zarr, same arrays and order, read naively",
-        "featstore_via_zarr": "featstore Loader(direct=False): zarr's read path",
-    }
-    rows = []
-    for k, label in what.items():
-        warm, cold = fig.get(k), fig.get(k + "_cold")
-        if warm is None and cold is None:
-            continue
-        rows.append({
-            "contender": k, "what": label,
-            "warm samples/s": f"{warm:,.0f}" if warm else "–",
-            "cold samples/s": f"{cold:,.0f}" if cold else "–",
-            "featstore ÷ it (warm)": f"{ratio(k):,.2f}" if warm else "–",
-            "featstore ÷ it (cold)": f"{ratio(k, cold=True):,.2f}" if cold else "–",
-        })
-    print_table(rows, title=f"bench_store ({'quick, ' if quick else ''}{n} rows, batch {BATCH}) — {device}")
-    print()
-    for k, v in ratios.items():
-        print(f"  {k:<36} {v:,.3f}")
+    if "remote" in locals():
+        params["contenders"].update({c.name: c.describe() for c in remote})
+    path = write_results("store", params, figures, ratios, quick=args.quick, device=dev, tag=args.tag, spread=spread, runs=runs)
+    _print(figures, ratios, spread, dev, n, args.quick)
     print(f"\nwrote {path}  ({time.perf_counter() - t0:.0f}s)")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _print(figures, ratios, spread, dev, n, quick) -> None:
+    rows = []
+    for key in spread:
+        if key.endswith("_cold"):
+            continue
+        cold = key + "_cold"
+        rows.append({"contender": key, "warm samples/s": f"{figures[key + '_samples_per_s']:,.0f}",
+                     "warm min–max": f"{spread[key]['min']:,.0f}–{spread[key]['max']:,.0f}",
+                     "cold samples/s": f"{figures[cold + '_samples_per_s']:,.0f}" if cold in spread else "–",
+                     "featstore ÷ it": ratios.get(f"featstore_vs_{key}", "–"),
+                     "featstore ÷ it (cold)": ratios.get(f"featstore_vs_{cold}", "–")})
+    print_table(rows, title=f"bench_store ({'quick, ' if quick else ''}{n:,} rows, batch {BATCH}) — {dev}")
+    print()
+    for k, v in ratios.items():
+        print(f"  {k:<40} {v}")
+
+
 def _versions() -> dict:
-    import datasets
-    import pyarrow
-    import zarr
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__, "zarr": zarr.__version__,
-           "datasets": datasets.__version__, "pyarrow": pyarrow.__version__}
-    try:
-        import zarrs
-
-        out["zarrs"] = getattr(zarrs, "__version__", "installed")
-    except ImportError:
-        pass
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("numpy", "torch", "zarr", "datasets", "pyarrow", "litdata", "mosaicml-streaming", "pylance", "moto", "s3fs"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
     return out
 
 

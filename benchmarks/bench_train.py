@@ -167,21 +167,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small dims and few steps: under a minute on 2 cores")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per contender (median counts)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per contender (median counts; "
+                    "default 3, --quick 2)")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers for ShareLock's path")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for both contenders (default on CPU: 1, as configs/demo.yaml: a small head "
                          "trains fastest on one thread, and 2 contend with the readers on a 2-core box)")
     ap.add_argument("--rows-per-shard", type=int, default=4096)
     ap.add_argument("--dir", default=None, help="where to build the store and zip shards (default: a temp dir)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "train.json"))
+    ap.add_argument("--out", default=os.path.join(os.environ.get("FEATSTORE_BENCH_RESULTS") or os.path.join(HERE, "results"),
+                                                  "train.json"))
     args = ap.parse_args()
     dev = torch.device(args.device)
     threads = args.threads or (1 if dev.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     p = dict(PRESETS["quick" if args.quick else dev.type])
-    rounds = 2 if args.quick else args.rounds
+    rounds = args.rounds or (2 if args.quick else 3)
 
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-train-") as tmp:
         t = time.perf_counter()

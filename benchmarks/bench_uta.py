@@ -7,10 +7,9 @@ medians, ratios medians of ours / theirs measured back to back in the same round
    patch tokens (196 x 512), as float16 and as int8 + a float16 scale per token, shuffled batches of 256:
      featstore  featstore.Loader(store, {"t": "features/<fs>/tokens"}, 256, shuffle=True, seed=0)
                 (int8 comes back dequantized to float16)
-     memmap     the same tokens as .npy files through np.memmap, the Loader's own window order, each
-                window copied into a reused page-aligned buffer by 1 read-ahead thread, each batch
-                gathered with np.take into a torch tensor (int8: the same dequantization), i.e. the
-                same buffer scheme with the OS page cache instead of featstore's shard reads
+     memmap     the limit: the same tokens as .npy files through np.memmap, the Loader's own order,
+                each batch gathered straight from the mapping with one np.take per column (one
+                copy; int8: the same dequantization), in the consuming thread
    int8 twice: dequantized to fp16 while batching (the Loader's default; train-uta on CPU), and raw
    int8 + scale (train-uta on a GPU, which dequantizes on the device).
    warm (files read just before) and cold (dropped with posix_fadvise(DONTNEED))
@@ -32,14 +31,12 @@ Writes benchmarks/results/uta.json (--quick: uta.quick.json) and prints the tabl
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import shutil
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -47,15 +44,12 @@ import torch
 from common import (bench_parser, data_dir, device_string, drop_cache, print_table, resident_fraction, timed,
                     warm_cache, write_results)
 
-from featstore.loader import Loader, _aligned_empty
+from featstore.loader import Loader
 from featstore.store import Store
 from featstore.tokens import dequantize_int8, quantize_int8
-from featstore.trainers.train_uta import param_groups, train_step
-from featstore.trainers.uta import UTAConfig, UTAStudent, count_parameters, resolve_arch
 from featstore.writer import write_block
+from uta_student import D, PREPROCESS, SEED, T, block_tokens, real_token_fidelity, student_steps, student_store
 
-SEED = 0
-T, D = 196, 512  # CLIP ViT-B/16 at 224: 14x14 patch tokens in the 512-d joint space
 BATCH = 256
 PRESETS = {
     # token rows, rows per shard; student rows, pixel size, patch, batch, timed steps per round
@@ -64,19 +58,7 @@ PRESETS = {
     "full": dict(rows=8192, rows_per_shard=256, student_rows=2048, image=112, patch=16, student_batch=32, steps=8,
                  real_images=64, warm_rounds=5, cold_rounds=3),
 }
-STUDENTS = {"vit-ti": ["student=tiny"], "small": ["depth=2", "width=64"]}
-PREPROCESS = {"name": "featstore-pil-v1", "resize": 224, "crop": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
-              "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
-
-
 # ---- 1. token streaming ------------------------------------------------------------------------
-def block_tokens(block: int, n: int, t: int = T, d: int = D) -> np.ndarray:
-    """Token-like rows: a shared direction per position plus per-image variation, float32."""
-    rng = np.random.default_rng([SEED, block])
-    base = np.random.default_rng([SEED, 10**6]).standard_normal((t, d)).astype(np.float32)
-    return (base + rng.standard_normal((n, t, d), dtype=np.float32)) * 0.5
-
-
 def generate_tokens(root, n: int, r: int) -> dict:
     """The same tokens as a featstore store (fp16 and int8 feature sets) and as .npy files."""
     paths = {"store": root / "tokens.zarr", "npy": root / "npy"}
@@ -104,17 +86,10 @@ def generate_tokens(root, n: int, r: int) -> dict:
     return paths
 
 
-def _windows(paths, name: str) -> list[np.ndarray]:
-    return Loader(Store.open(paths["store"]), {"t": f"features/{name}/tokens"}, BATCH, shuffle=True, seed=SEED)._windows()
-
-
-def _window_index(rows: np.ndarray, r: int, n_rows: int):
-    blocks = np.unique(rows // r)
-    ranges = [(int(b) * r, min((int(b) + 1) * r, n_rows)) for b in blocks]
-    lengths = np.array([b - a for a, b in ranges])
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    pos = np.searchsorted(blocks * r, rows, side="right") - 1
-    return ranges, offsets, offsets[pos] + rows - blocks[pos] * r
+def _order(paths, name: str) -> list[np.ndarray]:
+    """The rows of each batch of the Loader's epoch, in serving order (untimed; memmap replays it)."""
+    loader = Loader(Store.open(paths["store"]), {"t": f"features/{name}/tokens"}, BATCH, shuffle=True, seed=SEED)
+    return [batch["row"].numpy().copy() for batch in loader]
 
 
 def open_featstore(paths, name: str, raw: bool = False):
@@ -135,63 +110,29 @@ def open_featstore(paths, name: str, raw: bool = False):
 
 
 def open_memmap(paths, name: str, r: int, raw: bool = False):
-    """np.memmap in the Loader's window order, 1 read-ahead thread copying each window's blocks into
-    reused page-aligned buffers, batches gathered with np.take (int8: dequantized as the Loader does,
-    or with `raw` int8 + scale gathered as they are)."""
-    windows = _windows(paths, name)
+    """The limit: np.memmap in the Loader's own order, each batch gathered straight from the mapping
+    into a fresh array with one np.take per column (int8: dequantized as the Loader does, or with
+    `raw` int8 + scale gathered as they are), in the consuming thread."""
+    order = _order(paths, name)
     keys = ["t8", "t8_scale"] if name == "t8" else ["t16"]
     mms = {k: np.load(paths["npy"] / f"{k}.npy", mmap_mode="r") for k in keys}
-    n_rows = len(mms[keys[0]])
-    cap = max(len(w) for w in windows)
-    free: dict[str, list] = {k: [] for k in keys}
 
-    def read(rows):
-        ranges, offsets, local = _window_index(rows, r, n_rows)
-        data = {}
-        for k, m in mms.items():
-            buf = free[k].pop() if free[k] else _aligned_empty((cap,) + m.shape[1:], m.dtype)
-            for (a, b), o in zip(ranges, offsets):
-                np.copyto(buf[o : o + b - a], m[a:b])
-            data[k] = buf
-        return data, local
-
-    def gather(parts, k):
-        n = sum(b - a for _, _, a, b in parts)
-        out = np.empty((n,) + mms[k].shape[1:], dtype=mms[k].dtype)
-        pos = 0
-        for data, local, a, b in parts:
-            np.take(data[k], local[a:b], axis=0, out=out[pos : pos + b - a], mode="clip")
-            pos += b - a
+    def gather(rows, k):
+        out = np.empty((len(rows),) + mms[k].shape[1:], dtype=mms[k].dtype)
+        np.take(mms[k], rows, axis=0, out=out, mode="clip")
         return out
 
-    def batch_of(parts):
-        if name == "t8" and raw:
-            return torch.from_numpy(gather(parts, "t8")), torch.from_numpy(gather(parts, "t8_scale"))
-        if name == "t8":
-            return (torch.from_numpy(dequantize_int8(gather(parts, "t8"), gather(parts, "t8_scale"))),)
-        return (torch.from_numpy(gather(parts, "t16")),)
-
     def epoch():
-        served, parts, have = 0, [], 0
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, windows[0])
-            for i in range(len(windows)):
-                data, local = pending.result()
-                if i + 1 < len(windows):
-                    pending = pool.submit(read, windows[i + 1])  # read ahead while gathering this one
-                a, last = 0, i == len(windows) - 1
-                while a < len(local):
-                    k = min(BATCH - have, len(local) - a)
-                    parts.append((data, local, a, a + k))
-                    have, a = have + k, a + k
-                    if have == BATCH or (last and a == len(local)):
-                        batch = batch_of(parts)
-                        assert batch[0].dtype == (torch.int8 if raw else torch.float16)
-                        served += len(batch[0])
-                        for d, *_ in parts if a == len(local) else parts[:-1]:  # windows used up
-                            for key in keys:
-                                free[key].append(d[key])
-                        parts, have = [], 0
+        served = 0
+        for rows in order:
+            if name == "t8" and raw:
+                batch = (torch.from_numpy(gather(rows, "t8")), torch.from_numpy(gather(rows, "t8_scale")))
+            elif name == "t8":
+                batch = (torch.from_numpy(dequantize_int8(gather(rows, "t8"), gather(rows, "t8_scale"))),)
+            else:
+                batch = (torch.from_numpy(gather(rows, "t16")),)
+            assert batch[0].dtype == (torch.int8 if raw else torch.float16)
+            served += len(batch[0])
         return served
 
     return epoch
@@ -201,7 +142,7 @@ def check_tokens(paths) -> None:
     """Untimed: featstore's first batch holds the memmap's rows, in the memmap's order."""
     for name, npy in (("t16", "t16"), ("t8", "t8")):
         first = next(iter(Loader(Store.open(paths["store"]), {"t": f"features/{name}/tokens"}, BATCH, shuffle=True, seed=SEED)))
-        rows = np.concatenate(_windows(paths, name))[:BATCH]
+        rows = _order(paths, name)[0]
         assert np.array_equal(first["row"].numpy(), rows), "orders differ"
         want = np.load(paths["npy"] / f"{npy}.npy", mmap_mode="r")[rows]
         if name == "t8":
@@ -242,116 +183,6 @@ def streaming(paths, r: int, warm_rounds: int, cold_rounds: int) -> dict:
                     runs.setdefault(key, []).append(res)
                     print(f"  {key:<24} round {rnd}: {res['mb_per_s']:>10,.1f} MB/s", flush=True)
     return runs
-
-
-# ---- 2. student steps/s --------------------------------------------------------------------------
-def student_store(root, p: dict):
-    """pixels (N, 3, S, S) uint8 + teacher tokens (N, g*g, 512) fp16 in one store, and the same in RAM."""
-    s, g = p["image"], p["image"] // p["patch"]
-    store = Store.create(root / "student.zarr", rows_per_shard=p["rows_per_shard"])
-    n = p["student_rows"]
-    store.register([f"s{i:08d}" for i in range(n)])
-    pre = dict(PREPROCESS, resize=s, crop=s)
-    store.create_feature_set("teacher", {"model": "synthetic-teacher", "preprocess": pre}, D, tokens=(g * g, D),
-                             pixels="px", pixels_shape=(3, s, s), pixels_identity=pre)
-    for b in range(store.n_blocks):
-        start, stop = store.block_range(b)
-        rng = np.random.default_rng([SEED, 7, b])
-        px = rng.integers(0, 256, (stop - start, 3, s, s), dtype=np.uint8)
-        tok = block_tokens(b, stop - start, g * g)
-        write_block(store, "teacher", b, {"pooled": tok.mean(1), "tokens": tok, "pixels": px}, np.ones(stop - start, bool))
-    ram = {"input": torch.from_numpy(np.asarray(store.pixels("px")[:])),
-           "target": torch.from_numpy(np.asarray(store.array("features/teacher/tokens")[:]))}
-    return store, ram, pre
-
-
-def store_batches(store: Store, batch: int):
-    loader = Loader(store, {"input": "pixels/px", "target": "features/teacher/tokens"}, batch, shuffle=True, seed=SEED,
-                    drop_last=True)
-    while True:
-        yield from loader
-
-
-def preloaded_batches(ram: dict, batch: int):
-    g = torch.Generator().manual_seed(SEED)
-    n = len(ram["input"])
-    while True:
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n - batch + 1, batch):
-            idx = order[i : i + batch]
-            yield {"input": ram["input"][idx], "target": ram["target"][idx], "row": idx}
-
-
-def student_steps(store, ram, pre, p: dict, rounds: int) -> dict:
-    dev = torch.device("cpu")
-    out = {}
-    for label, overrides in STUDENTS.items():
-        from featstore.trainers.config import load_config
-
-        cfg = load_config(None, overrides + [f"batch_size={p['student_batch']}"], base=UTAConfig())
-        g = p["image"] // p["patch"]
-        arch = resolve_arch(cfg, teacher_tokens=(g * g, D), pixels_shape=(3, p["image"], p["image"]), pixels_identity=pre)
-        torch.manual_seed(0)
-        model = UTAStudent(arch)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4)
-        streams = {"store": store_batches(store, cfg.batch_size), "preloaded": preloaded_batches(ram, cfg.batch_size)}
-        step = 0
-
-        def run(batches, n):
-            nonlocal step
-            t0 = time.perf_counter()
-            for _ in range(n):
-                train_step(model, optimizer, next(batches), step, cfg, dev, contextlib.nullcontext())
-                step += 1
-            return n / (time.perf_counter() - t0)
-
-        for batches in streams.values():
-            run(batches, 2)  # warm-up: allocator, first reads
-        rates = {k: [] for k in streams}
-        steps = p["steps"] * (4 if label == "small" else 1)
-        for _ in range(rounds):
-            for name, batches in streams.items():
-                rates[name].append(run(batches, steps))
-        for gen in streams.values():
-            gen.close()
-        out[label] = {"rates": rates, "params": count_parameters(model), "arch": arch, "batch": cfg.batch_size,
-                      "steps_per_round": steps}
-        print(f"  student {label:<7} store {statistics.median(rates['store']):.2f} steps/s, "
-              f"preloaded {statistics.median(rates['preloaded']):.2f} steps/s", flush=True)
-    return out
-
-
-# ---- 3. int8 fidelity on real tokens --------------------------------------------------------------
-def real_token_fidelity(root, n_images: int) -> dict:
-    """EfficientNet-Lite0 tokens of real images stored as float16 and as int8; cosines per token."""
-    sys.path.insert(0, str(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")))
-    from imagedata import SKIMAGE_NAMES, encode, real_images, write_shard
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    from featstore.pipelines.extract import extract
-
-    photos = real_images(len(SKIMAGE_NAMES))
-    digits = load_digits()
-    ink = [255 - (x / 16 * 255).astype(np.uint8) for x in digits.images[: max(0, n_images - len(photos))]]
-    scans = [(f"digit-{i}", Image.fromarray(x).resize((64, 64), Image.BICUBIC).convert("RGB")) for i, x in enumerate(ink)]
-    shard_dir = root / "real"
-    shard_dir.mkdir()
-    write_shard(shard_dir / "00000.tar", [{"key": f"{i:09d}", "image": encode(img), "json": {"uid": name}}
-                                          for i, (name, img) in enumerate(photos + scans)])
-    path = str(root / "real.zarr")
-    for dt in ("float16", "int8"):
-        extract(path, shard_dir, "efficientnet-lite0", name=dt, tokens=True, token_dtype=dt, rows_per_shard=64,
-                batch_size=32, progress=False, log=lambda *_: None)
-    store = Store.open(path)
-    batch = next(iter(Loader(store, {"a": "features/float16/tokens", "q": "features/int8/tokens"}, 10_000, shuffle=False)))
-    a, q = batch["a"].float(), batch["q"].float()
-    cos = torch.nn.functional.cosine_similarity(a, q, dim=-1).flatten().double()
-    rel = ((a - q).norm(dim=-1) / a.norm(dim=-1)).flatten().double()
-    return {"images": int(len(a)), "photos": len(photos), "digit_scans": len(scans), "tokens": int(cos.numel()),
-            "token_shape": list(a.shape[1:]), "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-            "cos_p001": float(torch.quantile(cos, 0.001)), "rel_l2_mean": float(rel.mean()),
-            "bytes_per_token_fp16": int(a.shape[2] * 2), "bytes_per_token_int8": int(a.shape[2] + 2)}
 
 
 # ---- the run ------------------------------------------------------------------------------------------

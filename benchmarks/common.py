@@ -13,7 +13,7 @@ Importing: a benchmark run as `python benchmarks/bench_x.py` has `benchmarks/` f
     resident_fraction(paths) the fraction of those files' pages in the page cache (mincore)
     timed(fn)                (seconds, fn()) with time.perf_counter
     print_table(rows)        a markdown table from a list of dicts
-    write_results(...)       benchmarks/results/<bench>.json in the DESIGN.md format
+    write_results(...)       benchmarks/results/<bench>[.<tag>][.quick].json in the DESIGN.md format
 
 These VMs evict page cache that no process touched for about a minute, so "warm" must mean
 "just read" (`warm_cache` right before the timed pass), never "read at the start of the run".
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("FEATSTORE_BENCH_RESULTS") or HERE / "results")  # the tests write elsewhere
 
 
 def device_string(gpu: str | None = None) -> str:
@@ -155,12 +155,17 @@ def print_table(rows: list[dict], title: str | None = None) -> str:
     return text
 
 
+def results_path(bench: str, quick: bool = False, tag: str | None = None) -> Path:
+    """benchmarks/results/<bench>[.<tag>][.quick].json: a quick run never replaces a full one, and
+    a run on another machine (tag "gpu") never replaces this one's."""
+    return RESULTS / ".".join([bench, *([tag] if tag else []), *(["quick"] if quick else []), "json"])
+
+
 def write_results(bench: str, params: dict, figures: dict, ratios: dict, *, quick: bool = False,
-                  device: str | None = None, **extra) -> Path:
-    """Write benchmarks/results/<bench>.json (<bench>.quick.json for --quick runs, so a quick run
-    never replaces the full one) in the DESIGN.md format; extra keys go after the four."""
+                  device: str | None = None, tag: str | None = None, **extra) -> Path:
+    """Write `results_path(bench, quick, tag)` in the DESIGN.md format; extra keys go after the four."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / (f"{bench}.quick.json" if quick else f"{bench}.json")
+    path = results_path(bench, quick, tag)
     doc = {"bench": bench, "device": device or device_string(), "params": {**params, "quick": quick},
            "figures": figures, "ratios": ratios, **extra}
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One command for a machine with a GPU: extraction (a DINOv2-B-sized ViT, a Llama-3-8B-shaped
+# decoder) with the projected CC3M precompute time, then the store and training benchmarks,
+# all with --device cuda, in under 8 minutes.  Results name the device and never replace this
+# repository's CPU results:
+#   benchmarks/results/gpu.json  store.gpu.json  train.gpu.json
+#
+#   benchmarks/gpu.sh            on the GPU machine
+#   benchmarks/gpu.sh --quick    tiny shapes on CPU (what tests/test_benchmarks.py runs): *.quick.json
+#
+# Environment: PYTHON (default .venv/bin/python, else python3); FEATSTORE_BENCH_RESULTS (results
+# directory, default benchmarks/results); FEATSTORE_BENCH_DATA (scratch, default bench_data/).
+# Each step runs under its own time limit; a failed step is reported and the others still run;
+# the exit status is the number of steps that failed.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=$(command -v python3)
+RESULTS=${FEATSTORE_BENCH_RESULTS:-benchmarks/results}
+DATA=${FEATSTORE_BENCH_DATA:-bench_data}
+export FEATSTORE_BENCH_RESULTS=$RESULTS HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false NO_ALBUMENTATIONS_UPDATE=1
+mkdir -p "$RESULTS" "$DATA"
+
+if [ "${1:-}" = "--quick" ]; then
+    DEV=cpu
+    EXTRACT=(benchmarks/bench_gpu.py --quick --device cpu --data-dir "$DATA/gpu")
+    STORE=(benchmarks/bench_store.py --quick --device cpu --tag gpu --only featstore,memmap --no-remote --data-dir "$DATA/store-gpu")
+    TRAIN=(benchmarks/bench_train.py --quick --device cpu --rounds 1 --out "$RESULTS/train.gpu.quick.json")
+    LIMITS=(120 120 120)
+else
+    DEV=cuda
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu.sh: torch sees no CUDA device here (run with --quick for the CPU check)" >&2
+        exit 3
+    fi
+    "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'device: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
+    df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "shared memory (/dev/shm, DataLoader workers use it): " $2}'
+    "$PY" -c "import featstore.pipelines.extract" 2>/dev/null || {
+        echo "gpu.sh: featstore is not importable with $PY; installing this checkout (no deps, offline)"
+        "$PY" -m pip install -q --no-deps --no-build-isolation -e . || echo "gpu.sh: install failed; steps will fail to import"
+    }
+    EXTRACT=(benchmarks/bench_gpu.py --device cuda --data-dir "$DATA/gpu")
+    # a third of the CPU run's rows, 3 warm + 1 cold rounds, no S3 contenders: fits the 8 minutes
+    STORE=(benchmarks/bench_store.py --device cuda --tag gpu --rows 65536 --sharelock-rows 10000 --rounds 3
+           --cold-rounds 1 --no-remote --data-dir "$DATA/store-gpu")
+    TRAIN=(benchmarks/bench_train.py --device cuda --rounds 2 --out "$RESULTS/train.gpu.json")
+    LIMITS=(210 160 110)  # 8 minutes in all at most; each step expected well under its limit
+fi
+
+failed=0
+start=$(date +%s)
+run() {  # run LIMIT NAME ARGS...
+    local limit=$1 name=$2
+    shift 2
+    local t0
+    t0=$(date +%s)
+    echo "== $name (limit ${limit}s) =="
+    timeout --kill-after=10 "$limit" "$PY" "$@"
+    local rc=$?
+    echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s =="
+    [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+run "${LIMITS[0]}" "extraction + CC3M projection ($DEV)" "${EXTRACT[@]}"
+run "${LIMITS[1]}" "store read path ($DEV)" "${STORE[@]}"
+run "${LIMITS[2]}" "training ($DEV)" "${TRAIN[@]}"
+echo "gpu.sh: $failed step(s) failed, $(( $(date +%s) - start ))s in all; results in $RESULTS"
+exit $failed

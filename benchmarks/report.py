@@ -1,0 +1,224 @@
+"""The README's "Measured" section, made from benchmarks/results/*.json, so README and results agree.
+
+    python benchmarks/report.py            print the section
+    python benchmarks/report.py --write    replace README.md's "## Measured" section with it
+    python benchmarks/report.py --check    exit 1 when README.md's section differs (tests/test_benchmarks.py)
+
+Every table names the device its results file was measured on, and every contender row says how
+that contender was used (the settings its bench recorded).  Quick runs (*.quick.json) are never
+reported.  Only the standard library is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+HEADING = "## Measured"
+ORDER = ["store", "extract", "train", "uta", "gpu", "store.gpu", "train.gpu"]
+INTRO = """\
+Every benchmark runs its contenders side by side in one process and reports ratios, ours ÷ theirs
+(higher is better for featstore); rounds are interleaved and figures are medians, because these
+machines are shared and noisy: absolute rates drift, ratios measured together hold. `make bench`
+runs them all with `--quick`; `python benchmarks/bench_<name>.py` runs the full size and writes
+`benchmarks/results/<name>.json`; `benchmarks/gpu.sh` runs the GPU set. The tables below are
+generated from those files by `python benchmarks/report.py --write`; each names its device."""
+
+
+def num(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return f"{v:,}"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    out = f"{v:.3g}"
+    return f"{v:.6g}" if out in ("1", "-1") else out  # 0.99997 stays 0.99997
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(num(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def esc(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+# ---- store ---------------------------------------------------------------------------------------
+REMOTE = ("featstore_local", "featstore_remote", "litdata_remote", "mosaic_remote")
+
+
+def render_store(d: dict) -> str:
+    p, f, r, spread = d["params"], d["figures"], d["ratios"], d.get("spread", {})
+    dims = " + ".join(f"{v}-d" for v in p["dims"].values())
+    out = [f"{p['rows']:,} rows of {dims} {p['dtype']} features, batch {p['batch_size']}, rows sorted by "
+           f"{p['classes']:,} classes; {p['warm_rounds']} warm / {p['cold_rounds']} cold rounds interleaved "
+           f"(warm: files read just before; cold: dropped with posix_fadvise, checked with mincore); iteration "
+           f"timed, DataLoader start-up included; median (min–max) samples/s; whole run {num(p.get('wall_seconds'))} s."]
+    rows = []
+    for name, c in p["contenders"].items():
+        if name in REMOTE:
+            continue
+        warm, cold = f.get(f"{name}_samples_per_s"), f.get(f"{name}_cold_samples_per_s")
+        s = spread.get(name)
+        rng = f" ({num(s['min'])}–{num(s['max'])})" if s and s["rounds"] > 1 else ""
+        ours = name.startswith("featstore")
+        rows.append([f"**{name}**" if ours else name, esc(c["settings"]), (num(warm) + rng) if warm else "–", num(cold),
+                     "–" if ours else num(r.get(f"featstore_vs_{name}")),
+                     "–" if ours else num(r.get(f"featstore_vs_{name}_cold"))])
+    out.append(table(["contender", "how it is used", "warm samples/s", "cold samples/s", "featstore ÷ it, warm",
+                      "featstore ÷ it, cold"], rows))
+    extra = []
+    if "featstore_reused_vs_memmap" in r:
+        extra.append(f"`featstore_reused_vs_memmap` (later epochs of one Loader against the one-copy memmap): "
+                     f"**{num(r['featstore_reused_vs_memmap'])}** warm, {num(r.get('featstore_reused_vs_memmap_cold'))} cold.")
+    if "featstore_vs_memmap_steady" in r:
+        extra.append(f"`featstore_vs_memmap` leaving out each epoch's first batch (steady state): "
+                     f"**{num(r['featstore_vs_memmap_steady'])}**.")
+    if "shuffle_quality" in r:
+        extra.append(f"`shuffle_quality` **{num(r['shuffle_quality'])}**: per-batch label entropy of the Loader's "
+                     f"default shuffle {num(f.get('shuffle_loader_entropy'))} nats "
+                     f"({num(f.get('shuffle_loader_classes_per_batch'))} classes per batch) vs "
+                     f"{num(f.get('shuffle_full_permutation_entropy'))} "
+                     f"({num(f.get('shuffle_full_permutation_classes_per_batch'))}) for a full permutation, at "
+                     f"{num(f.get('shuffle_rate_samples_per_s'))} samples/s (the featstore row).")
+    for name, why in p.get("unavailable", {}).items():
+        extra.append(f"`{name}` could not run here: {why}.")
+    if extra:
+        out.append("\n".join(f"- {e}" for e in extra))
+    remote = [n for n in REMOTE if f"{n}_samples_per_s" in f]
+    if remote:
+        rows = [[n, esc(p["contenders"][n]["settings"]), num(f[f"{n}_samples_per_s"])] for n in remote]
+        out.append(f"Over S3 (moto's server on 127.0.0.1), {p['remote_rows']:,} rows, {p['remote_rounds']} rounds:")
+        out.append(table(["contender", "how it is used", "samples/s"], rows))
+        out.append("\n".join(f"- `{k}` **{num(v)}**" for k, v in r.items() if k == "remote_vs_local" or k.startswith("featstore_remote_vs")))
+    return "\n\n".join(out)
+
+
+# ---- the others ----------------------------------------------------------------------------------
+def render_extract(d: dict) -> str:
+    p, f, r, spread = d["params"], d["figures"], d["ratios"], d.get("spread", {})
+    if "contenders" not in p:  # a results file from before the contenders were recorded
+        return render_generic(d)
+    out = [f"{p['model']}, {p['images']} JPEGs (320–640 px) in a webdataset tar, batch {p['batch']}, {p['precision']} "
+           f"(the faster precision here, probed), {p['torch_threads']} torch threads; {p['captions']:,} captions "
+           f"through {p['text_model']} ({p['caption_precision']}); {p['rounds']} interleaved rounds, median (min–max); "
+           f"whole run {num(p.get('wall_seconds'))} s."]
+    rows = []
+    for name, how in p["contenders"].items():
+        s = spread.get(name, {})
+        rows.append([name, esc(how), f"{num(f.get(f'{name}_images_per_s'))} ({num(s.get('min'))}–{num(s.get('max'))})"])
+    for name, key in (("one_caption", "one_caption_per_s"), ("batched", "batched_captions_per_s")):
+        s = spread.get(name, {})
+        how = ("one caption per forward pass (ShareLock's script)" if name == "one_caption"
+               else f"featstore's length-sorted batches of {p['caption_batch']} through the extract job")
+        rows.append([name, how, f"{num(f.get(key))} ({num(s.get('min'))}–{num(s.get('max'))})"])
+    for k in ("dask_1_workers_images_per_s", "dask_2_workers_images_per_s"):
+        if k in f:
+            rows.append([k.removesuffix("_images_per_s"), esc(p["dask"]), num(f[k])])
+    out.append(table(["contender", "how", "images or captions /s"], rows))
+    out.append(table(["ratio", "value"], [[f"`{k}`", v] for k, v in r.items()]))
+    return "\n\n".join(out)
+
+
+def render_generic(d: dict) -> str:
+    p = d["params"]
+    shown = {k: v for k, v in p.items() if isinstance(v, (int, float, str)) and k not in ("quick",) and len(str(v)) < 80}
+    out = ["Parameters: " + ", ".join(f"{k} {num(v) if not isinstance(v, str) else v}" for k, v in shown.items()) + "."]
+    out.append(table(["figure", "value"], [[f"`{k}`", v] for k, v in d["figures"].items()]))
+    out.append(table(["ratio", "value"], [[f"`{k}`", v] for k, v in d["ratios"].items()]))
+    return "\n\n".join(out)
+
+
+def render_gpu(d: dict) -> str:
+    proj = d.get("projection", {})
+    out = [render_generic(d)]
+    out.append(table(["CC3M projection", "value"], [[f"`{k}`", v] for k, v in proj.items()]))
+    return "\n\n".join(out)
+
+
+TITLES = {"store": "Store read path — `bench_store.py`", "extract": "Extraction — `bench_extract.py`",
+          "train": "Training data path — `bench_train.py`", "uta": "UTA token targets — `bench_uta.py`",
+          "gpu": "GPU extraction and the CC3M projection — `bench_gpu.py` (gpu.sh)",
+          "store.gpu": "Store read path on the GPU machine — `gpu.sh`", "train.gpu": "Training on the GPU machine — `gpu.sh`"}
+RENDER = {"store": render_store, "extract": render_extract, "gpu": render_gpu}
+NOTES = {  # what to keep in mind reading each table (no figures here: those come from the files)
+    "store": "`memmap` is the limit a page cache allows (one copy per byte, straight from the mapping, in the "
+             "Loader's own order); `ram` uses torch's row gather, which for float16 rows is several times slower "
+             "than numpy's. ShareLock's rate is per sample over its first rows (a file per sample and feature). "
+             "Cold figures depend on this VM's shared disk and vary the most.",
+    "extract": "`extract_vs_forward` is how much of the bare forward rate the whole job keeps (decode, forward "
+               "and block writes together). `hf_map` is "
+               "the script a user would write with transformers and datasets, end to end like `extract_e2e`.",
+    "train": "The same ShareLock training step fed from the store and from in-RAM tensors; the data path alone "
+             "against ShareLock's zip shards of per-sample .pt files read through a DataLoader.",
+    "uta": "For token stores use a small `--rows-per-shard` (e.g. 256): a row block of CLIP B/16 tokens is "
+           "~200 KiB per row, and the loader keeps a few blocks per window in memory.",
+    "gpu": "Projection = 3.3M images at the measured end-to-end extract rate + 3.3M captions at the batched "
+           "rate, on one GPU; the FLOP bound counts 2 x matmul parameters x tokens (+ attention) per item.",
+}
+
+
+def section() -> str:
+    parts = [HEADING, INTRO]
+    for name in ORDER:
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        d = json.loads(path.read_text())
+        render = RENDER.get(d["bench"], render_generic)
+        note = NOTES.get(name.split(".")[0])
+        parts.append(f"### {TITLES.get(name, name)}\n\nDevice: **{d['device']}** (`benchmarks/results/{path.name}`).\n\n"
+                     + render(d) + (f"\n\n{note}" if note else ""))
+    return "\n\n".join(parts) + "\n"
+
+
+def replace(readme: str, new: str) -> str:
+    lines = readme.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(HEADING)), None)
+    if start is None:
+        raise SystemExit(f"README.md has no '{HEADING}' section")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[:start]) + new + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    new = section()
+    if not (args.write or args.check):
+        print(new)
+        return 0
+    readme = README.read_text()
+    updated = replace(readme, new)
+    if args.check:
+        if updated != readme:
+            print("README.md's Measured section differs from benchmarks/results/*.json: "
+                  "run python benchmarks/report.py --write", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(updated)
+    print(f"wrote the Measured section of {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""bench_uta's parts 2 and 3 (see its docstring): a UTA student's steps/s fed by the store vs from
+RAM, and int8 token fidelity on real images; plus the synthetic teacher tokens both parts use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from featstore.loader import Loader
+from featstore.store import Store
+from featstore.trainers.train_uta import param_groups, train_step
+from featstore.trainers.uta import UTAConfig, UTAStudent, count_parameters, resolve_arch
+from featstore.writer import write_block
+
+SEED = 0
+T, D = 196, 512  # CLIP ViT-B/16 at 224: 14x14 patch tokens in the 512-d joint space
+STUDENTS = {"vit-ti": ["student=tiny"], "small": ["depth=2", "width=64"]}
+PREPROCESS = {"name": "featstore-pil-v1", "resize": 224, "crop": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
+              "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+
+
+def block_tokens(block: int, n: int, t: int = T, d: int = D) -> np.ndarray:
+    """Token-like rows: a shared direction per position plus per-image variation, float32."""
+    rng = np.random.default_rng([SEED, block])
+    base = np.random.default_rng([SEED, 10**6]).standard_normal((t, d)).astype(np.float32)
+    return (base + rng.standard_normal((n, t, d), dtype=np.float32)) * 0.5
+
+
+# ---- 2. student steps/s --------------------------------------------------------------------------
+def student_store(root, p: dict):
+    """pixels (N, 3, S, S) uint8 + teacher tokens (N, g*g, 512) fp16 in one store, and the same in RAM."""
+    s, g = p["image"], p["image"] // p["patch"]
+    store = Store.create(root / "student.zarr", rows_per_shard=p["rows_per_shard"])
+    n = p["student_rows"]
+    store.register([f"s{i:08d}" for i in range(n)])
+    pre = dict(PREPROCESS, resize=s, crop=s)
+    store.create_feature_set("teacher", {"model": "synthetic-teacher", "preprocess": pre}, D, tokens=(g * g, D),
+                             pixels="px", pixels_shape=(3, s, s), pixels_identity=pre)
+    for b in range(store.n_blocks):
+        start, stop = store.block_range(b)
+        rng = np.random.default_rng([SEED, 7, b])
+        px = rng.integers(0, 256, (stop - start, 3, s, s), dtype=np.uint8)
+        tok = block_tokens(b, stop - start, g * g)
+        write_block(store, "teacher", b, {"pooled": tok.mean(1), "tokens": tok, "pixels": px}, np.ones(stop - start, bool))
+    ram = {"input": torch.from_numpy(np.asarray(store.pixels("px")[:])),
+           "target": torch.from_numpy(np.asarray(store.array("features/teacher/tokens")[:]))}
+    return store, ram, pre
+
+
+def store_batches(store: Store, batch: int):
+    loader = Loader(store, {"input": "pixels/px", "target": "features/teacher/tokens"}, batch, shuffle=True, seed=SEED,
+                    drop_last=True)
+    while True:
+        yield from loader
+
+
+def preloaded_batches(ram: dict, batch: int):
+    g = torch.Generator().manual_seed(SEED)
+    n = len(ram["input"])
+    while True:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n - batch + 1, batch):
+            idx = order[i : i + batch]
+            yield {"input": ram["input"][idx], "target": ram["target"][idx], "row": idx}
+
+
+def student_steps(store, ram, pre, p: dict, rounds: int) -> dict:
+    dev = torch.device("cpu")
+    out = {}
+    for label, overrides in STUDENTS.items():
+        from featstore.trainers.config import load_config
+
+        cfg = load_config(None, overrides + [f"batch_size={p['student_batch']}"], base=UTAConfig())
+        g = p["image"] // p["patch"]
+        arch = resolve_arch(cfg, teacher_tokens=(g * g, D), pixels_shape=(3, p["image"], p["image"]), pixels_identity=pre)
+        torch.manual_seed(0)
+        model = UTAStudent(arch)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4)
+        streams = {"store": store_batches(store, cfg.batch_size), "preloaded": preloaded_batches(ram, cfg.batch_size)}
+        step = 0
+
+        def run(batches, n):
+            nonlocal step
+            t0 = time.perf_counter()
+            for _ in range(n):
+                train_step(model, optimizer, next(batches), step, cfg, dev, contextlib.nullcontext())
+                step += 1
+            return n / (time.perf_counter() - t0)
+
+        for batches in streams.values():
+            run(batches, 2)  # warm-up: allocator, first reads
+        rates = {k: [] for k in streams}
+        steps = p["steps"] * (4 if label == "small" else 1)
+        for _ in range(rounds):
+            for name, batches in streams.items():
+                rates[name].append(run(batches, steps))
+        for gen in streams.values():
+            gen.close()
+        out[label] = {"rates": rates, "params": count_parameters(model), "arch": arch, "batch": cfg.batch_size,
+                      "steps_per_round": steps}
+        print(f"  student {label:<7} store {statistics.median(rates['store']):.2f} steps/s, "
+              f"preloaded {statistics.median(rates['preloaded']):.2f} steps/s", flush=True)
+    return out
+
+
+# ---- 3. int8 fidelity on real tokens --------------------------------------------------------------
+def real_token_fidelity(root, n_images: int) -> dict:
+    """EfficientNet-Lite0 tokens of real images stored as float16 and as int8; cosines per token."""
+    sys.path.insert(0, str(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")))
+    from imagedata import SKIMAGE_NAMES, encode, real_images, write_shard
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from featstore.pipelines.extract import extract
+
+    photos = real_images(len(SKIMAGE_NAMES))
+    digits = load_digits()
+    ink = [255 - (x / 16 * 255).astype(np.uint8) for x in digits.images[: max(0, n_images - len(photos))]]
+    scans = [(f"digit-{i}", Image.fromarray(x).resize((64, 64), Image.BICUBIC).convert("RGB")) for i, x in enumerate(ink)]
+    shard_dir = root / "real"
+    shard_dir.mkdir()
+    write_shard(shard_dir / "00000.tar", [{"key": f"{i:09d}", "image": encode(img), "json": {"uid": name}}
+                                          for i, (name, img) in enumerate(photos + scans)])
+    path = str(root / "real.zarr")
+    for dt in ("float16", "int8"):
+        extract(path, shard_dir, "efficientnet-lite0", name=dt, tokens=True, token_dtype=dt, rows_per_shard=64,
+                batch_size=32, progress=False, log=lambda *_: None)
+    store = Store.open(path)
+    batch = next(iter(Loader(store, {"a": "features/float16/tokens", "q": "features/int8/tokens"}, 10_000, shuffle=False)))
+    a, q = batch["a"].float(), batch["q"].float()
+    cos = torch.nn.functional.cosine_similarity(a, q, dim=-1).flatten().double()
+    rel = ((a - q).norm(dim=-1) / a.norm(dim=-1)).flatten().double()
+    return {"images": int(len(a)), "photos": len(photos), "digit_scans": len(scans), "tokens": int(cos.numel()),
+            "token_shape": list(a.shape[1:]), "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+            "cos_p001": float(torch.quantile(cos, 0.001)), "rel_l2_mean": float(rel.mean()),
+            "bytes_per_token_fp16": int(a.shape[2] * 2), "bytes_per_token_int8": int(a.shape[2] + 2)}
