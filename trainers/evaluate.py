@@ -255,7 +255,7 @@ def _retrieval(store, model, image_path, text_names, rows, dev, batch_size, note
 @torch.no_grad()
 def _embed(store: Store, path: str, head, rows: np.ndarray, dev, batch_size: int, dim: int):
     """Head embeddings (rows, dim) of the `rows` valid in the feature set at `path`, and those rows."""
-    loader = Loader(store, {"x": path}, batch_size, shuffle=False, rows=rows)
+    loader = Loader(store, {"x": path}, batch_size, shuffle=False, rows=rows, rank=0, world_size=1)
     out, served = [], []
     for batch in loader:
         out.append(head(batch["x"].to(dev).float()).float().cpu())

@@ -111,7 +111,8 @@ def train_head(
     else:
         train_mask, val_mask, heldout_record = heldout(store.uids(), cfg.val_fraction, cfg.val_rows, usable)
     train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda")
-    val_loader = Loader(store, columns, cfg.batch_size, shuffle=False, rows=val_mask, cache=cfg.cache)
+    val_loader = Loader(store, columns, cfg.batch_size, shuffle=False, rows=val_mask, cache=cfg.cache,
+                        rank=0, world_size=1)  # rank 0 validates every val row
     if len(train_loader) == 0:
         raise ConfigError(f"the train split has {len(train_loader.served)} rows with '{image}' and every text set, "
                           f"fewer than one batch ({cfg.batch_size}): lower batch_size")

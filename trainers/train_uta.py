@@ -122,7 +122,8 @@ def train_uta(
     train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda",
                                      dequantize=dequantize)
     val_loader = Loader(store, {**columns, "pooled": f"{fmt.FEATURES}/{teacher}/pooled"}, cfg.batch_size,
-                        shuffle=False, rows=val_mask, dequantize=dequantize)
+                        shuffle=False, rows=val_mask, dequantize=dequantize,
+                        rank=0, world_size=1)  # rank 0 validates every val row
     if len(train_loader) == 0:
         raise ConfigError(f"the train split has {len(train_loader.served)} usable rows, fewer than one batch "
                           f"({cfg.batch_size}): lower batch_size")
