@@ -88,18 +88,23 @@ class Column:
     alias: str
     path: str
     source: Source
-    scale: Source | None = None
+    scale: Source | None = None  # int8 tokens: tokens_scale (row, token)
     feature_set: str | None = None
+    channel: Source | None = None  # int8 token x channel: tokens_channel_scale (row, token_dim)
 
     def sources(self):
         yield self.source
         if self.scale is not None:
             yield self.scale
+        if self.channel is not None:
+            yield self.channel
 
 
 def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None = None) -> Column:
     """The column at `path` (features/<name>/<array>, pixels/<name> or samples/<field>); int8
-    tokens served dequantized also read their scales.  `ram`: RAM-cached arrays to keep."""
+    tokens served dequantized also read their scales: `tokens_scale`, and `tokens_channel_scale`
+    where the feature set's scaling is token x channel (`featstore.tokens`; never the token scale
+    alone there).  `ram`: RAM-cached arrays to keep."""
     parts = path.split("/")
     fs_name = None
     if parts[0] == fmt.FEATURES and len(parts) == 3:
@@ -111,11 +116,14 @@ def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None
         raise UnknownFeatureSet(f"'{path}' is not a column (features/<name>/<array>, pixels/<name> or samples/<field>)")
     array = store.array(path)
     ram = ram or {}
-    scale = None
+    scale = channel = None
     if fs_name and parts[-1] == "tokens" and array.dtype == np.int8 and dequantize:
         key = alias + "#scale"
         scale = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_scale"), ram=ram.get(key))
-    return Column(alias, path, Source(alias, array, ram=ram.get(alias)), scale, fs_name)
+        if store.feature_set(fs_name).token_scaling == "token_channel":
+            key = alias + "#channel"
+            channel = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_channel_scale"), ram=ram.get(key))
+    return Column(alias, path, Source(alias, array, ram=ram.get(alias)), scale, fs_name, channel)
 
 
 def served_rows(store, columns: list[Column], rows) -> tuple[np.ndarray, int]:
@@ -248,7 +256,8 @@ class Reader:
             data = _take(c.source, w, rows, pos, self.memory, self.pin_memory and c.scale is None)
             if c.scale is not None:
                 scale = _take(c.scale, w, rows, pos, self.memory, False)
-                data = torch.from_numpy(dequantize_int8(data.numpy(), scale.numpy()))
+                channel = _take(c.channel, w, rows, pos, self.memory, False).numpy() if c.channel is not None else None
+                data = torch.from_numpy(dequantize_int8(data.numpy(), scale.numpy(), np.float16, channel_scale=channel))
                 if self.pin_memory:
                     data = data.pin_memory()
             out[c.alias] = data

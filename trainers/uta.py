@@ -309,21 +309,18 @@ def _on_device(batch: dict, key: str, dev) -> torch.Tensor:
 def loader_columns(input_column: str, teacher: str, *, int8_on_device: bool, store, pooled: bool = False) -> tuple[dict, bool]:
     """The loader's columns {"input", "target"[, "pooled"][, "<key>_scale"[, "<key>_channel_scale"]]}
     and its `dequantize` flag.  With `int8_on_device` (a GPU), int8 token columns are served raw (half
-    the bytes to copy) with their scales and dequantized by `prepare_batch` on the device; otherwise
-    the loader dequantizes them to fp16 in its producer thread, overlapping the step (best on CPU).
-    Token x channel int8 (a `<tokens>_channel_scale` array beside the tokens) is always served raw
-    and dequantized by `prepare_batch`, which knows both scales."""
+    the bytes to copy) with their scales (both of them for token x channel int8: a
+    `<tokens>_channel_scale` array beside the tokens) and dequantized by `prepare_batch` on the
+    device; otherwise the loader dequantizes them to fp16 in its producer thread, overlapping the
+    step (best on CPU), with whichever scales the feature set has."""
     columns = {"input": input_column, "target": f"features/{teacher}/tokens"}
     if pooled:
         columns["pooled"] = f"features/{teacher}/pooled"
     token_keys = [k for k, p in columns.items() if p.endswith("/tokens") and store.array(p).dtype == np.int8]
-    channel = {k for k in token_keys if _has_array(store, columns[k] + "_channel_scale")}
-    # token x channel int8 needs both scales, which only prepare_batch applies: then every int8
-    # column is served raw with its scales (the loader's `dequantize` flag is one for all columns)
-    raw = token_keys if int8_on_device or channel else []
+    raw = token_keys if int8_on_device else []
     for key in raw:
         columns[f"{key}_scale"] = columns[key] + "_scale"
-        if key in channel:
+        if _has_array(store, columns[key] + "_channel_scale"):
             columns[f"{key}_channel_scale"] = columns[key] + "_channel_scale"
     return columns, not raw
 
