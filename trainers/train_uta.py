@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import yaml
@@ -44,6 +45,7 @@ from featstore.errors import CheckpointError, ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
+from featstore.views import view_count
 
 from . import checkpoint
 from .config import apply, load_config
@@ -115,19 +117,26 @@ def train_uta(
     if ckpt and ckpt.state["arch"] != arch:
         raise CheckpointError(f"checkpoint {ckpt.path} was trained with another student architecture "
                               f"({ckpt.state['arch']}); resume with the same student settings")
+    check_flips(cfg, tdesc)
     train_mask, val_mask = split_by_uid(store.uids(), cfg.val_fraction)
     val_mask &= (val_mask.cumsum() <= cfg.val_max_rows)
     columns, dequantize = loader_columns(idesc["column"], teacher, int8_on_device=dev.type != "cpu", store=store,
                                          pooled=cfg.cls_weight > 0)
+    # stored views: one per row per epoch, the same in pixels, tokens and pooled; validation on view 0
     train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda",
-                                     dequantize=dequantize)
+                                     dequantize=dequantize, view="epoch")
     val_loader = Loader(store, {**columns, "pooled": f"{fmt.FEATURES}/{teacher}/pooled"}, cfg.batch_size,
-                        shuffle=False, rows=val_mask, dequantize=dequantize)
+                        shuffle=False, rows=val_mask, dequantize=dequantize, view=0)
     if len(train_loader) == 0:
         raise ConfigError(f"the train split has {len(train_loader.served)} usable rows, fewer than one batch "
                           f"({cfg.batch_size}): lower batch_size")
     if len(val_loader.served) < 1:
         raise ConfigError("the validation split has no usable rows: raise val_fraction")
+    epochs_note = views_note(cfg.steps, len(train_loader), train_loader.views)
+    if epochs_note:
+        notes.append(epochs_note)
+        if run.is_main:
+            warnings.warn(epochs_note, ViewsRepeat, stacklevel=2)
 
     # ---- model and optimizer --------------------------------------------------------------------------
     threads_before = torch.get_num_threads()
@@ -296,19 +305,54 @@ def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTACon
     return run.mean(loss.detach()).item(), float(grad_norm)
 
 
+class ViewsRepeat(UserWarning):
+    """A run longer than its teacher's stored views: from then on each image's views repeat."""
+
+
+def views_note(steps: int, batches_per_epoch: int, views: int) -> str | None:
+    """The warning of a run whose epochs exceed the teacher's K > 1 stored views (None otherwise)."""
+    epochs = steps / max(1, batches_per_epoch)
+    if views <= 1 or epochs <= views:
+        return None
+    return (f"{steps} steps are {epochs:.1f} epochs of the train split but the teacher has {views} stored views per "
+            f"image: from epoch {views + 1} on every image's views repeat (extract with more --views for fresh ones)")
+
+
+def check_flips(cfg: UTAConfig, tdesc: dict) -> None:
+    """Refuse `hflip` on a teacher whose stored views are already mirrored: the stored flips carry the
+    teacher's own outputs on the mirror; a runtime flip on top would undo some of them and only
+    approximate the teacher there (hflip mirrors the token grid)."""
+    recipe = tdesc.get("views") or {}
+    if cfg.hflip > 0 and recipe.get("flip", 0) > 0:
+        raise ConfigError(f"hflip={cfg.hflip}: the teacher's {recipe.get('k')} stored views are already mirrored with "
+                          f"p {recipe['flip']} at extraction (with the teacher's own tokens on each mirror); set "
+                          "hflip=0, or extract with --view-flip 0 to flip at training time instead")
+
+
+def crop_identity(fs) -> dict | None:
+    """The crop geometry of a feature set's rows: its preprocessing, plus its stored views' recipe."""
+    pre = fs.identity.get("preprocess")
+    if not isinstance(pre, dict):
+        return pre
+    return {**pre, "views": fs.identity["views"]} if fs.identity.get("views") else pre
+
+
 def describe_sources(store: Store, teacher: str, pixels: str | None, student_input: str | None) -> dict:
     """What the run reads, as its checkpoint records it: {"teacher": ..., "input": ...} with names,
-    identities and shapes; refuses a teacher without tokens and an input from another crop."""
+    identities and shapes; refuses a teacher without tokens and an input from another crop (or
+    other stored views)."""
     fs = store.feature_set(teacher)
     if not fs.attrs.get("tokens"):
         raise ConfigError(f"feature set '{teacher}' has no tokens: extract the teacher with --tokens")
     tdesc = {**checkpoint.describe(store, teacher), "tokens": list(fs.attrs["tokens"]), "token_dtype": fs.attrs.get("token_dtype")}
-    teacher_pre = fs.identity.get("preprocess")
+    if fs.views > 1:
+        tdesc["views"] = fs.identity.get("views")
+    teacher_pre = crop_identity(fs)
     if student_input:
         sfs = store.feature_set(student_input)
         if not sfs.attrs.get("tokens"):
             raise ConfigError(f"feature set '{student_input}' has no tokens: extract it with --tokens for light mode")
-        same_crop(sfs.identity.get("preprocess"), teacher_pre, f"student input '{student_input}'", f"teacher '{teacher}'")
+        same_crop(crop_identity(sfs), teacher_pre, f"student input '{student_input}'", f"teacher '{teacher}'")
         idesc = {**checkpoint.describe(store, student_input), "kind": "tokens", "tokens": list(sfs.attrs["tokens"]),
                  "column": f"{fmt.FEATURES}/{student_input}/tokens"}
     else:
@@ -318,7 +362,8 @@ def describe_sources(store: Store, teacher: str, pixels: str | None, student_inp
         px = store.pixels(pixels)
         identity = dict(px.attrs.get("identity") or {})
         same_crop(identity, teacher_pre, f"pixels '{pixels}'", f"teacher '{teacher}'")
-        idesc = {"name": pixels, "kind": "pixels", "identity": identity, "shape": list(px.shape[1:]),
+        k = view_count(px)  # a view axis after row: the student sees one (3, H, W) view at a time
+        idesc = {"name": pixels, "kind": "pixels", "identity": identity, "shape": list(px.shape[1 + (k > 1):]),
                  "feature_set": px.attrs.get("feature_set"), "column": f"{fmt.PIXELS}/{pixels}"}
     return {"teacher": tdesc, "input": idesc}
 
