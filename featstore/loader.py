@@ -268,11 +268,11 @@ class Loader(torch.utils.data.IterableDataset):
         return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset, "rows": len(self.served),
                 "fingerprint": self._fingerprint, "usable": self._usable, "store_rows": self.store.n_rows,
                 "world_size": self.world_size, "batch_size": self.batch_size, "window": self.window,
-                "order": self.mode, "drop_last": self.drop_last, "view": self._view_state()}
+                "order": self.mode, "drop_last": self.drop_last, **self._view_state()}
 
-    def _view_state(self):
-        """What the served views depend on besides (seed, epoch): None without a split view axis."""
-        return None if self.views == 1 or self.view == "all" else {"view": self.view, "views": self.views}
+    def _view_state(self) -> dict:
+        """What the served views depend on besides (seed, epoch); nothing without a split view axis."""
+        return {} if self.views == 1 or self.view == "all" else {"view": {"view": self.view, "views": self.views}}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Continue from `state`.  A state that does not replay against what this loader serves

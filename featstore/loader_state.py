@@ -5,14 +5,15 @@ replays against, and the check that a state still replays exactly.
     {"rows", "fingerprint", "usable",    the served set (count, digest), the rows finished and
      "store_rows"}                       valid before any `rows` subset, the store's row count
     {"world_size", "batch_size",         what else the order depends on
-     "window", "order", "drop_last",
-     "view"}                             which stored view each row serves (None without views)
+     "window", "order", "drop_last"}
+    {"view"}                             only with stored views served one per row: which one
 """
 
 from __future__ import annotations
 
 KEYS = ("seed", "epoch", "offset", "rows", "fingerprint", "usable", "store_rows", "world_size", "batch_size",
-        "window", "order", "drop_last", "view")
+        "window", "order", "drop_last")
+OPTIONAL_KEYS = ("view",)
 
 
 def changes(saved: dict, now: dict) -> list[str]:
@@ -34,6 +35,6 @@ def changes(saved: dict, now: dict) -> list[str]:
             continue  # the window shapes only a shuffled order (elsewhere it only groups reads)
         if saved.get(key) != now[key]:
             out.append(f"{what} {saved.get(key)!r} when saved, {now[key]!r} now")
-    if saved.get("view") != now.get("view"):  # states saved before stored views have none: None
+    if saved.get("view") != now.get("view"):  # absent: no stored views served one per row
         out.append(f"stored views served {saved.get('view')!r} when saved, {now.get('view')!r} now")
     return out

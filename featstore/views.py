@@ -42,8 +42,8 @@ def check_mode(view) -> object:
 
 def row_hash(rows: np.ndarray, seed: int) -> np.ndarray:
     """A 64-bit mix (splitmix64's finalizer) of (seed, row) for each row: uint64."""
-    x = np.asarray(rows, dtype=np.int64).astype(np.uint64) + np.uint64(int(seed) % 2**64) * _GOLDEN
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash means it to
+        x = np.asarray(rows, dtype=np.int64).astype(np.uint64) + np.uint64(int(seed) % 2**64) * _GOLDEN
         x = (x ^ (x >> np.uint64(30))) * _M1
         x = (x ^ (x >> np.uint64(27))) * _M2
     return x ^ (x >> np.uint64(31))
