@@ -83,6 +83,9 @@ def test_the_view_axis_layout_and_identity(view_store):
     assert shapes["pixels/px"] == ((16, 2, 3, 32, 32), ("row", "view", "channel", "height", "width"))
     assert view_store.pixels("px").attrs["identity"]["views"] == fs.identity["views"]
     assert fs.usable_rows().all()
+    xr = pytest.importorskip("xarray")  # plain readers see one consistent view dimension
+    ds = xr.open_zarr(view_store.path, group="features/dino", consolidated=False)
+    assert ds.sizes["view"] == 2 and ds["pooled"].dims == ("row", "view", "dim") and ds["valid"].dims == ("row",)
 
 
 def test_one_view_is_the_layout_of_a_store_without_views_byte_for_byte(photos, view_store, tiny_dinov2_path, tmp_path):
@@ -251,11 +254,21 @@ def test_loader_refusals(view_store, photos, tiny_dinov2_path, tmp_path):
         Loader(store, {"x": "pixels/px2", "p": "features/three/pooled"}, 4, view="epoch")
     with pytest.raises(ConfigError, match="not the same crop"):
         Loader(store, {"x": "pixels/px2", "p": "features/two-other/pooled"}, 4, view="epoch")
+    # train-uta's crop check (light mode, pixels): the views' recipe is part of the crop geometry
+    from featstore.trainers.uta import same_crop
+    from featstore.trainers.uta_views import crop_identity
+
+    same_crop(store.pixels("px2").attrs["identity"], crop_identity(store.feature_set("two")), "px2", "two")
+    for other in ("three", "two-other"):
+        with pytest.raises(IdentityMismatch, match="same crop"):
+            same_crop(crop_identity(store.feature_set(other)), crop_identity(store.feature_set("two")), other, "two")
     # extraction: another K into the same name, view options without views, views of captions
     with pytest.raises(IdentityMismatch, match="views"):
         extract(path, root / "a", tiny_dinov2_path, name="two", pixels="px2", views=3, **common)
     with pytest.raises(ConfigError, match="only apply with --views"):
         extract(path, root / "a", tiny_dinov2_path, name="x", view_seed=3, **common)
+    with pytest.raises(ConfigError, match="--views only applies to --field image"):
+        extract(path, None, tiny_dinov2_path, name="x", field="caption", views=2, **common)
     with pytest.raises(ConfigError, match="--view-scale"):
         extract(path, root / "a", tiny_dinov2_path, name="x", views=2, view_scale=(0.5, 0.2), **common)
 

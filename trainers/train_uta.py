@@ -55,6 +55,7 @@ from .loading import train_loader as rank_train_loader
 from .train_head import PRECISIONS, _forever, _last_validation, _truncate_metrics, _val_every, lr_at
 from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, batch_pooled, count_parameters, draw_masks,
                   load_checkpoint, loader_columns, mask_options, prepare_batch, resolve_arch, same_crop, step_generator)
+from .uta_views import ViewsRepeat, check_flips, crop_identity, views_note
 
 CURVES_PANEL = {"val_token_cos": "token cosine (val)", "val_token_cos_p05": "token cosine, 5th pct image",
                 "val_cls_cosine": "CLS embedding cosine to teacher pooled", "val_zero_shot_top1": "zero-shot top-1"}
@@ -303,38 +304,6 @@ def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTACon
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     optimizer.step()
     return run.mean(loss.detach()).item(), float(grad_norm)
-
-
-class ViewsRepeat(UserWarning):
-    """A run longer than its teacher's stored views: from then on each image's views repeat."""
-
-
-def views_note(steps: int, batches_per_epoch: int, views: int) -> str | None:
-    """The warning of a run whose epochs exceed the teacher's K > 1 stored views (None otherwise)."""
-    epochs = steps / max(1, batches_per_epoch)
-    if views <= 1 or epochs <= views:
-        return None
-    return (f"{steps} steps are {epochs:.1f} epochs of the train split but the teacher has {views} stored views per "
-            f"image: from epoch {views + 1} on every image's views repeat (extract with more --views for fresh ones)")
-
-
-def check_flips(cfg: UTAConfig, tdesc: dict) -> None:
-    """Refuse `hflip` on a teacher whose stored views are already mirrored: the stored flips carry the
-    teacher's own outputs on the mirror; a runtime flip on top would undo some of them and only
-    approximate the teacher there (hflip mirrors the token grid)."""
-    recipe = tdesc.get("views") or {}
-    if cfg.hflip > 0 and recipe.get("flip", 0) > 0:
-        raise ConfigError(f"hflip={cfg.hflip}: the teacher's {recipe.get('k')} stored views are already mirrored with "
-                          f"p {recipe['flip']} at extraction (with the teacher's own tokens on each mirror); set "
-                          "hflip=0, or extract with --view-flip 0 to flip at training time instead")
-
-
-def crop_identity(fs) -> dict | None:
-    """The crop geometry of a feature set's rows: its preprocessing, plus its stored views' recipe."""
-    pre = fs.identity.get("preprocess")
-    if not isinstance(pre, dict):
-        return pre
-    return {**pre, "views": fs.identity["views"]} if fs.identity.get("views") else pre
 
 
 def describe_sources(store: Store, teacher: str, pixels: str | None, student_input: str | None) -> dict:
