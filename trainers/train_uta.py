@@ -7,7 +7,9 @@ Each step streams two row-aligned columns from the store — the uint8 crops `pi
 light mode, another backbone's tokens) and the teacher's tokens `features/<teacher>/tokens` (int8
 ones dequantized by the loader's thread on CPU, on the device on a GPU) — draws the step's masks,
 and aligns the student's kept tokens with the teacher's (trainers/uta.py).  No image is decoded and
-no teacher runs in the step.
+no teacher runs in the step.  A teacher extracted with `--views K` serves one of its K stored views
+per image per epoch (the same view in pixels, tokens and pooled; `trainers/uta_views.py`), and
+validation reads view 0, the centre crop.
 
 Writes into `out_dir` (the train-head conventions, trainers/checkpoint.py's files):
     metrics.jsonl   one json per logged step: step, loss, lr, grad_norm; on validation steps also
