@@ -16,6 +16,11 @@ Each array a batch needs (an int8 token column also needs its scales) is a `Sour
 A window is `k` consecutive batches of this rank (see `featstore.order`); its runs are the row
 ranges covering their rows, gaps inside a block included while they add at most as many rows as
 the window needs (so a window's buffer holds at most 2x its rows).
+
+Stored views (`featstore.views`): a column that serves one of its K views per row reads *view
+rows*, `row * K + view` (`ShardLayout.split_views`): one view of a row is one contiguous range of
+the row's bytes, so runs, buffers and ranged reads cover just the views served; a mapping or RAM
+cache is indexed the same way.  Every such column of a batch serves the same view of a row.
 """
 
 from __future__ import annotations
