@@ -189,6 +189,24 @@ def test_the_loader_serves_each_row_every_view_and_one_view_across_columns(view_
     assert allv["t"].shape == (16, 2, 16, 32) and "view" not in allv and np.array_equal(allv["t"].numpy(), want["t"])
 
 
+def test_raw_int8_views_with_their_scales_as_a_gpu_step_reads_them(view_store):
+    """On a GPU train-uta takes int8 tokens raw with both scales (per view) and dequantizes in the step."""
+    import torch
+
+    from featstore.trainers.uta import loader_columns, prepare_batch
+
+    want = _stored(view_store)
+    columns, dequantize = loader_columns("pixels/px", "dino", int8_on_device=True, store=view_store, pooled=True)
+    assert not dequantize and columns["target_channel_scale"] == "features/dino/tokens_channel_scale"
+    arch = {"grid": 4, "grid_interpolation": None}
+    for b in Loader(view_store, columns, 5, view="epoch", seed=3, dequantize=False):
+        rows, views = b["row"].numpy(), b["view"].numpy()
+        assert b["target"].dtype == torch.int8 and b["target_scale"].shape == (len(rows), 16)
+        x, t = prepare_batch(b, arch, None, torch.device("cpu"))
+        assert np.array_equal(x.numpy(), want["x"][rows, views])
+        np.testing.assert_allclose(t.numpy(), want["t"][rows, views].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
 def test_the_loader_reads_one_view_per_row_from_s3(view_store, tmp_path):
     s3fs = pytest.importorskip("s3fs")
     from servers import s3_server
