@@ -92,6 +92,17 @@ def download(urls, out, url_col, caption_col, uid_col, image_size, processes, th
         click.echo(f"  {count:>7,} {reason}")
 
 
+def _float_pair(ctx, param, value):
+    """MIN,MAX -> (min, max) floats (None stays None)."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not MIN,MAX (two numbers)") from None
+    return lo, hi
+
+
 def _extract_choices():
     from featstore.pipelines.choices import FIELDS, POOLED_DTYPES, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
 
@@ -123,7 +134,12 @@ _FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES, _POOLED_DTYPES = 
 @click.option("--token-dtype", type=click.Choice(_TOKEN_DTYPES), default="float16", show_default=True)
 @click.option("--dtype", type=click.Choice(_POOLED_DTYPES), default="float16", show_default=True, help="Storage dtype of the pooled features (float32: e.g. LLM features with large activations).")
 @click.option("--pixels", help="Also store the exact preprocessed crops as uint8 under pixels/NAME.")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--views", type=int, default=1, show_default=True, help="Stored views per image: view 0 the recipe's centre crop, the others random-resized crops + flips (EVA-02's), each with its own outputs (and pixels); a view axis after row.")
+@click.option("--view-seed", type=int, help="Seed of the views' crops (default 0); each view is drawn from (seed, uid, view).")
+@click.option("--view-scale", callback=_float_pair, help="Area fraction range of the random crops, MIN,MAX (default 0.2,1).")
+@click.option("--view-ratio", callback=_float_pair, help="Aspect ratio range of the random crops, MIN,MAX (default 0.75,1.3333).")
+@click.option("--view-flip", type=float, help="Probability that a random view is mirrored (default 0.5).")
+@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass (with --views K: batch-size // K rows).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K.")
 @click.option("--precision", type=click.Choice(_PRECISIONS), default="fp32", show_default=True, help="Autocast precision of the forward pass.")
 @click.option("--num-workers", default=0, show_default=True, help="Decode processes (0: one decode thread; threads inside Dask workers).")
@@ -413,13 +429,14 @@ def rm(store_path, name):
 @click.option("--name", required=True, help="The feature set to export.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file: .npy (+ .uids.txt) or .parquet.")
 @click.option("--array", default="pooled", show_default=True, help="Which array of the feature set (int8 tokens are written dequantized, float32).")
+@click.option("--view", type=int, default=None, help="A feature set with stored views: export view K only (default: every view, a view axis after row).")
 @_friendly
-def export(store_path, name, out, array):
+def export(store_path, name, out, array, view):
     """Export a feature set's valid rows with their uids, as npy or parquet."""
     from featstore.export import export as run_export
     from featstore.store import Store
 
-    result = run_export(Store.open(store_path), name, out, array)
+    result = run_export(Store.open(store_path), name, out, array, view=view)
     click.echo(f"exported {result['rows']:,} rows {tuple(result['shape'])} -> {', '.join(result['files'])}")
 
 

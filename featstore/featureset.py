@@ -5,6 +5,11 @@
         [+ tokens_channel_scale (row, token_dim): token x channel scaling, `featstore.tokens`]
     pixels/<name> (row, channel, height, width), when the feature set stores its crops
 
+With K > 1 stored views per image (extract --views K) every per-view array has a `view` axis
+after `row` (pooled (row, view, dim), tokens (row, view, token, token_dim), ...), and
+view_crops (row, view, box) float32 / view_flips (row, view) bool record each view's crop;
+`valid` stays per row (`featstore.format.dims`).
+
 Which rows are done comes from the block markers (`featstore.progress`); `usable_rows()` is
 done & valid, which every reader (the loader, export, eval) serves.
 """
@@ -65,6 +70,11 @@ class FeatureSet:
     @property
     def pixels_name(self) -> str | None:
         return self.group.attrs.get("pixels")
+
+    @property
+    def views(self) -> int:
+        """Stored views per row: K > 1 for a feature set made with --views K (a `view` axis), else 1."""
+        return int(self.attrs.get("views") or 1)
 
     @property
     def token_scaling(self) -> str | None:
@@ -142,13 +152,18 @@ def _scaling_of(attrs: dict) -> str | None:
 
 def create(store: "Store", name: str, identity: dict, dim: int, *, tokens=None, token_dtype="float16",
            dtype="float16", pixels=None, pixels_shape=None, pixels_identity=None, compressors=None,
-           token_scaling: str = "token") -> FeatureSet:
+           token_scaling: str = "token", views: int = 1) -> FeatureSet:
     """Create `features/<name>` on the store's row grid (the caller holds the store lock and has
-    checked that it does not exist)."""
+    checked that it does not exist).  `views` K > 1: every per-view array gets a view axis."""
     n, r = store.n_rows, store.rows_per_shard
+    views = int(views)
+    if views < 1:
+        raise ConfigError(f"views must be >= 1, not {views}")
     group = store.root.require_group(f"{fmt.FEATURES}/{name}")
 
     def make(parent, key, shape_tail, dt, dims, max_rows=None, fill=0, attributes=None):
+        if dims[1:2] == (fmt.VIEW,):  # one entry per stored view
+            shape_tail = (views,) + tuple(shape_tail)
         row_bytes = int(np.prod(shape_tail, dtype=np.int64)) * np.dtype(dt).itemsize
         c = fmt.chunk_rows(row_bytes, r, max_rows)
         parent.create_array(
@@ -157,25 +172,33 @@ def create(store: "Store", name: str, identity: dict, dim: int, *, tokens=None, 
             dimension_names=dims, attributes=attributes,
         )
 
-    make(group, "pooled", (int(dim),), dtype, fmt.DIMS["pooled"])
-    make(group, "valid", (), "bool", fmt.DIMS["valid"], fill=False)
+    def dims(key):
+        return fmt.dims(key, views)
+
+    make(group, "pooled", (int(dim),), dtype, dims("pooled"))
+    make(group, "valid", (), "bool", dims("valid"), fill=False)
     if tokens is not None:
         t, d = (int(x) for x in tokens)
         if token_dtype == "int8":
             if token_scaling not in fmt.TOKEN_SCALINGS:
                 raise ConfigError(f"token scaling must be one of {', '.join(fmt.TOKEN_SCALINGS)}, not {token_scaling!r}")
-            make(group, "tokens", (t, d), "int8", fmt.DIMS["tokens"], max_rows=16,
+            make(group, "tokens", (t, d), "int8", dims("tokens"), max_rows=16,
                  attributes={"scaling": token_scaling, "dequantize": fmt.DEQUANTIZE[token_scaling]})
-            make(group, "tokens_scale", (t,), "float16", fmt.DIMS["tokens_scale"])
+            make(group, "tokens_scale", (t,), "float16", dims("tokens_scale"))
             if token_scaling == "token_channel":
-                make(group, "tokens_channel_scale", (d,), "float16", fmt.DIMS["tokens_channel_scale"])
+                make(group, "tokens_channel_scale", (d,), "float16", dims("tokens_channel_scale"))
         elif token_dtype == "float16":
-            make(group, "tokens", (t, d), "float16", fmt.DIMS["tokens"], max_rows=16)
+            make(group, "tokens", (t, d), "float16", dims("tokens"), max_rows=16)
         else:
             raise ConfigError(f"token dtype must be float16 or int8, not {token_dtype!r}")
+    if views > 1:
+        make(group, "view_crops", (len(fmt.BOX),), "float32", fmt.DIMS["view_crops"],
+             attributes={"box": list(fmt.BOX), "of": "the original image (after EXIF orientation), as fractions "
+                         "of its height (y0, h) and width (x0, w); view 0 is the recipe's centre crop"})
+        make(group, "view_flips", (), "bool", fmt.DIMS["view_flips"], fill=False)
     if pixels:
         pg = store.root.require_group(fmt.PIXELS)
-        make(pg, pixels, tuple(int(x) for x in pixels_shape), "uint8", fmt.DIMS["pixels"], max_rows=64,
+        make(pg, pixels, tuple(int(x) for x in pixels_shape), "uint8", dims("pixels"), max_rows=64,
              attributes={"identity": jsonable(pixels_identity or {}), "feature_set": name})
     group.attrs.update({
         "identity": identity,
@@ -184,13 +207,14 @@ def create(store: "Store", name: str, identity: dict, dim: int, *, tokens=None, 
         "token_dtype": token_dtype if tokens is not None else None,
         "token_scaling": token_scaling if tokens is not None and token_dtype == "int8" else None,
         "pixels": pixels,
+        "views": views if views > 1 else None,
         "created": now(),
     })
     return FeatureSet(store, name, group)
 
 
 def check_same(fs: FeatureSet, identity: dict, *, dim=None, tokens=None, token_dtype="float16", pixels=None,
-               token_scaling: str | None = None) -> None:
+               token_scaling: str | None = None, views: int = 1) -> None:
     """Refuse writing to `fs` with another identity or another layout (a flag that cannot take effect)."""
     diff = identity_diff(fs.identity, identity)
     if diff:
@@ -198,13 +222,14 @@ def check_same(fs: FeatureSet, identity: dict, *, dim=None, tokens=None, token_d
             f"feature set '{fs.name}' in {fs.store.path} was made with a different identity "
             f"({'; '.join(diff)}): pick another --name, or --overwrite to recompute"
         )
-    have = {"tokens": fs.attrs.get("tokens"), "token_dtype": fs.attrs.get("token_dtype"), "pixels": fs.pixels_name}
+    have = {"tokens": fs.attrs.get("tokens"), "token_dtype": fs.attrs.get("token_dtype"), "pixels": fs.pixels_name,
+            "views": fs.views}
     want = {"tokens": list(tokens) if tokens is not None else None,
-            "token_dtype": token_dtype if tokens is not None else None, "pixels": pixels}
+            "token_dtype": token_dtype if tokens is not None else None, "pixels": pixels, "views": int(views)}
     if token_scaling is not None and fs.token_scaling is not None:
         have["token_scaling"], want["token_scaling"] = fs.token_scaling, token_scaling
     layout = [f"{k}: {have[k]!r} in the store vs {want[k]!r} now" for k in have if jsonable(have[k]) != jsonable(want[k])]
     if layout:
         raise IdentityMismatch(f"feature set '{fs.name}' in {fs.store.path} has another layout ({'; '.join(layout)}): "
-                               "pass the same --tokens/--token-dtype/--pixels as when it was made, another --name, "
+                               "pass the same --tokens/--token-dtype/--pixels/--views as when it was made, another --name, "
                                "or --overwrite")

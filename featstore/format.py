@@ -34,10 +34,31 @@ DIMS = {
     "tokens_scale": (ROW, "token"),
     "tokens_channel_scale": (ROW, "token_dim"),
     "pixels": (ROW, "channel", "height", "width"),
+    # stored views (extract --views K): where each view's crop lies in the original image, as
+    # fractions of its height/width (y0, x0, h, w), and whether it was mirrored
+    "view_crops": (ROW, "view", "box"),
+    "view_flips": (ROW, "view"),
     # prompts/<text feature set>/{text, pooled}: the eval prompt cache (trainers/prompts.py)
     "prompts_text": ("prompt",),
     "prompts_pooled": ("prompt", "dim"),
 }
+
+# Stored views: a feature set made with K > 1 views per image has a `view` axis right after `row`
+# in every array computed per view (pooled (row, view, dim), tokens (row, view, token, token_dim),
+# their int8 scales, pixels (row, view, channel, height, width)), plus view_crops and view_flips;
+# `valid` stays (row,).  K = 1 is the plain layout (no view axis).  View 0 is the recipe's centre crop.
+VIEW = "view"
+PER_VIEW = ("pooled", "tokens", "tokens_scale", "tokens_channel_scale", "pixels")
+VIEW_ARRAYS = ("view_crops", "view_flips")
+BOX = ("y0", "x0", "h", "w")
+
+
+def dims(key: str, views: int = 1) -> tuple:
+    """The dimension names of array `key` (a DIMS key) in a feature set of `views` views per row."""
+    names = DIMS[key]
+    if views > 1 and key in PER_VIEW:
+        return (names[0], VIEW) + tuple(names[1:])
+    return names
 
 # int8 token layouts (featstore.tokens): how `tokens` reads back as floats, also in the tokens
 # array's attrs so a plain-zarr reader can do it.

@@ -67,6 +67,8 @@ def summarize(store: Store, examples: int = 3) -> dict:
             "token_scaling": fs.token_scaling,
             "int8_fidelity": _fidelity(markers),
             "pixels": fs.pixels_name,
+            "views": fs.views,
+            "view_recipe": fs.identity.get("views"),
             "arrays": arrays,
             "blocks_done": len(done),
             "blocks_missing": store.n_blocks - len(done),
@@ -119,6 +121,12 @@ def format_summary(s: dict) -> str:
             f"{f['blocks_done']}/{f['blocks_done'] + f['blocks_missing']} blocks complete), "
             f"valid {f['valid_rows']:,}, invalid {f['invalid_rows']:,}" + (f", pixels/{f['pixels']}" if f["pixels"] else "")
         )
+        recipe = f.get("view_recipe") or {}
+        if f.get("views", 1) > 1:
+            lines.append(f"        {f['views']} stored views per row (a view axis after row): view 0 the centre crop, "
+                         f"the others random-resized crops of area {_range(recipe.get('scale'))}, aspect "
+                         f"{_range(recipe.get('ratio'))}, mirrored with p {recipe.get('flip', '?')}, seed "
+                         f"{recipe.get('seed', '?')}; crops in view_crops, mirroring in view_flips")
         fid = f.get("int8_fidelity")
         if f.get("token_scaling"):
             lines.append(f"        int8 tokens, {f['token_scaling'].replace('_', ' x ')} scaling"
@@ -128,6 +136,10 @@ def format_summary(s: dict) -> str:
             ex = ", ".join(str(u) for u in f["failure_examples"].get(reason, []))
             lines.append(f"        {count:>6} {reason}  (e.g. {ex})")
     return "\n".join(lines)
+
+
+def _range(pair) -> str:
+    return f"{pair[0]:g}-{pair[1]:g}" if pair else "?"
 
 
 def plot(store: Store, path: str, max_rows: int = 5000, seed: int = 0) -> str:
@@ -150,8 +162,9 @@ def plot(store: Store, path: str, max_rows: int = 5000, seed: int = 0) -> str:
         if len(rows):
             lo, hi = rows.min(), rows.max() + 1
             x = np.asarray(fs.array("pooled")[lo:hi])[rows - lo].astype(np.float32)
-            ax.hist(np.linalg.norm(x, axis=1), bins=50, color="tab:blue")
-        ax.set_title(f"{name}: ‖pooled‖ (n={len(rows):,})", fontsize=9)
+            ax.hist(np.linalg.norm(x, axis=-1).reshape(-1), bins=50, color="tab:blue")  # every stored view
+        views = f", {fs.views} views" if fs.views > 1 else ""
+        ax.set_title(f"{name}: ‖pooled‖ (n={len(rows):,}{views})", fontsize=9)
         ax.set_xlabel("L2 norm")
         n = max(store.n_rows, 1)
         coverage.append(100 * fs.complete_rows().sum() / n)

@@ -13,6 +13,10 @@
 - How it reads: `featstore.readpath` (one copy from mapped shard files when local, ranged reads
   with read-ahead when remote, zarr otherwise); `featstore.stream`: a helper thread gathers up
   to `prefetch` batches ahead, and a consumer that runs out gathers the next one itself.
+- Stored views (`featstore.views`): columns with a view axis (extract --views K) serve one view
+  per row, `view=k` (0: the centre crop) or `view="epoch"` (a pure function of seed, epoch and
+  row, the same in every column of the batch, served as `batch["view"]`), or all of them
+  (`view="all"`); reads take just that view's bytes of each row.
 - Resuming: the state is a small dict (mosaic streaming style): seed, epoch, offset (rows this
   rank has been served this epoch) and what they replay against; `load_state_dict` refuses a
   state that would replay another order, naming what changed.
@@ -22,6 +26,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -37,6 +42,7 @@ from .readpath import Column, Reader, attach_sources, make_column, served_rows
 from .store import Store
 from .stream import BatchStream
 from .torchdata import DataLoaderEpochs, rank_and_world
+from .views import check_mode, views_of
 
 _aligned_empty = aligned_empty  # benchmarks import it from here
 DEFAULT_WINDOW_BYTES = 256 << 20
@@ -62,6 +68,11 @@ class Loader(torch.utils.data.IterableDataset):
     and only if fewer rows than ranks are left, a rank repeats a row of the epoch's start (see
     `featstore.order`).
     `direct=False` reads everything through zarr (the same bytes; tests compare them).
+    `view`: how columns with stored views are served (`featstore.views`): None refuses them,
+    "all" gives (batch, K, ...), an int k view k of every row, "epoch" one view per row per epoch
+    ((epoch + h(seed, row)) mod K, so every row sees each view once in K epochs); with one view
+    per row the batch also holds `view` (int64).  Columns without a view axis are served as
+    they are.
     `prefetch`: batches gathered ahead of the one the consumer holds.  One is double buffering
     (the next batch is copied while the consumer works on this one); I/O latency is hidden by
     reading `read_ahead` windows ahead, not by batches (examples/loader_ratios.py sweeps 1, 2
@@ -92,6 +103,7 @@ class Loader(torch.utils.data.IterableDataset):
         read_threads: int = 4,
         read_ahead: int = 1,
         direct: bool = True,
+        view=None,
     ):
         rank, world_size = rank_and_world(rank, world_size)
         if batch_size < 1:
@@ -121,18 +133,39 @@ class Loader(torch.utils.data.IterableDataset):
         self.prefetch, self.cache = max(1, int(prefetch)), cache
         self.with_uids, self.dequantize, self.pin_memory = with_uids, dequantize, pin_memory
         self.read_threads, self.read_ahead, self.direct = max(1, int(read_threads)), max(0, int(read_ahead)), direct
+        self.view = check_mode(view)
         if isinstance(columns, (list, tuple)):
             columns = {p: p for p in columns}
         self._spec = dict(columns)
         self._window_arg, self._window_bytes = window, window_bytes
         self.columns = self._columns()
+        self.views = self._check_views()
         self.served, self._usable = served_rows(store, self.columns, rows)
         self._fingerprint = order_.fingerprint(self.served)
         self._attach()
 
     # ---- columns, served rows, sources -------------------------------------------------------------
     def _columns(self, ram: dict | None = None) -> list[Column]:
-        return [make_column(self.store, alias, path, self.dequantize, ram) for alias, path in self._spec.items()]
+        return [make_column(self.store, alias, path, self.dequantize, ram, self.view) for alias, path in self._spec.items()]
+
+    def _check_views(self) -> int:
+        """K, the stored views per row this loader picks one of (1: none); columns that serve one
+        view per row must share K and the views' recipe (else a batch would mix crops)."""
+        split = [c for c in self.columns if c.views > 1]
+        counts = sorted({c.views for c in split})
+        if len(counts) > 1:
+            raise ConfigError("columns hold different numbers of stored views ("
+                              + ", ".join(f"{c.path}: {c.views}" for c in split) + "): one view per row needs one K")
+        recipes = {json.dumps(self.store.feature_set(c.feature_set).identity.get("views"), sort_keys=True)
+                   for c in split if c.feature_set}
+        if len(recipes) > 1:
+            raise ConfigError("columns come from feature sets whose stored views were made differently (another "
+                              "seed, count or crop range): their view k is not the same crop; extract them with the "
+                              "same --views options")
+        k = counts[0] if counts else 1
+        if isinstance(self.view, int) and self.view >= k:
+            raise ConfigError(f"view {self.view} does not exist: the columns hold {k} view(s) per row (0..{k - 1})")
+        return k
 
     def _attach(self) -> None:
         self._buffers = Buffers()
@@ -235,7 +268,11 @@ class Loader(torch.utils.data.IterableDataset):
         return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset, "rows": len(self.served),
                 "fingerprint": self._fingerprint, "usable": self._usable, "store_rows": self.store.n_rows,
                 "world_size": self.world_size, "batch_size": self.batch_size, "window": self.window,
-                "order": self.mode, "drop_last": self.drop_last}
+                "order": self.mode, "drop_last": self.drop_last, **self._view_state()}
+
+    def _view_state(self) -> dict:
+        """What the served views depend on besides (seed, epoch); nothing without a split view axis."""
+        return {} if self.views == 1 or self.view == "all" else {"view": {"view": self.view, "views": self.views}}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Continue from `state`.  A state that does not replay against what this loader serves
@@ -286,9 +323,12 @@ class Loader(torch.utils.data.IterableDataset):
         k = self.batches_per_window
         windows = [todo[i : i + k] for i in range(0, len(todo), k)]
         uids = self.store.uids() if self.with_uids else None
+        views = None
+        if self.views > 1 and self.view != "all":
+            views = views_of(self.view, seed=self.seed, epoch=self.epoch, views=self.views)
         reader = Reader(self.columns, self.store.rows_per_shard, read_threads=self.read_threads,
                         read_ahead=self.read_ahead, pin_memory=self.pin_memory, buffers=self._buffers,
-                        memory=self._memory)
+                        memory=self._memory, views_of=views)
         stream = iter(BatchStream(reader, windows, ahead=self.prefetch, read_ahead=self.read_ahead,
                                   read_threads=self.read_threads))
         try:

@@ -6,12 +6,14 @@ replays against, and the check that a state still replays exactly.
      "store_rows"}                       valid before any `rows` subset, the store's row count
     {"world_size", "batch_size",         what else the order depends on
      "window", "order", "drop_last"}
+    {"view"}                             only with stored views served one per row: which one
 """
 
 from __future__ import annotations
 
 KEYS = ("seed", "epoch", "offset", "rows", "fingerprint", "usable", "store_rows", "world_size", "batch_size",
         "window", "order", "drop_last")
+OPTIONAL_KEYS = ("view",)
 
 
 def changes(saved: dict, now: dict) -> list[str]:
@@ -33,4 +35,6 @@ def changes(saved: dict, now: dict) -> list[str]:
             continue  # the window shapes only a shuffled order (elsewhere it only groups reads)
         if saved.get(key) != now[key]:
             out.append(f"{what} {saved.get(key)!r} when saved, {now[key]!r} now")
+    if saved.get("view") != now.get("view"):  # absent: no stored views served one per row
+        out.append(f"stored views served {saved.get('view')!r} when saved, {now.get('view')!r} now")
     return out

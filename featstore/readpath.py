@@ -16,6 +16,11 @@ Each array a batch needs (an int8 token column also needs its scales) is a `Sour
 A window is `k` consecutive batches of this rank (see `featstore.order`); its runs are the row
 ranges covering their rows, gaps inside a block included while they add at most as many rows as
 the window needs (so a window's buffer holds at most 2x its rows).
+
+Stored views (`featstore.views`): a column that serves one of its K views per row reads *view
+rows*, `row * K + view` (`ShardLayout.split_views`): one view of a row is one contiguous range of
+the row's bytes, so runs, buffers and ranged reads cover just the views served; a mapping or RAM
+cache is indexed the same way.  Every such column of a batch serves the same view of a row.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ import torch
 
 from . import format as fmt
 from .buffers import STR_ROW_BYTES, BatchMemory, Buffers
-from .errors import FeatstoreError, UnknownFeatureSet
+from .errors import ConfigError, FeatstoreError, UnknownFeatureSet
 from .mapping import MappedArray
 from .remote import RemoteShards
 from .shardfile import LocalShards
 from .tokens import dequantize_int8
+from .views import view_count
 
 class UnreadableRows(FeatstoreError, ValueError):
     """Rows that neither featstore's shard reader nor zarr can read (a damaged shard)."""
@@ -51,6 +57,7 @@ class Source:
     mapped: object = None  # featstore.mapping.MappedArray
     local: object = None  # featstore.shardfile.LocalShards
     remote: object = None  # featstore.remote.RemoteShards
+    views: int = 1  # K > 1: one view of each row is served (the array's view axis is split off)
 
     @property
     def dtype(self) -> np.dtype:
@@ -58,7 +65,8 @@ class Source:
 
     @property
     def tail(self) -> tuple:
-        return tuple(self.array.shape[1:])
+        """The shape of what one row serves (one view's, for a split view axis)."""
+        return tuple(self.array.shape[1 + (self.views > 1):])
 
     @property
     def row_bytes(self) -> int:
@@ -67,10 +75,12 @@ class Source:
 
     @property
     def by_row(self) -> np.ndarray | None:
-        """An array indexed by store row (RAM cache or mapping), or None when read into buffers."""
-        if self.ram is not None:
-            return self.ram
-        return self.mapped.view if self.mapped is not None else None
+        """An array indexed by store row (RAM cache or mapping), or None when read into buffers;
+        with a split view axis indexed by `row * K + view` (the same memory, reshaped)."""
+        data = self.ram if self.ram is not None else self.mapped.view if self.mapped is not None else None
+        if data is None or self.views == 1:
+            return data
+        return data.reshape((-1,) + self.tail)
 
     @property
     def kind(self) -> str:
@@ -88,18 +98,30 @@ class Column:
     alias: str
     path: str
     source: Source
-    scale: Source | None = None
+    scale: Source | None = None  # int8 tokens: tokens_scale (row, token)
     feature_set: str | None = None
+    channel: Source | None = None  # int8 token x channel: tokens_channel_scale (row, token_dim)
 
     def sources(self):
         yield self.source
         if self.scale is not None:
             yield self.scale
+        if self.channel is not None:
+            yield self.channel
+
+    @property
+    def views(self) -> int:
+        """K when this column serves one of its K stored views per row, else 1."""
+        return self.source.views
 
 
-def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None = None) -> Column:
+def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None = None, view=None) -> Column:
     """The column at `path` (features/<name>/<array>, pixels/<name> or samples/<field>); int8
-    tokens served dequantized also read their scales.  `ram`: RAM-cached arrays to keep."""
+    tokens served dequantized also read their scales: `tokens_scale`, and `tokens_channel_scale`
+    where the feature set's scaling is token x channel (`featstore.tokens`; never the token scale
+    alone there).  `ram`: RAM-cached arrays to keep.  `view` (`featstore.views`): how an array
+    with a view axis is served ("all": as stored; a view number or "epoch": one view per row);
+    None refuses such an array."""
     parts = path.split("/")
     fs_name = None
     if parts[0] == fmt.FEATURES and len(parts) == 3:
@@ -110,12 +132,22 @@ def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None
     elif parts[0] != fmt.SAMPLES:
         raise UnknownFeatureSet(f"'{path}' is not a column (features/<name>/<array>, pixels/<name> or samples/<field>)")
     array = store.array(path)
+    k = view_count(array)
+    if k > 1 and view is None:
+        raise ConfigError(f"{path} holds {k} stored views per row (extract --views {k}): say which to serve, "
+                          "Loader(view=0) for the centre crop, view='epoch' for one view per row per epoch, "
+                          "or view='all' for every view")
+    split = k if k > 1 and view != "all" else 1
     ram = ram or {}
-    scale = None
+    scale = channel = None
     if fs_name and parts[-1] == "tokens" and array.dtype == np.int8 and dequantize:
         key = alias + "#scale"
-        scale = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_scale"), ram=ram.get(key))
-    return Column(alias, path, Source(alias, array, ram=ram.get(alias)), scale, fs_name)
+        scale = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_scale"), ram=ram.get(key), views=split)
+        if store.feature_set(fs_name).token_scaling == "token_channel":
+            key = alias + "#channel"
+            channel = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_channel_scale"), ram=ram.get(key),
+                             views=split)
+    return Column(alias, path, Source(alias, array, ram=ram.get(alias), views=split), scale, fs_name, channel)
 
 
 def served_rows(store, columns: list[Column], rows) -> tuple[np.ndarray, int]:
@@ -150,9 +182,9 @@ def attach_sources(columns: list[Column], store, served: np.ndarray, *, cache: s
             if not direct:
                 continue
             s.mapped = MappedArray.of(s.array, r, n, blocks)
-            if s.mapped is None:
-                s.local = LocalShards.of(s.array, r)
-                s.remote = RemoteShards.of(s.array, r, store.path) if s.local is None else None
+            if s.mapped is None:  # shard reads of one view per row where a view axis is split
+                s.local = LocalShards.of(s.array, r, views=s.views)
+                s.remote = RemoteShards.of(s.array, r, store.path, views=s.views) if s.local is None else None
 
 
 # ---- windows -----------------------------------------------------------------------------------
@@ -174,18 +206,36 @@ def covering_runs(rows: np.ndarray, rows_per_shard: int) -> tuple[np.ndarray, np
 
 
 @dataclass
-class Window:
-    batches: list  # this window's batches (arrays of store rows)
-    starts: np.ndarray = None  # the runs to read: store rows [start, stop)
-    stops: np.ndarray = None
-    offsets: np.ndarray = None  # each run's first row in the window buffers
-    buffers: dict = field(default_factory=dict)  # source key -> window buffer
-    futures: list = field(default_factory=list)
-    prepared: object = None  # the future of its preparation (runs, buffers, reads submitted)
+class Runs:
+    """The row runs a window reads of its sources in one row space: store rows, or for a split
+    view axis of K views the "view rows" `row * K + view` (K view rows per store row, so a block
+    holds R * K of them and one run is one contiguous range of views)."""
+
+    starts: np.ndarray  # the runs to read: rows [start, stop)
+    stops: np.ndarray
+    offsets: np.ndarray  # each run's first row in the window buffers
+
+    @classmethod
+    def covering(cls, rows: np.ndarray, rows_per_shard: int) -> "Runs":
+        starts, stops = covering_runs(rows, rows_per_shard)
+        return cls(starts, stops, np.r_[0, np.cumsum(stops - starts)[:-1]].astype(np.int64))
+
+    @property
+    def total(self) -> int:
+        return int((self.stops - self.starts).sum())
 
     def positions(self, rows: np.ndarray) -> np.ndarray:
         i = np.searchsorted(self.starts, rows, side="right") - 1
         return self.offsets[i] + (rows - self.starts[i])
+
+
+@dataclass
+class Window:
+    batches: list  # this window's batches (arrays of store rows)
+    runs: dict = field(default_factory=dict)  # K (1: store rows) -> the Runs read in that row space
+    buffers: dict = field(default_factory=dict)  # source key -> window buffer
+    futures: list = field(default_factory=list)
+    prepared: object = None  # the future of its preparation (runs, buffers, reads submitted)
 
     def wait(self) -> None:
         if self.prepared is not None:
@@ -201,12 +251,18 @@ class Reader:
     decides which thread does what when)."""
 
     def __init__(self, columns: list[Column], rows_per_shard: int, *, read_threads: int, read_ahead: int,
-                 pin_memory: bool, buffers: Buffers, memory: BatchMemory):
+                 pin_memory: bool, buffers: Buffers, memory: BatchMemory, views_of=None):
         self.columns = columns
         self.memory = memory
         self.r = rows_per_shard
         self.read_threads, self.read_ahead, self.pin_memory = read_threads, read_ahead, pin_memory
         self.buffers = buffers
+        self.views_of = views_of  # rows -> the view each serves (columns with a split view axis)
+        self.k = max((c.views for c in columns), default=1)
+
+    def view_rows(self, rows: np.ndarray, k: int) -> np.ndarray:
+        """`rows` in the row space of a split view axis of `k` views (store rows for k = 1)."""
+        return rows if k == 1 else rows * k + self.views_of(rows)
 
     def _start(self, w: Window, pool: ThreadPoolExecutor) -> Window:
         """Prepare and read window `w` in the pool (off the thread that gathers batches)."""
@@ -216,21 +272,22 @@ class Reader:
     def _prepare(self, w: Window, pool: ThreadPoolExecutor) -> None:
         """Work out the window's runs and buffers, start its reads (never waits on the pool)."""
         rows = np.concatenate(w.batches)
-        w.starts, w.stops = covering_runs(rows, self.r)
-        lengths = w.stops - w.starts
-        w.offsets = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
-        total = int(lengths.sum())
         for c in self.columns:
             for s in c.sources():
                 if s.ram is not None:
                     continue
+                k = s.views
+                if k not in w.runs:
+                    w.runs[k] = Runs.covering(self.view_rows(rows, k), self.r * k)
+                runs = w.runs[k]
                 if s.mapped is not None:
-                    s.mapped.will_need(zip(w.starts.tolist(), w.stops.tolist()))
+                    s.mapped.will_need(zip((runs.starts // k).tolist(), (-(-runs.stops // k)).tolist()))
                     continue
-                buf = self.buffers.get(s.key, total, s.tail, s.dtype)
+                buf = self.buffers.get(s.key, runs.total, s.tail, s.dtype)
                 w.buffers[s.key] = buf
-                for part in _split(len(w.starts), self.read_threads if s.remote is None else 1):
-                    w.futures.append(pool.submit(_read, s, self.r, w.starts[part], w.stops[part], w.offsets[part], buf))
+                for part in _split(len(runs.starts), self.read_threads if s.remote is None else 1):
+                    w.futures.append(pool.submit(_read, s, self.r * k, runs.starts[part], runs.stops[part],
+                                                 runs.offsets[part], buf))
 
     def _release(self, w: Window) -> None:
         for key, buf in w.buffers.items():
@@ -238,21 +295,35 @@ class Reader:
         w.buffers = {}
 
     def gather(self, w: Window, rows: np.ndarray) -> dict:
-        """One batch: `rows` of every column, gathered from the mapping, RAM or window buffers."""
+        """One batch: `rows` of every column, gathered from the mapping, RAM or window buffers
+        (one view per row of a split view axis: the same view in every such column, as `view`)."""
         out = {}
-        pos = None
+        spaces: dict[int, np.ndarray] = {}  # K -> rows in that row space
+        positions: dict[int, np.ndarray] = {}  # K -> positions in the window buffers
+
+        def index(s: Source) -> np.ndarray:
+            k = s.views
+            if k not in spaces:
+                spaces[k] = self.view_rows(rows, k)
+            if s.by_row is not None:
+                return spaces[k]
+            if k not in positions:
+                positions[k] = w.runs[k].positions(spaces[k])
+            return positions[k]
+
         for c in self.columns:
-            for s in c.sources():
-                if s.by_row is None and pos is None:
-                    pos = w.positions(rows)
-            data = _take(c.source, w, rows, pos, self.memory, self.pin_memory and c.scale is None)
+            data = _take(c.source, w, index(c.source), len(rows), self.memory, self.pin_memory and c.scale is None)
             if c.scale is not None:
-                scale = _take(c.scale, w, rows, pos, self.memory, False)
-                data = torch.from_numpy(dequantize_int8(data.numpy(), scale.numpy()))
+                scale = _take(c.scale, w, index(c.scale), len(rows), self.memory, False)
+                channel = (_take(c.channel, w, index(c.channel), len(rows), self.memory, False).numpy()
+                           if c.channel is not None else None)
+                data = torch.from_numpy(dequantize_int8(data.numpy(), scale.numpy(), np.float16, channel_scale=channel))
                 if self.pin_memory:
                     data = data.pin_memory()
             out[c.alias] = data
         out["row"] = torch.from_numpy(np.array(rows, dtype=np.int64))
+        if self.k > 1:
+            out["view"] = torch.from_numpy(np.asarray(self.views_of(rows), dtype=np.int64))
         return out
 
 
@@ -263,7 +334,8 @@ def _split(n: int, parts: int) -> list[slice]:
 
 
 def _read(s: Source, r: int, starts, stops, offsets, buf: np.ndarray) -> None:
-    """Runs [start, stop) of source `s` into `buf` at their offsets (each run inside one block)."""
+    """Runs [start, stop) of source `s` into `buf` at their offsets (each run inside one block of
+    `r` rows; for a split view axis rows are view rows and `r` is rows_per_shard * K)."""
     runs = [(int(a) // r, int(a) - int(a) // r * r, int(b) - int(a) // r * r) for a, b in zip(starts, stops)]
     offsets = [int(o) for o in offsets]
     todo = list(zip(runs, offsets))
@@ -272,30 +344,33 @@ def _read(s: Source, r: int, starts, stops, offsets, buf: np.ndarray) -> None:
         todo = [((b, lo, hi), o) for b, lo, hi, o in failed]
     elif s.local is not None:
         todo = [((b, lo, hi), o) for (b, lo, hi), o in todo if not s.local.read(b, lo, hi, buf[o : o + hi - lo])]
+    k = s.views
     for (b, lo, hi), o in todo:  # zarr's read path: any layout, and zarr's own checks
+        a, z = (b * r + lo) // k, -(-(b * r + hi) // k)  # the store rows holding these (view) rows
         try:
-            buf[o : o + hi - lo] = np.asarray(s.array[b * r + lo : b * r + hi])
+            got = np.asarray(s.array[a:z])
         except Exception as e:
-            raise UnreadableRows(f"cannot read rows {b * r + lo}-{b * r + hi} of {s.array.path} ({e}): "
+            raise UnreadableRows(f"cannot read rows {a}-{z} of {s.array.path} ({e}): "
                                  "run `featstore verify` on the store") from e
+        first = b * r + lo - a * k
+        buf[o : o + hi - lo] = got.reshape((-1,) + s.tail)[first : first + hi - lo] if k > 1 else got
 
 
-def _take(s: Source, w: Window, rows: np.ndarray, pos, memory: BatchMemory, pin: bool):
-    """`rows` of one source as a fresh tensor (numpy for strings): one np.take from the mapping,
-    RAM cache or window buffer straight into it.
+def _take(s: Source, w: Window, idx: np.ndarray, n: int, memory: BatchMemory, pin: bool):
+    """`n` rows of one source as a fresh tensor (numpy for strings): one np.take from the mapping
+    or RAM cache (`idx`: rows, or view rows) or window buffer (`idx`: positions) straight into it.
 
     np.take with `out` and mode="clip" (mode="raise" buffers `out`): one single-threaded copy per
     row that releases the GIL, so it overlaps the reads; torch's own multi-threaded index_select
     is faster on an idle machine but stalls badly when its threads compete with a training step.
     """
     data = s.by_row
-    idx = rows
     if data is None:
-        data, idx = w.buffers[s.key], pos
+        data = w.buffers[s.key]
     if s.dtype not in TORCH_DTYPES:  # rare dtypes; strings stay numpy
         got = np.take(data, idx, axis=0)
         return torch.from_numpy(got) if got.dtype.kind in "biuf" else got
-    shape = (len(rows),) + s.tail
+    shape = (n,) + s.tail
     if pin:  # torch's pinned allocator caches (and guards in-flight copies) by itself
         out = torch.empty(shape, dtype=torch.from_numpy(np.zeros(0, s.dtype)).dtype, pin_memory=True)
         np.take(data, idx, axis=0, out=out.numpy(), mode="clip")

@@ -41,7 +41,9 @@ class RemoteShards:
         self.index_fetches = 0
 
     @classmethod
-    def of(cls, array, rows_per_shard: int, store_url: str) -> "RemoteShards | None":
+    def of(cls, array, rows_per_shard: int, store_url: str, views: int = 1) -> "RemoteShards | None":
+        """`views` K > 1: one view per row of an array with a view axis (view rows,
+        `ShardLayout.split_views`): one ranged GET per run of views."""
         from zarr.storage import FsspecStore
 
         if not isinstance(array.store_path.store, FsspecStore) or "://" not in str(store_url):
@@ -49,7 +51,7 @@ class RemoteShards:
         layout = ShardLayout.of(array, rows_per_shard)
         if layout is None:
             return None
-        return cls(layout, posixpath.join(str(store_url).rstrip("/"), array.store_path.path))
+        return cls(layout.split_views(views), posixpath.join(str(store_url).rstrip("/"), array.store_path.path))
 
     @property
     def fs(self):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -81,7 +81,16 @@ class ShardLayout:
 
     def key(self, block: int) -> str:
         """The shard's key (path) relative to the array."""
-        return self.array.metadata.encode_chunk_key((block,) + (0,) * len(self.tail))
+        return self.array.metadata.encode_chunk_key((block,) + (0,) * (len(self.array.shape) - 1))
+
+    def split_views(self, views: int) -> "ShardLayout":
+        """The same shards read as `views` times as many rows of one view each (an array with a
+        view axis after `row`, `featstore.views`): view row `row * K + view` is the K-th part of
+        the row's bytes, so one view of a row is one contiguous range, like a row."""
+        if views == 1:
+            return self
+        return replace(self, tail=tuple(self.tail[1:]), chunk_rows=self.chunk_rows * views,
+                       row_bytes=self.row_bytes // views)
 
     def parse_index(self, raw: bytes) -> list | None:
         """[(offset, nbytes)] per chunk from a shard's last `index_bytes` bytes; None when they are
@@ -150,10 +159,12 @@ class LocalShards:
         self.layout, self.base = layout, base
 
     @classmethod
-    def of(cls, array, rows_per_shard: int) -> "LocalShards | None":
+    def of(cls, array, rows_per_shard: int, views: int = 1) -> "LocalShards | None":
+        """`views` K > 1: read one view per row of an array with a view axis (rows are then
+        view rows, `ShardLayout.split_views`)."""
         layout = ShardLayout.of(array, rows_per_shard)
         base = local_base(array) if layout is not None else None
-        return cls(layout, base) if base is not None else None
+        return cls(layout.split_views(views), base) if base is not None else None
 
     def index(self, fd: int) -> list | None:
         size = os.fstat(fd).st_size

@@ -1,7 +1,7 @@
 """Open, create and describe a featstore store: a zarr v3 group on one row grid.
 
     store.zarr/  samples/{uid,source,source_ref,caption,label}
-                 features/<name>/{pooled,tokens,tokens_scale,tokens_channel_scale,valid}
+                 features/<name>/{pooled,tokens,tokens_scale,tokens_channel_scale,valid[,view_crops,view_flips]}
                  pixels/<name>  prompts/<name>/...  _progress/<name>/<block>-<version>.json
 
 `attrs.featstore` holds the format, the row grid, `n_rows` (the commit point of a registration:
@@ -236,12 +236,13 @@ class Store:
     def create_feature_set(self, name: str, identity: dict, dim: int, *, tokens: tuple[int, int] | None = None,
                            token_dtype: str = "float16", dtype: str = "float16", pixels: str | None = None,
                            pixels_shape: tuple[int, int, int] | None = None, pixels_identity: dict | None = None,
-                           compressors=None, token_scaling: str = "token") -> FeatureSet:
+                           compressors=None, token_scaling: str = "token", views: int = 1) -> FeatureSet:
         """Create `features/<name>` (or return it when its identity and layout match).
 
         int8 tokens get `token_scaling` (`featstore.tokens`): "token" (one scale per token, the
         default here so existing callers keep their layout) or "token_channel" (what extraction
-        gives new feature sets).
+        gives new feature sets).  `views` K > 1 stores K views per row on a `view` axis after
+        `row` (with view_crops and view_flips; `featstore.featureset`); 1 is the plain layout.
 
         A feature set of the same name made with a different identity is refused, showing the
         difference.  Arrays are sharded on the store's row grid, chunks sized by row width.
@@ -255,7 +256,7 @@ class Store:
             if name in cur.feature_set_names():
                 fs = cur.feature_set(name)
                 fsets.check_same(fs, identity, tokens=tokens, token_dtype=token_dtype, pixels=pixels,
-                                 token_scaling=token_scaling)
+                                 token_scaling=token_scaling, views=views)
                 self.root = cur.root
                 return FeatureSet(self, name, fs.group)
             if pixels and pixels in cur.pixels_names():
@@ -264,7 +265,7 @@ class Store:
                 raise IdentityMismatch(f"pixels '{pixels}' already exist in {self.path}: pick another pixels name")
             fs = fsets.create(cur, name, identity, dim, tokens=tokens, token_dtype=token_dtype, dtype=dtype,
                               pixels=pixels, pixels_shape=pixels_shape, pixels_identity=pixels_identity,
-                              compressors=compressors, token_scaling=token_scaling)
+                              compressors=compressors, token_scaling=token_scaling, views=views)
             cur.keep_consolidated()
         self.root = cur.root
         return FeatureSet(self, name, fs.group)

@@ -5,8 +5,9 @@ whose checksums do not match the bytes, or that names rows outside its block, fa
 its done rows, sources the store does not record, or a uid that is not the row's; a row not
 done that is marked valid; duplicate or empty uids; rows whose source is not recorded; an array
 shorter than n_rows; NaN/inf in valid rows (features and int8 token scales, which must also be
-positive); an int8 token layout that lacks its scale arrays; attrs that break the format; an
-index entry that disagrees with its marker file.
+positive); an int8 token layout that lacks its scale arrays; stored views without their view
+axis, crops or flips (or a view 0 marked mirrored); attrs that break the format; an index entry
+that disagrees with its marker file.
 """
 
 from __future__ import annotations
@@ -83,20 +84,41 @@ def _check_samples(store: Store, problems: list, notes: list) -> None:
         problems.append(f"the manifest record says {registered_total} rows were registered but the store has {n}")
 
 
-def _int8_layout_problem(fs) -> str | None:
-    """The arrays an int8 token layout needs (`featstore.tokens`), with the right shapes."""
-    scaling = fs.token_scaling
-    if scaling is None:
-        return None
-    n, t, d = fs.array("tokens").shape if "tokens" in fs.group else (0, 0, 0)
-    need = {"tokens": (n, t, d), "tokens_scale": (n, t)}
-    if scaling == "token_channel":
-        need["tokens_channel_scale"] = (n, d)
+def _layout_problem(fs) -> str | None:
+    """The arrays the feature set's layout needs, with the right shapes and dimension names: an
+    int8 token layout's scales (`featstore.tokens`), and with K stored views a view axis of K
+    after `row` in every per-view array plus view_crops and view_flips (`featstore.format.dims`)."""
+    k = fs.views
+    per = (k,) if k > 1 else ()
+    n = 0  # rows are checked against n_rows elsewhere; here only what one row holds
+    need = {"pooled": (n,) + per + (int(fs.attrs.get("dim") or 0),)}
+    tokens = fs.attrs.get("tokens")
+    if tokens:
+        t, d = (int(x) for x in tokens)
+        need["tokens"] = (n,) + per + (t, d)
+        if fs.token_scaling is not None:
+            need["tokens_scale"] = (n,) + per + (t,)
+            if fs.token_scaling == "token_channel":
+                need["tokens_channel_scale"] = (n,) + per + (d,)
+    if k > 1:
+        need.update(view_crops=(n, k, len(fmt.BOX)), view_flips=(n, k))
     for key, shape in need.items():
         if key not in fs.group:
-            return f"features/{fs.name} has int8 tokens with {scaling} scaling but no '{key}' array"
-        if tuple(fs.array(key).shape) != shape:
-            return f"features/{fs.name}/{key} has shape {tuple(fs.array(key).shape)}, expected {shape}"
+            what = (f"int8 tokens with {fs.token_scaling} scaling" if key.startswith("tokens_") else
+                    f"{k} stored views" if key.startswith("view_") else "a layout")
+            return f"features/{fs.name} has {what} but no '{key}' array"
+        arr = fs.array(key)
+        if not fs.attrs.get("dim") and key == "pooled":
+            shape = shape[:-1] + tuple(arr.shape[-1:])
+        if tuple(arr.shape[1:]) != shape[1:]:  # rows: the row-count check above
+            return f"features/{fs.name}/{key} has rows of shape {tuple(arr.shape[1:])}, expected {shape[1:]}"
+        dims = tuple(arr.metadata.dimension_names or ())
+        if dims and dims != fmt.dims(key, k):
+            return f"features/{fs.name}/{key} has dimensions {dims}, expected {fmt.dims(key, k)}"
+    if k > 1 and fs.pixels_name and fs.pixels_name in fs.store.pixels_names():
+        px = fs.store.pixels(fs.pixels_name)
+        if tuple(px.shape[1:2]) != per:
+            return f"pixels/{fs.pixels_name} has shape {tuple(px.shape)}: no view axis of {k} after row"
     return None
 
 
@@ -110,7 +132,7 @@ def _check_feature_set(store: Store, name: str, problems: list, notes: list) -> 
             problems.append(f"{path} has {arr.shape[0]} rows but the store has {n}")
         elif arr.shape[0] > n:
             notes.append(f"{path} has {arr.shape[0] - n} rows past n_rows (an interrupted registration)")
-    layout = _int8_layout_problem(fs)
+    layout = _layout_problem(fs)
     if layout:
         problems.append(layout)
         return 0
@@ -163,13 +185,17 @@ def _check_feature_set(store: Store, name: str, problems: list, notes: list) -> 
         cached = index.get(str(b))
         if cached is not None and cached.get("version") == m.get("version") and cached != m:
             problems.append(f"{where}: the progress index disagrees with marker version {m.get('version')}")
-        for key in ("pooled", "tokens", "tokens_scale", "tokens_channel_scale"):
+        for key in ("pooled", "tokens", "tokens_scale", "tokens_channel_scale", "view_crops"):
             if key in fs.group and fs.array(key).dtype.kind == "f":
                 x = np.asarray(fs.array(key)[start:stop])[valid & done]
                 if x.size and not np.isfinite(x).all():
                     problems.append(f"features/{name}/{key} block {b}: NaN or inf in valid rows")
                 elif x.size and key.endswith("_scale") and not (x > 0).all():
                     problems.append(f"features/{name}/{key} block {b}: a scale <= 0 in valid rows")
+                elif x.size and key == "view_crops" and not (x[..., 2:] > 0).all():
+                    problems.append(f"features/{name}/view_crops block {b}: a view with no height or width in valid rows")
+        if fs.views > 1 and np.asarray(fs.array("view_flips")[start:stop])[valid & done][:, :1].any():
+            problems.append(f"features/{name}/view_flips block {b}: view 0 (the centre crop) is marked mirrored")
         checked += 1
     orphan = sorted(b for b in markers if b >= store.n_blocks)
     if orphan:

@@ -8,7 +8,9 @@
                forward pass computes the next item
 
 Where a sample's bytes become a feature row: `BlockRunner` below.  A bad sample never stops the
-job: it becomes `valid=False` with its reason in the block's marker.  Batches never span blocks,
+job: it becomes `valid=False` with its reason in the block's marker.  With stored views (`views`)
+each row is decoded into K crops, a forward pass takes batch_size // K rows (batch_size images),
+and every output gets a view axis.  Batches never span blocks,
 and captions are length-sorted within each item, so an item's bytes depend only on its rows.
 The same code runs in one process and in each Dask worker (`pipelines.distributed`).
 """
@@ -36,6 +38,7 @@ from . import plan
 from .backbones import Backbone, load_backbone
 from .preprocess import Preprocess, load_and_preprocess
 from .sources import open_source
+from .views import ViewSpec, decode_views
 from .writes import WriteBehind
 
 
@@ -63,6 +66,7 @@ class ExtractSpec:
     store_identity: tuple | None = None  # Store.identity when the job was planned
     source_id: int | None = None  # the given source's id in the store
     writes_in_flight: int = 1  # computed blocks that may wait for the writer thread (0: write on the forward thread)
+    views: dict | None = None  # stored views (ViewSpec.identity(), K > 1 only): K crops per image, `pipelines.views`
 
     def load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, pooling=self.pooling, layer=self.layer, tokens=self.tokens,
@@ -117,6 +121,7 @@ class BlockRunner:
         self.pool: Executor | None = None
         self.lookahead = max(2, 2 * spec.num_workers)
         self._sources: dict[str, object] = {}
+        self.views = ViewSpec.from_identity(spec.views) if spec.views else None
 
     def close(self) -> None:
         if self.pool is not None:
@@ -160,30 +165,45 @@ class BlockRunner:
             out = plan.for_blocks(self.store.fresh(), fs, source, self.spec.source_id, [int(b) for b in blocks])
         return out
 
-    def _image_batches(self, items):
-        """(item index, rows, raw items) for every batch of every item, in order.  The next item's
-        image bytes are read on a reader thread while this item's batches go by (a remote source's
-        ranged reads never stall the forward pass for long); one item's bytes are read ahead."""
-        b = self.spec.batch_size
+    @property
+    def rows_per_batch(self) -> int:
+        """Rows per forward pass: `batch_size` images, so with K views batch_size // K rows."""
+        return max(1, self.spec.batch_size // (self.views.k if self.views else 1))
 
-        def read(item) -> list:
-            return list(self.source(item.source).read_images(item.refs, item.spans))
+    def _image_batches(self, items):
+        """(item index, rows, raw items, uids) for every batch of every item, in order.  The next
+        item's image bytes are read on a reader thread while this item's batches go by (a remote
+        source's ranged reads never stall the forward pass for long); one item's bytes are read
+        ahead.  uids only with stored views (each view's crop is drawn from its uid)."""
+        b = self.rows_per_batch
+
+        def read(item) -> tuple[list, list | None]:
+            raw = list(self.source(item.source).read_images(item.refs, item.spans))
+            uids = None
+            if self.views:
+                store = self.store.fresh()
+                start, stop = store.block_range(item.block)
+                block_uids = store.samples(fmt.UID, start, stop).astype(object)
+                uids = [str(u) for u in block_uids[np.asarray(item.rows, dtype=np.int64) - start]]
+            return raw, uids
 
         with ThreadPoolExecutor(1, thread_name_prefix="featstore-read") as reader:
             ahead = reader.submit(read, items[0]) if items else None
             for k, item in enumerate(items):
-                raw = ahead.result()
+                raw, uids = ahead.result()
                 ahead = reader.submit(read, items[k + 1]) if k + 1 < len(items) else None
                 rows = np.asarray(item.rows, dtype=np.int64)
                 for i in range(0, len(rows), b):
-                    yield k, rows[i : i + b], raw[i : i + b]
+                    yield k, rows[i : i + b], raw[i : i + b], None if uids is None else uids[i : i + b]
 
     def _decoded_batches(self, items):
         """Decoded batches in order, with up to `lookahead` batches decoding ahead."""
         pending: collections.deque[tuple[int, np.ndarray, Future]] = collections.deque()
         pre = self.backbone.preprocess
-        for k, rows, raw in self._image_batches(items):
-            pending.append((k, rows, self.pool.submit(decode_batch, raw, pre)))
+        for k, rows, raw, uids in self._image_batches(items):
+            job = (self.pool.submit(decode_views, raw, uids, pre, self.views) if self.views
+                   else self.pool.submit(decode_batch, raw, pre))
+            pending.append((k, rows, job))
             if len(pending) >= self.lookahead:
                 kk, r, fut = pending.popleft()
                 yield kk, r, fut.result()
@@ -197,17 +217,23 @@ class BlockRunner:
         n = len(rows_all)
         t0 = time.perf_counter()
         bb, spec = self.backbone, self.spec
-        pooled = np.zeros((n, bb.dim), np.float32)
+        k = self.views.k if self.views else 1
+        per = (k,) if k > 1 else ()  # the view axis of every per-view array
+        crop = bb.preprocess.crop
+        pooled = np.zeros((n,) + per + (bb.dim,), np.float32)
         # float16 tokens are staged as stored (the same rounding the writer would do, half the memory)
         staged = np.float32 if spec.token_dtype == "int8" else np.float16
-        tokens = np.zeros((n,) + tuple(bb.token_shape), staged) if spec.tokens else None
-        pixels = np.zeros((n, 3, bb.preprocess.crop, bb.preprocess.crop), np.uint8) if spec.pixels else None
+        tokens = np.zeros((n,) + per + tuple(bb.token_shape), staged) if spec.tokens else None
+        pixels = np.zeros((n,) + per + (3, crop, crop), np.uint8) if spec.pixels else None
+        boxes = np.zeros((n, k, 4), np.float32) if k > 1 else None
+        flips = np.zeros((n, k), bool) if k > 1 else None
         valid = np.zeros(n, bool)
         failures = []
         forward_s = 0.0
         done = 0
         while done < n:
-            _, rows, (crops, errors) = next(batches)
+            _, rows, (decoded, errors) = next(batches)
+            crops = decoded[0] if k > 1 else decoded
             ok = np.array([e is None for e in errors], bool)
             local = np.arange(done, done + len(rows))
             for r, e in zip(rows, errors):
@@ -215,14 +241,17 @@ class BlockRunner:
                     failures.append({"row": int(r), "reason": e[0], "detail": e[1][:200]})
             if ok.any():
                 tf = time.perf_counter()
-                out = bb.encode_images(torch.from_numpy(crops))
+                out = bb.encode_images(torch.from_numpy(crops.reshape((-1, 3, crop, crop))))  # K views per row
                 forward_s += time.perf_counter() - tf
+                out = {key: v.reshape((len(crops),) + per + tuple(v.shape[1:])) for key, v in out.items()}
                 idx = local[ok]
                 pooled[idx] = out["pooled"].numpy()
                 if tokens is not None:
                     tokens[idx] = out["tokens"].numpy()
                 if pixels is not None:
                     pixels[idx] = crops
+                if k > 1:
+                    boxes[idx], flips[idx] = decoded[1], decoded[2]
                 valid[idx] = _finite(out, failures, rows[ok])
             done += len(rows)
             if on_rows:
@@ -240,6 +269,8 @@ class BlockRunner:
                 columns.update(token_columns)
             if pixels is not None:
                 columns["pixels"] = pixels
+            if boxes is not None:
+                columns.update(view_crops=boxes, view_flips=flips)
             return write_rows(self.store, spec.name, item.block, rows_all, columns, valid, failures, stats,
                               source=item.source_id, int8_fidelity=fidelity)
 
@@ -250,9 +281,11 @@ class BlockRunner:
         `featstore.tokens.MIN_COSINE`: the block is not written)."""
         if self.spec.token_dtype != "int8":
             return {"tokens": tokens}, None
-        columns, fidelity = encode_tokens(tokens, self.spec.token_scaling or "token", valid)
+        n, per = len(tokens), tokens.shape[1:-2]  # per: (K,) with stored views, each view quantized on its own
+        flat = tokens.reshape((-1,) + tokens.shape[-2:])
+        columns, fidelity = encode_tokens(flat, self.spec.token_scaling or "token", np.repeat(valid, flat.shape[0] // max(n, 1)))
         check_fidelity(fidelity, f"block {block} of features/{self.spec.name}")
-        return columns, fidelity
+        return {key: v.reshape((n,) + per + v.shape[1:]) for key, v in columns.items()}, fidelity
 
     def _caption_item(self, item: plan.WorkItem, on_rows, check=None):
         """Compute one item's caption rows; returns the job that writes them (`writes`)."""
@@ -299,7 +332,7 @@ class BlockRunner:
 
 def _finite(out: dict, failures: list, rows: np.ndarray) -> np.ndarray:
     """True per row unless the backbone produced NaN/inf for it (recorded as a failure)."""
-    ok = np.isfinite(out["pooled"].numpy()).all(axis=1)
+    ok = np.isfinite(out["pooled"].numpy()).reshape(len(rows), -1).all(axis=1)
     if "tokens" in out:
         ok &= np.isfinite(out["tokens"].numpy()).reshape(len(ok), -1).all(axis=1)
     for r in np.asarray(rows)[~ok]:

@@ -29,6 +29,7 @@ from .blocks import BlockRunner, ExtractSpec
 from .choices import FIELDS, POOLED_DTYPES, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
 from .sources import open_source
 from .summary import format_summary, progress_bar, summarize_run
+from .views import ViewSpec
 
 SOURCE_OPTIONS = ("captions", "labels", "uid_field", "image_column", "text_column", "label_column")
 
@@ -75,7 +76,8 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
             captions=None, labels=None, uid_field=None, image_column=None, text_column=None, label_column=None,
             rows_per_shard=None, pooling=None, layer=None, tokens=False, token_dtype="float16", dtype="float16",
             pixels=None, batch_size=64, device="cpu", precision="fp32", num_workers=0, overwrite=False, update_metadata=False,
-            trust_remote_code=False, token_scaling=None, writes_in_flight=1, log=print):
+            trust_remote_code=False, token_scaling=None, writes_in_flight=1, views=1, view_seed=None,
+            view_scale=None, view_ratio=None, view_flip=None, log=print):
     """Validate, register the source, load the backbone once and create the feature set.
 
     int8 tokens of a new feature set get token x channel scaling (`featstore.tokens`); an
@@ -83,6 +85,10 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     `token_scaling="token"` makes a new per-token set (the old layout, for comparison);
     `writes_in_flight` is how many computed blocks may wait for the writer thread (0: write on
     the forward thread).
+
+    `views` K > 1 stores K views per image (`pipelines.views`: view 0 the recipe's centre crop,
+    the others random-resized crops + flips drawn from (view_seed, uid, k); scale, ratio and flip
+    default to EVA-02's); K = 1 is the plain layout, and the view options are refused with it.
 
     Returns (spec, store, backbone, registration result); the result's "records" holds the
     source's manifest (for planning).  Nothing is written before every check has passed."""
@@ -101,6 +107,8 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         raise ConfigError(f"writes_in_flight must be >= 0, not {writes_in_flight}")
     if name is not None:
         check_name(name)
+    view_spec = _view_spec(views, field, view_seed=view_seed, view_scale=view_scale, view_ratio=view_ratio,
+                           view_flip=view_flip)
     existing = Store.open(store_path) if _store_exists(store_path) else None
     if existing is not None:
         Store.open(store_path, mode="r+")  # writable and of the current format, or a clear refusal now
@@ -126,9 +134,11 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         identity["pooled_dtype"] = dtype
     if token_scaling == "token_channel":  # per-token sets keep the identity they were made with
         identity["token_scaling"] = token_scaling
+    if view_spec is not None:  # one view per image (the plain layout) keeps the identity it always had
+        identity["views"] = view_spec.identity()
     identity = jsonable(identity)
     layout = dict(tokens=bb.token_shape if tokens else None, token_dtype=token_dtype, pixels=pixels,
-                  token_scaling=token_scaling)
+                  token_scaling=token_scaling, views=view_spec.k if view_spec else 1)
     if have is not None and not overwrite:
         check_same(have, identity, **layout)
     records = []
@@ -163,11 +173,15 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
                 f"(first: {registered['duplicates'][0]['uid']}); see `featstore inspect`")
     if overwrite and name in store.feature_set_names():
         store.remove_feature_set(name)
+    pixels_identity = None
+    if pixels:
+        pixels_identity = dict(bb.preprocess.identity(), **({"views": view_spec.identity()} if view_spec else {}))
     store.create_feature_set(
         name, identity, bb.dim, dtype=dtype,
         tokens=bb.token_shape if tokens else None, token_dtype=token_dtype,
         pixels=pixels, pixels_shape=(3, bb.preprocess.crop, bb.preprocess.crop) if pixels else None,
-        pixels_identity=bb.preprocess.identity() if pixels else None, token_scaling=token_scaling or "token",
+        pixels_identity=pixels_identity, token_scaling=token_scaling or "token",
+        views=view_spec.k if view_spec else 1,
     )
     backbone_arg = os.path.abspath(os.path.expanduser(backbone)) if os.path.exists(os.path.expanduser(backbone)) else backbone
     spec = ExtractSpec(
@@ -176,10 +190,27 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         token_scaling=token_scaling, pixels=pixels, writes_in_flight=writes_in_flight,
         batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
         trust_remote_code=trust_remote_code, store_identity=store.fresh().identity,
-        source_id=registered.get("source_id"),
+        source_id=registered.get("source_id"), views=view_spec.identity() if view_spec else None,
     )
     registered["source"] = source
     return spec, store, bb, registered
+
+
+def _view_spec(views, field, **options):
+    """The ViewSpec of `--views K` (None for K = 1: the plain layout); view options without views
+    are refused (they could not take effect)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if views is None or int(views) == 1:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ConfigError(f"{flags} only apply with --views K (K > 1 stored views per image)")
+        return None
+    if int(views) < 1:
+        raise ConfigError(f"--views must be >= 1, not {views}")
+    if field != "image":
+        raise ConfigError("--views only applies to --field image (views are crops of the image)")
+    names = {"view_seed": "seed", "view_scale": "scale", "view_ratio": "ratio", "view_flip": "flip"}
+    return ViewSpec(int(views), **{names[k]: v for k, v in given.items()})
 
 
 def extract(store_path, source_path=None, backbone=None, *, workers: int | None = None, scheduler: str | None = None,

@@ -255,6 +255,29 @@ class Preprocess:
         arr = center_crop(np.asarray(img), self.crop)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
+    def centre_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """Where `__call__`'s centre crop lies in a width x height image: (y0, x0, h, w) as
+        fractions of its height and width (outside [0, 1] where the crop is padded)."""
+        rw, rh = self.resized_size(width, height)
+        top, left = int(round((rh - self.crop) / 2.0)), int(round((rw - self.crop) / 2.0))
+        return top / rh, left / rw, self.crop / rh, self.crop / rw
+
+    def resized_crop(self, img: Image.Image, box: tuple[int, int, int, int], flip: bool = False) -> np.ndarray:
+        """RGB PIL image -> uint8 (3, crop, crop): the pixel box (top, left, height, width) of the
+        original resized to crop x crop with this recipe's interpolation, mirrored left-right
+        with `flip` (torchvision's ``resized_crop`` then ``hflip`` on a PIL image: crop, then
+        resize).  The stored views' crops (`pipelines.views`); `__call__` is unchanged."""
+        if img.mode != "RGB":
+            img = to_rgb(img)
+        top, left, h, w = (int(v) for v in box)
+        part = img.crop((left, top, left + w, top + h))
+        if part.size != (self.crop, self.crop):
+            part = part.resize((self.crop, self.crop), resample=_INTERPOLATIONS[self.interpolation])
+        arr = np.asarray(part)
+        if flip:
+            arr = arr[:, ::-1]
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
     def normalize(self, x):
         """uint8 tensor (B, 3, H, W) on any device -> float32 ``(x / 255 - mean) / std``."""
         import torch

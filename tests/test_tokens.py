@@ -197,9 +197,6 @@ def test_failing_rows_are_refused_by_the_fidelity_check():
     check_fidelity(encode_tokens(np.random.default_rng(0).standard_normal((2, 4, 8)), "token_channel")[1], "ok")
 
 
-@pytest.mark.xfail(strict=True, reason="featstore/loader.py does not apply tokens_channel_scale yet (the loader "
-                   "helper's rewrite must: see the store2 report); trainers serve such tokens raw and dequantize "
-                   "them in trainers/uta.py: prepare_batch")
 def test_the_loader_dequantizes_token_x_channel_tokens(tmp_path):
     from featstore.loader import Loader
     from featstore.tokens import dequantize_int8
@@ -208,5 +205,11 @@ def test_the_loader_dequantizes_token_x_channel_tokens(tmp_path):
     fs = store.feature_set("t")
     want = dequantize_int8(*(np.asarray(fs.array(k)[:]) for k in ("tokens", "tokens_scale")),
                            channel_scale=np.asarray(fs.array("tokens_channel_scale")[:]))
-    batch = next(iter(Loader(store, {"t": "features/t/tokens"}, 8, shuffle=False)))
-    assert np.array_equal(batch["t"].numpy(), want)
+    for how in ({}, {"direct": False}, {"cache": "ram"}):  # shard reads, zarr, RAM: each applies both scales
+        batch = next(iter(Loader(store, {"t": "features/t/tokens"}, 8, shuffle=False, **how)))
+        assert np.array_equal(batch["t"].numpy(), want), how
+    for batch in Loader(store, {"t": "features/t/tokens"}, 2, seed=3):  # shuffled: each row with its own scales
+        assert np.array_equal(batch["t"].numpy(), want[batch["row"].numpy()])
+    # byte-sized windows count the channel scale too: int8 tokens + token scale + channel scale per row
+    row_bytes = 5 * 16 + 2 * 5 + 2 * 16
+    assert Loader(store, {"t": "features/t/tokens"}, 2, window_bytes=10 * row_bytes).window == 10

@@ -433,13 +433,16 @@ def test_int8_tokens_round_trip_on_real_efficientnet_tokens(tmp_path):
     a = next(iter(Loader(s, {"a": "features/eff-float16/tokens"}, 64, shuffle=False)))["a"].float()
     assert a.shape == (16, 49, 1280) and (a.norm(dim=-1) > 0).all()
     arch = resolve_arch(UTAConfig(), teacher_tokens=(49, 1280), pixels_shape=(3, 224, 224), pixels_identity={})
-    # token x channel int8 is served raw with both scales and dequantized by the step, on CPU and GPU alike
+    # token x channel int8: on a GPU served raw with both scales and dequantized by the step; on CPU the
+    # loader dequantizes it with both scales in its producer thread; the same values either way
     for on_gpu in (False, True):
         columns, dequantize = loader_columns("pixels/crops224", "eff-int8", int8_on_device=on_gpu, store=s)
-        assert columns["target_channel_scale"] == "features/eff-int8/tokens_channel_scale" and not dequantize
-        raw = next(iter(Loader(s, columns, 64, shuffle=False, dequantize=False)))
-        assert raw["target"].dtype == torch.int8
-        _, q = prepare_batch(raw, arch, None, torch.device("cpu"))
+        assert ("target_channel_scale" in columns) == on_gpu and dequantize == (not on_gpu)
+        if on_gpu:
+            assert columns["target_channel_scale"] == "features/eff-int8/tokens_channel_scale"
+        served = next(iter(Loader(s, columns, 64, shuffle=False, dequantize=dequantize)))
+        assert served["target"].dtype == (torch.int8 if on_gpu else torch.float16)
+        _, q = prepare_batch(served, arch, None, torch.device("cpu"))
         cos = F.cosine_similarity(a, q, dim=-1)
         assert float(cos.mean()) >= 0.999 and float(cos.min()) >= 0.995
 

@@ -234,7 +234,7 @@ def evaluate_uta(
         rows &= np.cumsum(rows) <= max_rows
     columns, dequantize = loader_columns(input_col, teacher["name"], int8_on_device=False, store=store, pooled=True)
     metrics = token_metrics(model, Loader(store, columns, batch_size, shuffle=False, rows=rows, dequantize=dequantize,
-                                                 rank=0, world_size=1), cfg, dev)
+                                           view=0, rank=0, world_size=1), cfg, dev)  # stored views: the centre crop
     embeddings = metrics.pop("_embeddings")
     result = {"checkpoint": ckpt.path, "step": ckpt.step, "store": store.path, "split": "all" if all_rows else "val",
               "teacher": teacher["name"], "input": inp["name"], "rows": metrics.pop("val_rows"),

@@ -7,7 +7,9 @@ Each step streams two row-aligned columns from the store — the uint8 crops `pi
 light mode, another backbone's tokens) and the teacher's tokens `features/<teacher>/tokens` (int8
 ones dequantized by the loader's thread on CPU, on the device on a GPU) — draws the step's masks,
 and aligns the student's kept tokens with the teacher's (trainers/uta.py).  No image is decoded and
-no teacher runs in the step.
+no teacher runs in the step.  A teacher extracted with `--views K` serves one of its K stored views
+per image per epoch (the same view in pixels, tokens and pooled; `trainers/uta_views.py`), and
+validation reads view 0, the centre crop.
 
 Writes into `out_dir` (the train-head conventions, trainers/checkpoint.py's files):
     metrics.jsonl   one json per logged step: step, loss, lr, grad_norm; on validation steps also
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import yaml
@@ -44,6 +47,7 @@ from featstore.errors import CheckpointError, ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
+from featstore.views import view_count
 
 from . import checkpoint
 from .config import apply, load_config
@@ -53,6 +57,7 @@ from .loading import train_loader as rank_train_loader
 from .train_head import PRECISIONS, _forever, _last_validation, _truncate_metrics, _val_every, lr_at
 from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, batch_pooled, count_parameters, draw_masks,
                   load_checkpoint, loader_columns, mask_options, prepare_batch, resolve_arch, same_crop, step_generator)
+from .uta_views import ViewsRepeat, check_flips, crop_identity, views_note
 
 CURVES_PANEL = {"val_token_cos": "token cosine (val)", "val_token_cos_p05": "token cosine, 5th pct image",
                 "val_cls_cosine": "CLS embedding cosine to teacher pooled", "val_zero_shot_top1": "zero-shot top-1"}
@@ -115,20 +120,27 @@ def train_uta(
     if ckpt and ckpt.state["arch"] != arch:
         raise CheckpointError(f"checkpoint {ckpt.path} was trained with another student architecture "
                               f"({ckpt.state['arch']}); resume with the same student settings")
+    check_flips(cfg, tdesc)
     train_mask, val_mask = split_by_uid(store.uids(), cfg.val_fraction)
     val_mask &= (val_mask.cumsum() <= cfg.val_max_rows)
     columns, dequantize = loader_columns(idesc["column"], teacher, int8_on_device=dev.type != "cpu", store=store,
                                          pooled=cfg.cls_weight > 0)
+    # stored views: one per row per epoch, the same in pixels, tokens and pooled; validation on view 0
     train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda",
-                                     dequantize=dequantize)
+                                     dequantize=dequantize, view="epoch")
     val_loader = Loader(store, {**columns, "pooled": f"{fmt.FEATURES}/{teacher}/pooled"}, cfg.batch_size,
-                        shuffle=False, rows=val_mask, dequantize=dequantize,
+                        shuffle=False, rows=val_mask, dequantize=dequantize, view=0,
                         rank=0, world_size=1)  # rank 0 validates every val row
     if len(train_loader) == 0:
         raise ConfigError(f"the train split has {len(train_loader.served)} usable rows, fewer than one batch "
                           f"({cfg.batch_size}): lower batch_size")
     if len(val_loader.served) < 1:
         raise ConfigError("the validation split has no usable rows: raise val_fraction")
+    epochs_note = views_note(cfg.steps, len(train_loader), train_loader.views)
+    if epochs_note:
+        notes.append(epochs_note)
+        if run.is_main:
+            warnings.warn(epochs_note, ViewsRepeat, stacklevel=2)
 
     # ---- model and optimizer --------------------------------------------------------------------------
     threads_before = torch.get_num_threads()
@@ -299,17 +311,20 @@ def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTACon
 
 def describe_sources(store: Store, teacher: str, pixels: str | None, student_input: str | None) -> dict:
     """What the run reads, as its checkpoint records it: {"teacher": ..., "input": ...} with names,
-    identities and shapes; refuses a teacher without tokens and an input from another crop."""
+    identities and shapes; refuses a teacher without tokens and an input from another crop (or
+    other stored views)."""
     fs = store.feature_set(teacher)
     if not fs.attrs.get("tokens"):
         raise ConfigError(f"feature set '{teacher}' has no tokens: extract the teacher with --tokens")
     tdesc = {**checkpoint.describe(store, teacher), "tokens": list(fs.attrs["tokens"]), "token_dtype": fs.attrs.get("token_dtype")}
-    teacher_pre = fs.identity.get("preprocess")
+    if fs.views > 1:
+        tdesc["views"] = fs.identity.get("views")
+    teacher_pre = crop_identity(fs)
     if student_input:
         sfs = store.feature_set(student_input)
         if not sfs.attrs.get("tokens"):
             raise ConfigError(f"feature set '{student_input}' has no tokens: extract it with --tokens for light mode")
-        same_crop(sfs.identity.get("preprocess"), teacher_pre, f"student input '{student_input}'", f"teacher '{teacher}'")
+        same_crop(crop_identity(sfs), teacher_pre, f"student input '{student_input}'", f"teacher '{teacher}'")
         idesc = {**checkpoint.describe(store, student_input), "kind": "tokens", "tokens": list(sfs.attrs["tokens"]),
                  "column": f"{fmt.FEATURES}/{student_input}/tokens"}
     else:
@@ -319,7 +334,8 @@ def describe_sources(store: Store, teacher: str, pixels: str | None, student_inp
         px = store.pixels(pixels)
         identity = dict(px.attrs.get("identity") or {})
         same_crop(identity, teacher_pre, f"pixels '{pixels}'", f"teacher '{teacher}'")
-        idesc = {"name": pixels, "kind": "pixels", "identity": identity, "shape": list(px.shape[1:]),
+        k = view_count(px)  # a view axis after row: the student sees one (3, H, W) view at a time
+        idesc = {"name": pixels, "kind": "pixels", "identity": identity, "shape": list(px.shape[1 + (k > 1):]),
                  "feature_set": px.attrs.get("feature_set"), "column": f"{fmt.PIXELS}/{pixels}"}
     return {"teacher": tdesc, "input": idesc}
 

@@ -2,7 +2,10 @@
 
 The teacher (a CLIP vision tower, say) ran once at extraction: `features/<teacher>/tokens` holds its
 patch tokens (N, T, D), `features/<teacher>/pooled` its image embedding and `pixels/<name>` the
-exact uint8 crop it saw.  A training step:
+exact uint8 crop it saw.  Extracted with `--views K`, each image has K such crops (a view axis:
+view 0 the centre crop, the others random-resized crops, some mirrored, each with the teacher's own
+outputs); the training loader serves one view per image per epoch (`Loader(view="epoch")`, the
+same view in pixels, tokens and pooled), validation view 0.  A training step:
 
 1. draws masks per sample (`uta_masks.draw_masks`: uniform random or BEiT-style blocks, a pure
    function of (seed, step), so a resumed run draws the same masks); `mask_ratio` of the grid
@@ -58,8 +61,9 @@ GRID_MODES = ("bilinear", "bicubic", "nearest")
 FORMAT = "featstore-uta-checkpoint"
 VERSION = 2  # 2: EVA-02-like student, CLS alignment (version 1's plain ViT students are not loaded)
 # the keys of a preprocessing identity that decide which pixels a token covers (mean/std do not:
-# they are applied to the crop afterwards, and differ between e.g. CLIP and DINOv2)
-CROP_KEYS = ("name", "resize", "crop", "interpolation", "resize_mode")
+# they are applied to the crop afterwards, and differ between e.g. CLIP and DINOv2); "views" is the
+# stored views' recipe (extract --views K: which crop each view is), absent without stored views
+CROP_KEYS = ("name", "resize", "crop", "interpolation", "resize_mode", "views")
 
 
 @dataclass
@@ -90,7 +94,7 @@ class UTAConfig(ConfigBase):
     cls_weight: float = 1.0  # weight of 1 - cos(student CLS embedding, teacher pooled); 0 = tokens only
     cls_head: str = "auto"  # auto | shared | separate: the head the CLS goes through (auto: shared if widths match)
     grid_interpolation: str = "bilinear"  # teacher grid -> student grid when they differ
-    hflip: float = 0.0  # probability of flipping an image and its teacher grid together
+    hflip: float = 0.0  # probability of flipping an image and its teacher grid together (refused on mirrored stored views)
     # ---- optimisation ----
     steps: int = 20000
     batch_size: int = 256  # images per step (2x sequences with reversed masking)
@@ -225,7 +229,9 @@ def interpolate_grid(tokens: torch.Tensor, size: int, mode: str = "bilinear") ->
 
 
 def flip_tokens(tokens: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-    """Mirror the square token grid (B, g*g, D) left-right where `which` (B,) is true."""
+    """Mirror the square token grid (B, g*g, D) left-right where `which` (B,) is true (`hflip`
+    only: stored views carry their own mirroring, with the teacher's own outputs on the mirror, and
+    `train_uta.check_flips` refuses hflip on mirrored stored views)."""
     b, n, d = tokens.shape
     g = grid_side(n, "a token grid")
     flipped = tokens.view(b, g, g, d).flip(2).reshape(b, n, d)
@@ -309,21 +315,18 @@ def _on_device(batch: dict, key: str, dev) -> torch.Tensor:
 def loader_columns(input_column: str, teacher: str, *, int8_on_device: bool, store, pooled: bool = False) -> tuple[dict, bool]:
     """The loader's columns {"input", "target"[, "pooled"][, "<key>_scale"[, "<key>_channel_scale"]]}
     and its `dequantize` flag.  With `int8_on_device` (a GPU), int8 token columns are served raw (half
-    the bytes to copy) with their scales and dequantized by `prepare_batch` on the device; otherwise
-    the loader dequantizes them to fp16 in its producer thread, overlapping the step (best on CPU).
-    Token x channel int8 (a `<tokens>_channel_scale` array beside the tokens) is always served raw
-    and dequantized by `prepare_batch`, which knows both scales."""
+    the bytes to copy) with their scales (both of them for token x channel int8: a
+    `<tokens>_channel_scale` array beside the tokens) and dequantized by `prepare_batch` on the
+    device; otherwise the loader dequantizes them to fp16 in its producer thread, overlapping the
+    step (best on CPU), with whichever scales the feature set has."""
     columns = {"input": input_column, "target": f"features/{teacher}/tokens"}
     if pooled:
         columns["pooled"] = f"features/{teacher}/pooled"
     token_keys = [k for k, p in columns.items() if p.endswith("/tokens") and store.array(p).dtype == np.int8]
-    channel = {k for k in token_keys if _has_array(store, columns[k] + "_channel_scale")}
-    # token x channel int8 needs both scales, which only prepare_batch applies: then every int8
-    # column is served raw with its scales (the loader's `dequantize` flag is one for all columns)
-    raw = token_keys if int8_on_device or channel else []
+    raw = token_keys if int8_on_device else []
     for key in raw:
         columns[f"{key}_scale"] = columns[key] + "_scale"
-        if key in channel:
+        if _has_array(store, columns[key] + "_channel_scale"):
             columns[f"{key}_channel_scale"] = columns[key] + "_channel_scale"
     return columns, not raw
 
