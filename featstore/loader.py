@@ -32,7 +32,10 @@ from . import format as fmt
 from . import loader_state
 from . import order as order_
 from .buffers import BatchMemory, Buffers, aligned_empty
+from . import cache as disk_cache
+from .cache import DiskCache
 from .errors import CheckpointError, ConfigError
+from .files import is_url
 from .readpath import Column, Reader, attach_sources, make_column, served_rows
 from .store import Store
 from .stream import BatchStream
@@ -83,6 +86,9 @@ class Loader(torch.utils.data.IterableDataset):
         drop_last: bool = False,
         prefetch: int = 1,
         cache: str | None = None,
+        cache_dir: str | None = None,
+        cache_limit: int | None = None,
+        download_threads: int = 8,
         window: int | None = None,
         window_bytes: int | None = None,
         window_blocks: int | None = None,
@@ -98,8 +104,15 @@ class Loader(torch.utils.data.IterableDataset):
             raise ConfigError("batch_size must be >= 1")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, {world_size})")
-        if cache not in (None, "ram"):
-            raise ConfigError("cache must be None or 'ram'")
+        if cache not in (None, "ram", "disk"):
+            raise ConfigError(f"cache must be None, 'ram' or 'disk', not {cache!r}")
+        if cache != "disk" and (cache_dir is not None or cache_limit is not None):
+            raise ConfigError("cache_dir and cache_limit are for cache='disk'")
+        if cache == "disk" and not is_url(store.path):
+            raise ConfigError(f"cache='disk' keeps the shards of a store on object storage on local disk; {store.path} "
+                              "is local already: leave cache unset")
+        if cache == "disk" and not direct:
+            raise ConfigError("cache='disk' serves featstore's own shard reads; direct=False reads through zarr only")
         if window_blocks is not None:
             warnings.warn("Loader(window_blocks=) is deprecated: use window= (rows) or window_bytes=", DeprecationWarning,
                           stacklevel=2)
@@ -121,6 +134,7 @@ class Loader(torch.utils.data.IterableDataset):
         self.prefetch, self.cache = max(1, int(prefetch)), cache
         self.with_uids, self.dequantize, self.pin_memory = with_uids, dequantize, pin_memory
         self.read_threads, self.read_ahead, self.direct = max(1, int(read_threads)), max(0, int(read_ahead)), direct
+        self.cache_dir, self.cache_limit, self.download_threads = cache_dir, cache_limit, max(1, int(download_threads))
         if isinstance(columns, (list, tuple)):
             columns = {p: p for p in columns}
         self._spec = dict(columns)
@@ -138,7 +152,10 @@ class Loader(torch.utils.data.IterableDataset):
         self._buffers = Buffers()
         self._memory = BatchMemory(keep=self.prefetch + 4)
         self._pid = os.getpid()
-        attach_sources(self.columns, self.store, self.served, cache=self.cache, direct=self.direct)
+        disk = None
+        if self.cache == "disk":
+            disk = DiskCache(self.cache_dir, self.cache_limit, self.download_threads)
+        attach_sources(self.columns, self.store, self.served, cache=self.cache, direct=self.direct, disk=disk)
 
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
@@ -285,6 +302,8 @@ class Loader(torch.utils.data.IterableDataset):
             todo = todo[info.id :: info.num_workers]
         k = self.batches_per_window
         windows = [todo[i : i + k] for i in range(0, len(todo), k)]
+        sources = [s for c in self.columns for s in c.sources()]
+        disk_cache.fetch_in_read_order(sources, windows, self.store.rows_per_shard)  # cache="disk" only
         uids = self.store.uids() if self.with_uids else None
         reader = Reader(self.columns, self.store.rows_per_shard, read_threads=self.read_threads,
                         read_ahead=self.read_ahead, pin_memory=self.pin_memory, buffers=self._buffers,
@@ -299,6 +318,7 @@ class Loader(torch.utils.data.IterableDataset):
                 yield item
         finally:
             stream.close()
+            disk_cache.cancel(sources)  # fetches an epoch ended early had not started yet
         self.offset = 0
         self.epoch += 1
 

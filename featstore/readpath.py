@@ -51,6 +51,7 @@ class Source:
     mapped: object = None  # featstore.mapping.MappedArray
     local: object = None  # featstore.shardfile.LocalShards
     remote: object = None  # featstore.remote.RemoteShards
+    cached: object = None  # featstore.cache.CachedShards (cache="disk"; with `mapped` or `local` set)
 
     @property
     def dtype(self) -> np.dtype:
@@ -76,6 +77,8 @@ class Source:
     def kind(self) -> str:
         if self.ram is not None:
             return "ram"
+        if self.cached is not None:
+            return "cached"
         if self.mapped is not None:
             return "mapped"
         return "local" if self.local is not None else "remote" if self.remote is not None else "zarr"
@@ -137,17 +140,23 @@ def served_rows(store, columns: list[Column], rows) -> tuple[np.ndarray, int]:
     return np.flatnonzero(mask), usable
 
 
-def attach_sources(columns: list[Column], store, served: np.ndarray, *, cache: str | None, direct: bool) -> None:
-    """Decide how each source is read: RAM cache, mapped shards, shard reads (local, remote), zarr."""
+def attach_sources(columns: list[Column], store, served: np.ndarray, *, cache: str | None, direct: bool,
+                   disk=None) -> None:
+    """Decide how each source is read: RAM cache, mapped shards, shard reads (local, remote), zarr;
+    with cache="disk", the shard objects of a remote store fetched into `disk` (`featstore.cache`)."""
     r, n = store.rows_per_shard, store.n_rows
     blocks = np.unique(served // r)
+    if cache == "disk":
+        from .cache import attach
+
+        attach([s for c in columns for s in c.sources()], store, blocks, disk)
     for c in columns:
         for s in c.sources():
             if cache == "ram":
                 if s.ram is None:
                     s.ram = np.ascontiguousarray(s.array[:n])
                 continue
-            if not direct:
+            if not direct or s.cached is not None:
                 continue
             s.mapped = MappedArray.of(s.array, r, n, blocks)
             if s.mapped is None:
@@ -224,6 +233,8 @@ class Reader:
             for s in c.sources():
                 if s.ram is not None:
                     continue
+                if s.cached is not None:  # its blocks fetched into the disk cache (and mapped) first
+                    s.cached.wait(np.unique(w.starts // self.r).tolist())
                 if s.mapped is not None:
                     s.mapped.will_need(zip(w.starts.tolist(), w.stops.tolist()))
                     continue
