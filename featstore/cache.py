@@ -14,9 +14,9 @@ serve from there), for featstore's own shard objects:
   `<cache_dir>/<store>/<array>/<shard key>@<hash of version and size>`, `<store>` a hash of the
   store's URL and id: an object rewritten since (the store grew, a feature set was recomputed)
   has another ETag, so it is fetched again and the old entry is never read.  A download is
-  checked (its size, its MD5 where the ETag is one, a valid shard index) before it is renamed
-  into place whole, so a kill leaves at most a temporary file, and an entry of the wrong size is
-  fetched again.
+  checked (its size, a valid shard index, and the object's version asked again after the GET, so
+  an object rewritten while it was fetched is refused) before it is renamed into place whole: a
+  kill leaves at most a temporary file.  An entry of the wrong size is fetched again.
 - **Fetched once, in read order.** One GET per object (a server that copies the whole object
   for every ranged GET, as moto does, pays once), `download_threads` at a time, in the order the
   epoch reads the blocks: a read window waits only for its own.  Processes sharing a cache
@@ -26,8 +26,8 @@ serve from there), for featstore's own shard objects:
   one-copy path (a layout that cannot be mapped is read with pread into window buffers).  The
   first epoch runs at the server's speed; later epochs, and later loaders, at local speed.
 - **Bounded.** `cache_limit` bytes (default: no limit of its own; the disk keeps 1 GiB free).
-  Making a loader marks its entries used and evicts the least recently used others to make room
-  for what it will fetch; a loader whose own shards cannot fit is refused in one line, before
+  Making a loader marks its entries used, removes the entries of older versions of its objects,
+  and evicts the least recently used others to make room for what it will fetch; a loader whose own shards cannot fit is refused in one line, before
   anything is fetched.  The whole loader's shards are kept (epochs re-read all of them).
 """
 
@@ -38,7 +38,6 @@ import json
 import os
 import posixpath
 import queue
-import re
 import shutil
 import threading
 import time
@@ -90,11 +89,6 @@ class Entry:
     version: str
     path: str
 
-    @property
-    def md5(self) -> str | None:
-        """The object's MD5 where its ETag is one (a single-part upload), else None."""
-        m = re.fullmatch(r'ETag="?([0-9a-fA-F]{32})"?', self.version)
-        return m.group(1).lower() if m else None
 
 
 class DiskCache:
@@ -128,7 +122,10 @@ class DiskCache:
         ones fit the limit and the disk; refuse in one line when they cannot."""
         import filelock
 
-        os.makedirs(self.root, exist_ok=True)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot use {self.root} as the disk cache ({e.strerror}): give another cache_dir") from None
         total = sum(e.size for e in entries)
         if self.limit is not None and total > self.limit:
             raise CacheFull(f"this loader's shards need {_gb(total)} in the disk cache {self.root}, more than "
@@ -138,6 +135,7 @@ class DiskCache:
             now = time.time()
             missing = 0
             for e in entries:
+                _remove_superseded(e.path)
                 if _size(e.path) == e.size:
                     os.utime(e.path, (now, now))
                 else:
@@ -191,7 +189,7 @@ class DiskCache:
             url = fs.unstrip_protocol(e.remote)
             try:
                 _download(fs, e.remote, tmp)
-                problem = _verify(tmp, e, check)
+                problem = _verify(fs, tmp, e, check)
                 if problem:
                     raise FetchFailed(f"{url} {problem} while it was fetched into the disk cache: the store is "
                                       "being rewritten; make the Loader again once it is not")
@@ -212,17 +210,15 @@ def _download(fs, remote: str, local: str) -> None:
     fs.get_file(remote, local, **kw)
 
 
-def _verify(path: str, e: Entry, check) -> str | None:
+def _verify(fs, path: str, e: Entry, check) -> str | None:
+    """Why the fetched file is not the listed object, or None.  The object's version is asked for
+    again after the GET: had it changed since the listing, its bytes could be another version's."""
     size = _size(path)
     if size != e.size:
         return f"changed (it is {size} bytes, {e.size} when listed)"
-    if e.md5 is not None:
-        h = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        if h.hexdigest() != e.md5:
-            return "changed (its bytes do not match the ETag it was listed with)"
+    fs.invalidate_cache(e.remote)
+    if object_version(fs.info(e.remote)) != e.version:
+        return "changed (its version is not the one it was listed with)"
     return check(path)
 
 
@@ -434,6 +430,19 @@ def _size(path: str) -> int | None:
         return os.stat(path).st_size
     except FileNotFoundError:
         return None
+
+
+def _remove_superseded(path: str) -> None:
+    """Remove the entries of other versions of this entry's object (it was rewritten since)."""
+    folder, name = os.path.split(path)
+    key = name.split("@")[0] + "@"
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for other in names:
+        if other.startswith(key) and not other.startswith(name) and ".tmp-" not in other:
+            _remove(os.path.join(folder, other))
 
 
 def _remove(path: str) -> None:

@@ -11,8 +11,10 @@
   every rank gets the same number of batches.  `cache="ram"` holds the columns in memory and
   uses a full random permutation; `shuffle=False` serves store order.
 - How it reads: `featstore.readpath` (one copy from mapped shard files when local, ranged reads
-  with read-ahead when remote, zarr otherwise); `featstore.stream`: a helper thread gathers up
-  to `prefetch` batches ahead, and a consumer that runs out gathers the next one itself.
+  with read-ahead when remote, zarr otherwise; a remote store with `cache="disk"`: its shard
+  objects fetched whole into a local cache, `featstore.cache`, and mapped from there);
+  `featstore.stream`: a helper thread gathers up to `prefetch` batches ahead, and a consumer
+  that runs out gathers the next one itself.
 - Resuming: the state is a small dict (mosaic streaming style): seed, epoch, offset (rows this
   rank has been served this epoch) and what they replay against; `load_state_dict` refuses a
   state that would replay another order, naming what changed.
@@ -65,6 +67,12 @@ class Loader(torch.utils.data.IterableDataset):
     and only if fewer rows than ranks are left, a rank repeats a row of the epoch's start (see
     `featstore.order`).
     `direct=False` reads everything through zarr (the same bytes; tests compare them).
+    `cache="disk"` (a store on object storage): each shard object the columns need is fetched
+    whole, once, into `cache_dir` (default `$FEATSTORE_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/featstore`), `download_threads` at a time in the epoch's read order, and
+    read from there as a local store is; `cache_limit` bytes bound the directory (least recently
+    used entries of other loaders are evicted; a loader that cannot fit is refused).  The first
+    epoch runs at the server's speed, later epochs and loaders at local speed (`featstore.cache`).
     `prefetch`: batches gathered ahead of the one the consumer holds.  One is double buffering
     (the next batch is copied while the consumer works on this one); I/O latency is hidden by
     reading `read_ahead` windows ahead, not by batches (examples/loader_ratios.py sweeps 1, 2

@@ -127,7 +127,8 @@ def test_an_entry_that_does_not_match_its_object_is_fetched_again(s3, tmp_path):
     server.requests.clear()
     got = batches(Loader(remote, cols, 8, shuffle=False, cache="disk", cache_dir=tmp_path))
     assert sorted(shard_gets(server, "changed.zarr", POOLED)) == ["changed.zarr/features/t/pooled/c/2/0",
-                                                          "changed.zarr/features/w/pooled/c/1/0"]
+                                                                  "changed.zarr/features/w/pooled/c/1/0"]
+    assert len([p for p in _entries(tmp_path) if "/w/pooled/c/1/" in p]) == 1  # the old version's entry is gone
     want = np.asarray(zarr.open_array(store=f"s3://{BUCKET}/changed.zarr/features/w/pooled", mode="r")[:45])
     rows = np.concatenate([b["row"] for b in got])  # (t's invalid rows are not served)
     np.testing.assert_array_equal(np.concatenate([b["wide"] for b in got]), want[rows])
@@ -190,7 +191,7 @@ def test_a_loader_waits_for_the_fetch_another_process_makes(s3, tmp_path):
         out = []
         reading = threading.Thread(target=lambda: out.append(batches(loader)))
         reading.start()
-        reading.join(timeout=2)
+        reading.join(timeout=1)
         assert reading.is_alive() and not out  # block 1 is not there yet: the loader waits
         tmp = entry.path + ".tmp-other"
         with open(tmp, "wb") as f:  # what the other process fetched
@@ -202,14 +203,21 @@ def test_a_loader_waits_for_the_fetch_another_process_makes(s3, tmp_path):
     assert_same(out[0], batches(Loader(Store.open(path), {"wide": "features/w/pooled"}, 8, shuffle=False)))
 
 
-def test_a_vanished_object_fails_in_one_line(s3, tmp_path):
+@pytest.mark.parametrize("change", ["removed", "rewritten"])
+def test_an_object_that_changes_after_its_listing_is_refused_in_one_line(s3, tmp_path, change):
+    """The object a loader listed is gone or has other bytes (of the same size) by the time it is
+    fetched: nothing is cached and the epoch stops with one line naming the object."""
     server, _ = s3
-    remote = upload(s3, "vanish.zarr")
+    remote = upload(s3, f"{change}.zarr")
     loader = Loader(remote, {"wide": "features/w/pooled"}, 8, cache="disk", cache_dir=tmp_path)  # listed now
-    server.fs.rm(f"{BUCKET}/vanish.zarr/features/w/pooled/c/1/0")
-    with pytest.raises(FetchFailed, match="vanish.zarr/features/w/pooled/c/1/0") as e:
+    key = f"{BUCKET}/{change}.zarr/features/w/pooled/c/"
+    if change == "removed":
+        server.fs.rm(key + "1/0")
+    else:
+        server.fs.pipe_file(key + "1/0", server.fs.cat_file(key + "0/0"))
+    with pytest.raises(FetchFailed, match=f"{change}.zarr/features/w/pooled/c/1/0") as e:
         batches(loader)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and (change == "removed" or "changed" in str(e.value))
     assert not any("/c/1/" in p for p in _entries(tmp_path)) and not any(".tmp-" in p for p in os.listdir(tmp_path))
 
 
