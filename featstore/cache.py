@@ -404,15 +404,16 @@ def attach(sources, store, blocks, cache: DiskCache) -> None:
 
 
 def fetch_in_read_order(sources, windows, rows_per_shard: int) -> None:
-    """Start fetching the blocks these windows read (first needed first) for every cached source."""
+    """Start fetching the blocks these windows read, the first window's first, for every cached
+    source (a window's reads wait for all of its blocks, so their order inside it is free)."""
     cached = [s.cached for s in sources if getattr(s, "cached", None) is not None]
-    if not cached or not windows:
-        return
-    seq = np.concatenate([np.concatenate(w) for w in windows if len(w)]) // rows_per_shard
-    _, first = np.unique(seq, return_index=True)
-    for b in seq[np.sort(first)].tolist():
-        for c in cached:
-            c.schedule([b])
+    seen: set = set()
+    for w in windows if cached else ():
+        for b in np.unique(np.concatenate(w) // rows_per_shard).tolist():
+            if b not in seen:
+                seen.add(b)
+                for c in cached:
+                    c.schedule([b])
 
 
 def cancel(sources) -> None:
