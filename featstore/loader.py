@@ -11,8 +11,10 @@
   every rank gets the same number of batches.  `cache="ram"` holds the columns in memory and
   uses a full random permutation; `shuffle=False` serves store order.
 - How it reads: `featstore.readpath` (one copy from mapped shard files when local, ranged reads
-  with read-ahead when remote, zarr otherwise); `featstore.stream`: a helper thread gathers up
-  to `prefetch` batches ahead, and a consumer that runs out gathers the next one itself.
+  with read-ahead when remote, zarr otherwise; a remote store with `cache="disk"`: its shard
+  objects fetched whole into a local cache, `featstore.cache`, and mapped from there);
+  `featstore.stream`: a helper thread gathers up to `prefetch` batches ahead, and a consumer
+  that runs out gathers the next one itself.
 - Stored views (`featstore.views`): columns with a view axis (extract --views K) serve one view
   per row, `view=k` (0: the centre crop) or `view="epoch"` (a pure function of seed, epoch and
   row, the same in every column of the batch, served as `batch["view"]`), or all of them
@@ -37,7 +39,10 @@ from . import format as fmt
 from . import loader_state
 from . import order as order_
 from .buffers import BatchMemory, Buffers, aligned_empty
+from . import cache as disk_cache
+from .cache import DiskCache
 from .errors import CheckpointError, ConfigError
+from .files import is_url
 from .readpath import Column, Reader, attach_sources, make_column, served_rows
 from .store import Store
 from .stream import BatchStream
@@ -68,6 +73,12 @@ class Loader(torch.utils.data.IterableDataset):
     and only if fewer rows than ranks are left, a rank repeats a row of the epoch's start (see
     `featstore.order`).
     `direct=False` reads everything through zarr (the same bytes; tests compare them).
+    `cache="disk"` (a store on object storage): each shard object the columns need is fetched
+    whole, once, into `cache_dir` (default `$FEATSTORE_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/featstore`), `download_threads` at a time in the epoch's read order, and
+    read from there as a local store is; `cache_limit` bytes bound the directory (least recently
+    used entries of other loaders are evicted; a loader that cannot fit is refused).  The first
+    epoch runs at the server's speed, later epochs and loaders at local speed (`featstore.cache`).
     `view`: how columns with stored views are served (`featstore.views`): None refuses them,
     "all" gives (batch, K, ...), an int k view k of every row, "epoch" one view per row per epoch
     ((epoch + h(seed, row)) mod K, so every row sees each view once in K epochs); with one view
@@ -94,6 +105,9 @@ class Loader(torch.utils.data.IterableDataset):
         drop_last: bool = False,
         prefetch: int = 1,
         cache: str | None = None,
+        cache_dir: str | None = None,
+        cache_limit: int | None = None,
+        download_threads: int = 8,
         window: int | None = None,
         window_bytes: int | None = None,
         window_blocks: int | None = None,
@@ -110,8 +124,15 @@ class Loader(torch.utils.data.IterableDataset):
             raise ConfigError("batch_size must be >= 1")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, {world_size})")
-        if cache not in (None, "ram"):
-            raise ConfigError("cache must be None or 'ram'")
+        if cache not in (None, "ram", "disk"):
+            raise ConfigError(f"cache must be None, 'ram' or 'disk', not {cache!r}")
+        if cache != "disk" and (cache_dir is not None or cache_limit is not None):
+            raise ConfigError("cache_dir and cache_limit are for cache='disk'")
+        if cache == "disk" and not is_url(store.path):
+            raise ConfigError(f"cache='disk' keeps the shards of a store on object storage on local disk; {store.path} "
+                              "is local already: leave cache unset")
+        if cache == "disk" and not direct:
+            raise ConfigError("cache='disk' serves featstore's own shard reads; direct=False reads through zarr only")
         if window_blocks is not None:
             warnings.warn("Loader(window_blocks=) is deprecated: use window= (rows) or window_bytes=", DeprecationWarning,
                           stacklevel=2)
@@ -133,6 +154,7 @@ class Loader(torch.utils.data.IterableDataset):
         self.prefetch, self.cache = max(1, int(prefetch)), cache
         self.with_uids, self.dequantize, self.pin_memory = with_uids, dequantize, pin_memory
         self.read_threads, self.read_ahead, self.direct = max(1, int(read_threads)), max(0, int(read_ahead)), direct
+        self.cache_dir, self.cache_limit, self.download_threads = cache_dir, cache_limit, max(1, int(download_threads))
         self.view = check_mode(view)
         if isinstance(columns, (list, tuple)):
             columns = {p: p for p in columns}
@@ -171,7 +193,10 @@ class Loader(torch.utils.data.IterableDataset):
         self._buffers = Buffers()
         self._memory = BatchMemory(keep=self.prefetch + 4)
         self._pid = os.getpid()
-        attach_sources(self.columns, self.store, self.served, cache=self.cache, direct=self.direct)
+        disk = None
+        if self.cache == "disk":
+            disk = DiskCache(self.cache_dir, self.cache_limit, self.download_threads)
+        attach_sources(self.columns, self.store, self.served, cache=self.cache, direct=self.direct, disk=disk)
 
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
@@ -322,6 +347,8 @@ class Loader(torch.utils.data.IterableDataset):
             todo = todo[info.id :: info.num_workers]
         k = self.batches_per_window
         windows = [todo[i : i + k] for i in range(0, len(todo), k)]
+        sources = [s for c in self.columns for s in c.sources()]
+        disk_cache.fetch_in_read_order(sources, windows, self.store.rows_per_shard)  # cache="disk" only
         uids = self.store.uids() if self.with_uids else None
         views = None
         if self.views > 1 and self.view != "all":
@@ -339,6 +366,7 @@ class Loader(torch.utils.data.IterableDataset):
                 yield item
         finally:
             stream.close()
+            disk_cache.cancel(sources)  # fetches an epoch ended early had not started yet
         self.offset = 0
         self.epoch += 1
 

@@ -46,35 +46,62 @@ else:  # pragma: no cover
 class MappedArray:
     """Rows [0, n_rows) of one array as a read-only ndarray over its mapped shard files."""
 
-    def __init__(self, region: mmap.mmap, view: np.ndarray, row_bytes: int):
+    def __init__(self, region: mmap.mmap, view: np.ndarray, layout, rows_per_shard: int, n_rows: int):
         self._region = region  # owns the address range; unmapped when collected
         self.view = view
-        self.row_bytes = row_bytes
+        self.layout, self.rows_per_shard, self.n_rows = layout, rows_per_shard, n_rows
+        self.row_bytes = layout.row_bytes
         self._addr = view.ctypes.data
 
     @classmethod
     def of(cls, array, rows_per_shard: int, n_rows: int, blocks) -> "MappedArray | None":
         """Map the shards of `blocks` (those the loader serves); None when not exactly possible."""
         reader = LocalShards.of(array, rows_per_shard)
-        if _libc is None or reader is None or n_rows == 0:
+        if reader is None:
             return None
-        layout, r = reader.layout, rows_per_shard
-        block_bytes = r * layout.row_bytes
+        mapped = cls.reserve(reader.layout, rows_per_shard, n_rows)
+        if mapped is None:
+            return None
+        for b in blocks:
+            try:
+                fd = os.open(os.path.join(reader.base, reader.layout.key(int(b))), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # never written: the reservation's zeros are its rows
+            try:
+                if not mapped.map_shard(int(b), fd):
+                    return None
+            finally:
+                os.close(fd)
+        return mapped
+
+    @classmethod
+    def reserve(cls, layout, rows_per_shard: int, n_rows: int) -> "MappedArray | None":
+        """The address range for rows [0, n_rows) of an array of this `ShardLayout`, all zeros
+        until `map_shard` maps a block's file there; None when mapping cannot be exact."""
+        if _libc is None or n_rows == 0:
+            return None
+        block_bytes = rows_per_shard * layout.row_bytes
         if block_bytes % _PAGE or (layout.fill != 0).any():
             return None
-        total = -(-n_rows // r) * block_bytes
+        total = -(-n_rows // rows_per_shard) * block_bytes
         region = mmap.mmap(-1, total, flags=_MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, prot=mmap.PROT_READ)
         base = np.frombuffer(region, dtype=np.uint8)
-        addr = base.ctypes.data
-        for b in blocks:
-            rows = min(r, n_rows - int(b) * r)
-            if not _map_shard(reader, int(b), rows, addr + int(b) * block_bytes):
-                del base
-                region.close()
-                return None
         count = n_rows * int(np.prod(layout.tail, dtype=np.int64))
         view = base.view(layout.dtype)[:count].reshape((n_rows,) + tuple(layout.tail))
-        return cls(region, view, layout.row_bytes)
+        return cls(region, view, layout, rows_per_shard, n_rows)
+
+    def map_shard(self, block: int, fd: int) -> bool:
+        """Map the open shard file `fd` as the rows of `block`; False when the file does not hold
+        them in order from offset 0 with a valid index (then nothing was mapped)."""
+        layout, r = self.layout, self.rows_per_shard
+        rows = min(r, self.n_rows - block * r)
+        size, n = os.fstat(fd).st_size, layout.index_bytes
+        index = layout.parse_index(os.pread(fd, n, size - n)) if size >= n else None
+        length = -(-rows // layout.chunk_rows) * layout.chunk_rows * layout.row_bytes
+        if index is None or not layout.identity_rows(index, rows) or length > size - n:
+            return False
+        at = self._addr + block * r * layout.row_bytes
+        return _libc.mmap(at, length, mmap.PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0) == at
 
     def will_need(self, runs, sample: int = 16) -> None:
         """Ask the kernel to read these row runs [(start, stop)] ahead, unless a sample of them is
@@ -96,23 +123,3 @@ class MappedArray:
         if _libc.mincore(lo, n, vec) != 0:
             return False
         return all(v & 1 for v in vec)
-
-
-def _map_shard(reader: LocalShards, block: int, rows: int, at: int) -> bool:
-    """Map the shard file of `block` at address `at` (its first `rows` rows); True when done."""
-    layout = reader.layout
-    try:
-        fd = os.open(os.path.join(reader.base, layout.key(block)), os.O_RDONLY)
-    except FileNotFoundError:
-        return True  # never written: the reservation's zeros are its rows
-    try:
-        index = reader.index(fd)
-        length = -(-rows // layout.chunk_rows) * layout.chunk_rows * layout.row_bytes
-        if index is None or not layout.identity_rows(index, rows):
-            return False
-        if length > os.fstat(fd).st_size - layout.index_bytes:
-            return False
-        got = _libc.mmap(at, length, mmap.PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
-        return got == at
-    finally:
-        os.close(fd)

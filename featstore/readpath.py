@@ -58,6 +58,7 @@ class Source:
     local: object = None  # featstore.shardfile.LocalShards
     remote: object = None  # featstore.remote.RemoteShards
     views: int = 1  # K > 1: one view of each row is served (the array's view axis is split off)
+    cached: object = None  # featstore.cache.CachedShards (cache="disk"; with `mapped` or `local` set)
 
     @property
     def dtype(self) -> np.dtype:
@@ -86,6 +87,8 @@ class Source:
     def kind(self) -> str:
         if self.ram is not None:
             return "ram"
+        if self.cached is not None:
+            return "cached"
         if self.mapped is not None:
             return "mapped"
         return "local" if self.local is not None else "remote" if self.remote is not None else "zarr"
@@ -169,17 +172,23 @@ def served_rows(store, columns: list[Column], rows) -> tuple[np.ndarray, int]:
     return np.flatnonzero(mask), usable
 
 
-def attach_sources(columns: list[Column], store, served: np.ndarray, *, cache: str | None, direct: bool) -> None:
-    """Decide how each source is read: RAM cache, mapped shards, shard reads (local, remote), zarr."""
+def attach_sources(columns: list[Column], store, served: np.ndarray, *, cache: str | None, direct: bool,
+                   disk=None) -> None:
+    """Decide how each source is read: RAM cache, mapped shards, shard reads (local, remote), zarr;
+    with cache="disk", the shard objects of a remote store fetched into `disk` (`featstore.cache`)."""
     r, n = store.rows_per_shard, store.n_rows
     blocks = np.unique(served // r)
+    if cache == "disk":
+        from .cache import attach
+
+        attach([s for c in columns for s in c.sources()], store, blocks, disk)
     for c in columns:
         for s in c.sources():
             if cache == "ram":
                 if s.ram is None:
                     s.ram = np.ascontiguousarray(s.array[:n])
                 continue
-            if not direct:
+            if not direct or s.cached is not None:
                 continue
             s.mapped = MappedArray.of(s.array, r, n, blocks)
             if s.mapped is None:  # shard reads of one view per row where a view axis is split
@@ -280,6 +289,8 @@ class Reader:
                 if k not in w.runs:
                     w.runs[k] = Runs.covering(self.view_rows(rows, k), self.r * k)
                 runs = w.runs[k]
+                if s.cached is not None:  # its blocks fetched into the disk cache (and mapped) first
+                    s.cached.wait(np.unique(runs.starts // (self.r * k)).tolist())
                 if s.mapped is not None:
                     s.mapped.will_need(zip((runs.starts // k).tolist(), (-(-runs.stops // k)).tolist()))
                     continue

@@ -6,6 +6,11 @@ each run of rows is one ranged GET of exactly its bytes.  All the ranges of a wi
 once (fsspec's `cat_ranges`: concurrent requests on fsspec's event loop) while the loader cuts
 the previous window into batches: the read-ahead.  Anything else is read through zarr.
 
+Every ranged GET is a request of its own, and some servers pay for each as for the whole object
+(moto copies it: examples/remote_ratios.py measures these reads at a fraction of whole-object
+GETs).  To read a store epoch after epoch, `Loader(cache="disk")` (`featstore.cache`) fetches
+each shard object whole, once, and reads it from local disk.
+
 Credentials and endpoints come from where fsspec's backend looks for them (for s3fs/botocore:
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws, ...), as for `Store.open`.
 """

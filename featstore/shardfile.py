@@ -181,19 +181,23 @@ class LocalShards:
             out[...] = self.layout.fill  # a shard never written: all fill value, as zarr reads it
             return True
         try:
-            index = self.index(fd)
-            pieces = self.layout.pieces(index, lo, hi) if index is not None else None
-            if pieces is None:
-                return False
-            rb = self.layout.row_bytes
-            limit = os.fstat(fd).st_size - self.layout.index_bytes
-            mv = memoryview(out.reshape(-1).view(np.uint8))
-            for off, nbytes, row in pieces:
-                dst = (row - lo) * rb
-                if off is None:
-                    out[row - lo : row - lo + nbytes // rb] = self.layout.fill
-                elif off + nbytes > limit or not pread_full(fd, mv[dst : dst + nbytes], off):
-                    return False
-            return True
+            return self.read_fd(fd, lo, hi, out)
         finally:
             os.close(fd)
+
+    def read_fd(self, fd: int, lo: int, hi: int, out: np.ndarray) -> bool:
+        """Rows [lo, hi) of the open shard file `fd` into `out`; False: leave it to zarr."""
+        index = self.index(fd)
+        pieces = self.layout.pieces(index, lo, hi) if index is not None else None
+        if pieces is None:
+            return False
+        rb = self.layout.row_bytes
+        limit = os.fstat(fd).st_size - self.layout.index_bytes
+        mv = memoryview(out.reshape(-1).view(np.uint8))
+        for off, nbytes, row in pieces:
+            dst = (row - lo) * rb
+            if off is None:
+                out[row - lo : row - lo + nbytes // rb] = self.layout.fill
+            elif off + nbytes > limit or not pread_full(fd, mv[dst : dst + nbytes], off):
+                return False
+        return True

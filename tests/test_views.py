@@ -225,6 +225,11 @@ def test_the_loader_reads_one_view_per_row_from_s3(view_store, tmp_path):
             assert all(sorted(v) == [0, 1] for v in seen.values())
             reader = loader.columns[0].source.remote  # pixels: one view's bytes per run, never the whole row
             assert reader.layout.row_bytes == 3 * 32 * 32
+            cached = Loader(remote, COLUMNS, 4, view="epoch", seed=1, cache="disk", cache_dir=str(tmp_path / "cache"))
+            assert {c.source.kind for c in cached.columns} == {"cached"}
+            for epoch in range(2):  # fetched on the first epoch, read from the cache on the second
+                cached.set_epoch(epoch)
+                assert all(sorted(v) == [0, 1] for v in _check_epochs(cached, want, 2).values())
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
 
