@@ -25,7 +25,7 @@ if [ "${1:-}" = "--quick" ]; then
     DEV=cpu
     EXTRACT=(benchmarks/bench_gpu.py --quick --device cpu --data-dir "$DATA/gpu")
     STORE=(benchmarks/bench_store.py --quick --device cpu --tag gpu --only featstore,memmap --no-remote --data-dir "$DATA/store-gpu")
-    TRAIN=(benchmarks/bench_train.py --quick --device cpu --rounds 1 --out "$RESULTS/train.gpu.quick.json")
+    TRAIN=(benchmarks/bench_train.py --quick --device cpu --rounds 1 --tag gpu --data-dir "$DATA/train-gpu")
     LIMITS=(120 120 120)
 else
     DEV=cuda
@@ -43,7 +43,7 @@ else
     # a third of the CPU run's rows, 3 warm + 1 cold rounds, no S3 contenders: fits the 8 minutes
     STORE=(benchmarks/bench_store.py --device cuda --tag gpu --rows 65536 --sharelock-rows 10000 --rounds 3
            --cold-rounds 1 --no-remote --data-dir "$DATA/store-gpu")
-    TRAIN=(benchmarks/bench_train.py --device cuda --rounds 2 --out "$RESULTS/train.gpu.json")
+    TRAIN=(benchmarks/bench_train.py --device cuda --rounds 2 --tag gpu --data-dir "$DATA/train-gpu")
     LIMITS=(210 160 110)  # 8 minutes in all at most; each step expected well under its limit
 fi
 
