@@ -157,12 +157,19 @@ def build_all(contenders, data, built: dict, unavailable: dict) -> list:
     return ok
 
 
-def rounds(contenders, phases, runs: dict, device, unavailable: dict, later: bool = False) -> None:
+def rounds(contenders, phases, runs: dict, device, unavailable: dict, later: bool = False, deadline=None,
+           skipped: list | None = None) -> None:
     """Interleaved rounds: A B C ... A B C ...; with `later`, each contender's first epoch and
-    then its later one (`again()`), keys `<name>` and `<name>_later`."""
+    then its later one (`again()`), keys `<name>` and `<name>_later`.  Past `deadline`
+    (perf_counter seconds) no new round starts; the rounds left out go into `skipped`."""
     broken = set()
     for cold, k in phases:
         for r in range(k):
+            if deadline is not None and time.perf_counter() > deadline:
+                print(f"  --budget spent: {'cold' if cold else 'warm'} round {r} and later ones not run", flush=True)
+                if skipped is not None:
+                    skipped.append(f"{'cold' if cold else 'warm'}{'/later' if later else ''} rounds {r}..{k - 1}")
+                break
             for c in contenders:
                 if (cold and not c.cold) or (c.name in ONCE and (cold or r > 0)) or c.name in broken:
                     continue
@@ -239,6 +246,8 @@ def main():
     p.add_argument("--sharelock-rows", type=int, default=None, help="rows ShareLock's layout holds (default 20,000)")
     p.add_argument("--device", default="cpu", help="cuda: every batch is copied to the GPU (pinned where the contender can)")
     p.add_argument("--tag", default=None, help="results file tag: results/store.<tag>.json (gpu.sh: gpu)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: start no round after this (the results say which were left out); gpu.sh's one try")
     args = p.parse_args()
     size = dict(SIZES["quick" if args.quick else "full"])
     n = args.rows or size["n"]
@@ -269,7 +278,9 @@ def main():
           f"{shuffle['loader_classes_per_batch']:.0f} classes per batch vs "
           f"{shuffle['full_permutation_classes_per_batch']:.0f} for a full permutation", flush=True)
     load_start = os.getloadavg()
-    rounds(local, [(False, warm), (True, cold)], runs, device, unavailable)
+    deadline = t0 + args.budget if args.budget else None
+    skipped: list[str] = []
+    rounds(local, [(False, warm), (True, cold)], runs, device, unavailable, deadline=deadline, skipped=skipped)
 
     remote_rows = min(size["remote"], n)
     if not args.no_remote and (only is None or only & {"featstore_remote", "featstore_local", "litdata_remote", "mosaic_remote", "s3_whole_objects"}):
@@ -282,7 +293,8 @@ def main():
                           MosaicRemote(data, remote_rows, whole["mosaic"].dir if "mosaic" in whole else None)]
                 remote = build_all(remote, data, built, unavailable)
                 print(f"  S3 server {url}: uploaded", flush=True)
-                rounds(remote, [(False, size["remote_rounds"])], runs, device, unavailable, later=True)
+                rounds(remote, [(False, size["remote_rounds"])], runs, device, unavailable, later=True, deadline=deadline,
+                       skipped=skipped)
         except Exception as e:  # no S3 server here: said so in the results
             unavailable["remote"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     load_end = os.getloadavg()
@@ -299,7 +311,7 @@ def main():
         "contenders": {c.name: c.describe() for c in local}, "build_seconds": built, "unavailable": unavailable,
         "torch_threads": torch.get_num_threads(), "versions": _versions(),
         "loadavg_1_5_15_at_start": [round(x, 2) for x in load_start], "loadavg_1_5_15_at_end": [round(x, 2) for x in load_end],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1), "budget_seconds": args.budget, "rounds_skipped": skipped,
     }
     if "remote" in locals():
         params["contenders"].update({c.name: c.describe() for c in remote})

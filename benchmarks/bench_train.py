@@ -50,7 +50,7 @@ PRESETS = {
     "cpu": dict(rows=32768, image_dim=768, text_dim=4096, hidden_dim=1024, batch_size=512, steps=20, data_batches=24,
                 sharelock_rows=16384),
     "cuda": dict(rows=65536, image_dim=768, text_dim=4096, hidden_dim=4096, batch_size=1024, steps=100, data_batches=60,
-                 sharelock_rows=32768),
+                 sharelock_rows=16384),
 }
 COLUMNS = {"image": "features/img/pooled", "text": "features/txt/pooled"}
 SHARD_KEYS = 10_000  # FeatureUtils' shard size (a staging directory per shard)
