@@ -9,7 +9,9 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: install test demo bench clean
+BENCH_STAMP := $(VENV)/.bench-peers-$(shell cat pyproject.toml benchmarks/install_peers.py | cksum | cut -d' ' -f1)
+
+.PHONY: install test demo bench bench-install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +31,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --out demo_out
 
-bench: $(STAMP)
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --quick || exit 1; done
+# bench_store's peers (litdata, mosaic streaming, Lance, moto) without moving any of the project's
+# packages: benchmarks/install_peers.py says how, and fails if numpy/transformers/torch changed.
+# `make test` never needs them.
+$(BENCH_STAMP): $(STAMP) benchmarks/install_peers.py
+	$(BIN)/python benchmarks/install_peers.py
+	rm -f $(VENV)/.bench-peers-* && touch $@
+
+bench-install: $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b --quick"; $(BIN)/python $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -5,13 +5,17 @@
     over JPEGs of 320-640 px in one webdataset tar, the same batch, threads and precision (the
     faster of fp32 and bf16 here, probed first) for every contender:
       forward      the backbone's forward pass alone on pre-made uint8 tensors
-      extract      featstore's block runner: tar → decode+preprocess → forward → store
+      extract      featstore's block runner: tar → decode+preprocess → forward → store (block
+                   writes on a writer thread behind the forward pass: pipelines/writes.py)
+      extract_tokens       the same storing the patch tokens as int8 (token x channel, quantized
+                           on the writer thread), and `_sync`: with the writes on the forward thread
       extract_e2e  the whole job as `featstore extract` runs it (prepare: manifest + model load, then run)
       hf_map       the peer a user would script: transformers AutoModel + AutoImageProcessor over
                    datasets.load_dataset("webdataset", data_files=tar) → .map(batched=True, batch_size)
                    into Arrow (a fresh cache per round), model loading included
-    → `extract_vs_forward` (how much of the forward rate extraction keeps) and `extract_vs_hf_map`
-      (extract_e2e ÷ hf_map).
+    → `extract_vs_forward` (how much of the forward rate extraction keeps), `extract_vs_hf_map`
+      (extract_e2e ÷ hf_map), `write_behind_vs_sync` (extract_tokens ÷ extract_tokens_sync: what
+      the writer thread buys) and `extract_tokens_vs_forward`.
 (b) Captions (MiniLM, the faster precision): featstore's length-sorted batches of 64 through the
     extract job vs one caption per forward pass (ShareLock's script) → `batched_vs_one_caption`.
 (c) Dask: images/s with 1 and 2 single-threaded worker processes (a pre-started LocalCluster; each
@@ -127,6 +131,27 @@ class Images:
         runner.close()
         assert store.feature_set("vit").usable_rows().sum() == self.n
         return rate
+
+    def extract_tokens(self, in_flight: int = 1) -> float:
+        """The block runner storing tokens as int8 (token x channel, quantized on the writer thread)
+        beside the pooled features; `in_flight=0` writes on the forward thread instead."""
+        from featstore.pipelines.extract import BlockRunner, prepare
+
+        spec, store, bb, _ = prepare(self._store(), self.shards, self.model, name="vit", rows_per_shard=self.batch * 2,
+                                     batch_size=self.batch, precision=self.precision, tokens=True, token_dtype="int8",
+                                     writes_in_flight=in_flight, log=lambda *_: None)
+        bb.encode_images(self.x[:2])  # warm-up of this freshly loaded backbone
+        runner = BlockRunner(spec, backbone=bb, store=store)
+        t = time.perf_counter()
+        runner.run(store.feature_set("vit").missing_blocks())
+        rate = self.n / (time.perf_counter() - t)
+        runner.close()
+        fs = store.feature_set("vit")
+        assert fs.usable_rows().sum() == self.n and fs.token_scaling == "token_channel"
+        return rate
+
+    def extract_tokens_sync(self) -> float:
+        return self.extract_tokens(in_flight=0)
 
     def extract_e2e(self) -> float:
         from featstore.pipelines.extract import extract
@@ -260,7 +285,8 @@ def main() -> None:
     text_precision, text_probe = fastest_precision(probe_text)
     images = Images(d, model, n_img, batch, precision)
     print(f"images: {n_img} JPEGs, batch {batch}, {precision}; {rounds} interleaved rounds", flush=True)
-    img = interleave({"forward": images.forward, "extract": images.extract, "extract_e2e": images.extract_e2e,
+    img = interleave({"forward": images.forward, "extract": images.extract, "extract_tokens": images.extract_tokens,
+                      "extract_tokens_sync": images.extract_tokens_sync, "extract_e2e": images.extract_e2e,
                       "hf_map": images.hf_map}, rounds)
     print(f"captions: {n_cap}, MiniLM, {text_precision}", flush=True)
     cap = interleave(caption_contenders(d, n_cap, text_precision, 16 if args.quick else 256), rounds)
@@ -279,6 +305,8 @@ def main() -> None:
     ratios = {
         "extract_vs_forward": paired("extract", "forward", img),
         "extract_vs_hf_map": paired("extract_e2e", "hf_map", img),
+        "extract_tokens_vs_forward": paired("extract_tokens", "forward", img),
+        "write_behind_vs_sync": paired("extract_tokens", "extract_tokens_sync", img),
         "batched_vs_one_caption": paired("batched", "one_caption", cap),
     }
     if dask:
@@ -297,7 +325,11 @@ def main() -> None:
                            "the pair measured in the same round",
               "contenders": {
                   "forward": "bb.encode_images on pre-made uint8 batches",
-                  "extract": "BlockRunner.run over the tar (decode thread, forward, block writes), backbone loaded",
+                  "extract": "BlockRunner.run over the tar (decode thread, forward, block writes on the writer "
+                             "thread behind the forward pass), backbone loaded",
+                  "extract_tokens": "the same with --tokens --token-dtype int8: token x channel quantization and the "
+                                    "block writes on the writer thread (pipelines/writes.py, one block in flight)",
+                  "extract_tokens_sync": "the same with writes_in_flight=0: quantization and writes on the forward thread",
                   "extract_e2e": "featstore.pipelines.extract.extract(): manifest, model load, run",
                   "hf_map": "AutoModel + AutoImageProcessor; load_dataset('webdataset') → map(batched=True, "
                             "batch_size) into Arrow (fresh cache); model load included",

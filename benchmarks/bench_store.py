@@ -6,11 +6,13 @@ folder gives them), batch 1024.  Each contender (benchmarks/contenders/, one mod
 each used the way its documentation recommends) writes the same rows in its own format, passes
 an untimed correctness check, then serves whole epochs:
 
-  featstore          featstore.Loader with its defaults (settings: contenders/featstore_loader.py),
-                     a fresh Loader per epoch (a job's first epoch)
+  featstore          featstore.Loader with its defaults (contenders/featstore_loader.py; the
+                     results record the defaults from its signature and what they came to:
+                     window in rows, runs, read path), a fresh Loader per epoch (a job's first)
   featstore_reused   one Loader iterated epoch after epoch (a trainer's later epochs)
   zarr               the same Loader reading through zarr (direct=False)
-  memmap             the limit: .npy memmaps, the Loader's order, gathered with one copy
+  memmap             the limit: .npy memmaps, the Loader's order (`Loader.batch_rows()`, checked
+                     against a whole served epoch), each batch gathered with one copy
   ram                the same order over in-RAM torch tensors (warm only)
   sharelock_staged   ShareLock's real path: staged .pt files per feature, DataLoader workers
   hf_iterable        HF datasets to_iterable_dataset(num_shards).shuffle(buffer), arrow→torch
@@ -19,7 +21,8 @@ an untimed correctness check, then serves whole epochs:
   mosaic             MDSWriter + StreamingDataset + StreamingDataLoader
   lance              pylance, full permutation by ds.take per batch
   remote: featstore_local / featstore_remote / litdata_remote / mosaic_remote over one local S3
-          server (moto, 127.0.0.1) on a subset of whole row blocks (contenders/remote.py)
+          server (moto, 127.0.0.1) on a subset of whole row blocks, each timed on its first
+          epoch (caches emptied) and a later one (`*_later`) (contenders/remote.py)
 
 Rounds are interleaved (A B C ... A B C ...): warm rounds (each contender's files read just before
 its epoch: these VMs evict page cache nobody touched for about a minute), then cold rounds (its
@@ -27,8 +30,9 @@ files dropped with posix_fadvise(DONTNEED) first, the residency left checked wit
 the remote rounds.  Only iteration is timed (opening is not; DataLoader worker start-up is part of
 an epoch, as it is for a trainer); `steady` figures leave out the first batch.  Figures are
 medians over rounds with their min/max in `spread`; ratios are medians over rounds of featstore ÷
-the other measured in the same round.  `shuffle_quality` is the mean per-batch label entropy of
-featstore's default shuffle over that of a full random permutation, on this class-sorted data.
+the other measured in the same round.  `shuffle_quality` is `Loader.shuffle_quality()` of the
+featstore contender's Loader (per-batch label entropy over a full permutation's, on this
+class-sorted data) at the same default window whose rate is the featstore row.
 
     .venv/bin/python benchmarks/bench_store.py [--quick] [--rounds K] [--only a,b] [--device cuda]
 """
@@ -55,7 +59,7 @@ from contenders.lance_take import Lance
 from contenders.litdata_stream import Litdata
 from contenders.memmap_ram import InRam, MemmapOneCopy
 from contenders.mosaic_mds import Mosaic
-from contenders.remote import FeatstoreLocal, FeatstoreRemote, LitdataRemote, MosaicRemote, s3_server
+from contenders.remote import FeatstoreLocal, FeatstoreRemote, LitdataRemote, MosaicRemote, S3WholeObjects, s3_server
 from contenders.sharelock_staged import ShareLockStaged
 
 R, BATCH, SEED, CLASSES = 4096, 1024, 0, 1000
@@ -87,7 +91,9 @@ def run_epoch(batches, device) -> dict:
             "first_batch_s": round(first or 0.0, 4)}
 
 
-def measure(c, cold: bool, device) -> dict:
+def measure(c, cold: bool, device, later: bool = False) -> dict:
+    """One timed epoch of `c`: opened fresh, or with `later` the next epoch of what the last open
+    made.  Contenders with a later epoch (`again`) are closed by the caller after it."""
     gc.collect()  # no stale map may pin pages of these files
     files = c.files()
     extra = {}
@@ -97,52 +103,32 @@ def measure(c, cold: bool, device) -> dict:
     elif files:
         warm_cache(*files)
     try:
-        out = run_epoch(c.open(), device)
+        out = run_epoch(c.again() if later else c.open(), device)
     finally:
-        c.close()
-        gc.collect()
+        if not hasattr(c, "again"):
+            c.close()
+            gc.collect()
+    if hasattr(c, "cache_bytes"):
+        extra["cache_bytes_after"] = c.cache_bytes()
     if out["samples"] != c.rows:
         raise RuntimeError(f"{c.name} served {out['samples']} rows of {c.rows}")
     return {**out, **extra}
 
 
-def check(c, data: Data) -> None:
-    """Untimed: the contender's first batch holds the right bytes for the rows it names."""
-    if hasattr(c, "check"):
-        c.rows = c.check()
-        return
-    try:
-        batch = next(iter(c.open()))
-        rows = batch["row"].numpy().astype(np.int64)
-        assert len(rows) == min(data.batch_size, c.rows), f"{c.name}: first batch has {len(rows)} rows"
-        want = data.truth(rows)
-        for k in DIMS:
-            got = batch[k].numpy()
-            assert got.shape == want[k].shape, f"{c.name}/{k}: shape {got.shape}"
-            assert np.array_equal(got.astype(np.float32), want[k].astype(np.float32)), f"{c.name}/{k}: wrong values"
-    finally:
-        c.close()
-
-
 # ---- shuffle quality ---------------------------------------------------------------------------
-def mean_batch_entropy(labels: np.ndarray, batches: list[np.ndarray]) -> tuple[float, float]:
-    """Mean Shannon entropy (nats) of the label distribution of each batch, and mean classes per batch."""
-    ent, classes = [], []
-    for rows in batches:
-        _, counts = np.unique(labels[rows], return_counts=True)
-        p = counts / counts.sum()
-        ent.append(float(-(p * np.log(p)).sum()))
-        classes.append(len(counts))
-    return statistics.fmean(ent), statistics.fmean(classes)
+def classes_per_batch(labels: np.ndarray, batches: list[np.ndarray], batch_size: int) -> float:
+    """Mean number of distinct classes in the full batches."""
+    return statistics.fmean(len(np.unique(labels[b])) for b in batches if len(b) == batch_size)
 
 
-def shuffle_quality(data: Data) -> dict:
-    full = np.random.default_rng(SEED + 1).permutation(data.n)
+def shuffle_quality(featstore, data: Data) -> dict:
+    """`Loader.shuffle_quality()` of the featstore contender's Loader (its defaults: the window the
+    results record), and classes per batch against a full permutation's, on the class-sorted rows."""
+    full = np.random.default_rng(SEED).permutation(data.n)
     full_batches = [full[i : i + data.batch_size] for i in range(0, data.n, data.batch_size)]
-    ours, ours_classes = mean_batch_entropy(data.labels, data.order)
-    theirs, theirs_classes = mean_batch_entropy(data.labels, full_batches)
-    return {"loader_entropy": ours, "full_permutation_entropy": theirs, "loader_classes_per_batch": ours_classes,
-            "full_permutation_classes_per_batch": theirs_classes, "ratio": ours / theirs}
+    return {"ratio": featstore.shuffle_quality(),
+            "loader_classes_per_batch": classes_per_batch(data.labels, data.order, data.batch_size),
+            "full_permutation_classes_per_batch": classes_per_batch(data.labels, full_batches, data.batch_size)}
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -156,7 +142,7 @@ def build_all(contenders, data, built: dict, unavailable: dict) -> list:
             # litdata's optimize sets the process-wide start method to spawn (force=True); put back
             # the platform's, so every DataLoader reads the way it would in its own program
             multiprocessing.set_start_method(start_method, force=True)
-            check(c, data)
+            c.rows = c.check()
         except Unavailable as e:
             unavailable[c.name] = str(e)
             print(f"  {c.name:<20} unavailable: {e}", flush=True)
@@ -171,29 +157,42 @@ def build_all(contenders, data, built: dict, unavailable: dict) -> list:
     return ok
 
 
-def rounds(contenders, phases, runs: dict, device, unavailable: dict) -> None:
+def rounds(contenders, phases, runs: dict, device, unavailable: dict, later: bool = False, deadline=None,
+           skipped: list | None = None) -> None:
+    """Interleaved rounds: A B C ... A B C ...; with `later`, each contender's first epoch and
+    then its later one (`again()`), keys `<name>` and `<name>_later`.  Past `deadline`
+    (perf_counter seconds) no new round starts; the rounds left out go into `skipped`."""
     broken = set()
     for cold, k in phases:
         for r in range(k):
+            if deadline is not None and time.perf_counter() > deadline:
+                print(f"  --budget spent: {'cold' if cold else 'warm'} round {r} and later ones not run", flush=True)
+                if skipped is not None:
+                    skipped.append(f"{'cold' if cold else 'warm'}{'/later' if later else ''} rounds {r}..{k - 1}")
+                break
             for c in contenders:
                 if (cold and not c.cold) or (c.name in ONCE and (cold or r > 0)) or c.name in broken:
                     continue
-                key = c.name + ("_cold" if cold else "")
+                keys = [(c.name + ("_cold" if cold else ""), False)] + ([(c.name + "_later", True)] if later else [])
                 try:
-                    res = {"round": r, **measure(c, cold, device)}
+                    for key, again in keys:
+                        res = {"round": r, **measure(c, cold, device, later=again)}
+                        runs.setdefault(key, []).append(res)
+                        steady = res["steady_samples_per_s"]
+                        print(f"  {key:<24} round {r}: {res['samples_per_s']:>12,.0f} samples/s"
+                              + (f" (steady {steady:>12,.0f})" if steady else ""), flush=True)
                 except Exception as e:  # reported, never a figure; featstore itself failing ends the run
                     if c.name == "featstore":
                         raise
                     broken.add(c.name)
                     unavailable[c.name] = f"failed in {key} round {r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
                     print(f"  {c.name:<20} {unavailable[c.name]}", flush=True)
-                    runs.pop(c.name, None)
-                    runs.pop(c.name + "_cold", None)
-                    continue
-                runs.setdefault(key, []).append(res)
-                steady = res["steady_samples_per_s"]
-                print(f"  {key:<24} round {r}: {res['samples_per_s']:>12,.0f} samples/s"
-                      + (f" (steady {steady:>12,.0f})" if steady else ""), flush=True)
+                    for sfx in ("", "_cold", "_later"):
+                        runs.pop(c.name + sfx, None)
+                finally:
+                    if hasattr(c, "again"):
+                        c.close()
+                        gc.collect()
 
 
 def paired(runs: dict, ours: str, other: str, field: str = "samples_per_s") -> float | None:
@@ -215,11 +214,11 @@ def summarize(runs: dict, shuffle: dict) -> tuple[dict, dict, dict]:
         v = [x["samples_per_s"] for x in xs]
         spread[key] = {"min": round(min(v), 1), "max": round(max(v), 1), "rounds": len(v)}
     figures.update({f"shuffle_{k}": round(v, 4) for k, v in shuffle.items() if k != "ratio"})
-    figures["shuffle_rate_samples_per_s"] = figures.get("featstore_samples_per_s")
+    figures["shuffle_rate_samples_per_s"] = figures.get("featstore_samples_per_s")  # the default's rate
     ratios = {}
     for key in runs:
         base = key.removesuffix("_cold")
-        if base.startswith("featstore") or base.endswith("_remote"):
+        if base.startswith(("featstore", "s3_")) or base.endswith(("_remote", "_remote_later")):
             continue
         sfx = "_cold" if key.endswith("_cold") else ""
         ratios[f"featstore_vs_{key}"] = paired(runs, "featstore" + sfx, key)
@@ -227,9 +226,13 @@ def summarize(runs: dict, shuffle: dict) -> tuple[dict, dict, dict]:
     for sfx in ("", "_cold"):
         ratios[f"featstore_reused_vs_memmap{sfx}"] = paired(runs, "featstore_reused" + sfx, "memmap" + sfx)
     ratios["shuffle_quality"] = round(shuffle["ratio"], 4)
-    ratios["remote_vs_local"] = paired(runs, "featstore_remote", "featstore_local")
-    for peer in ("litdata_remote", "mosaic_remote"):
-        ratios[f"featstore_remote_vs_{peer}"] = paired(runs, "featstore_remote", peer)
+    for sfx in ("", "_later"):  # first epochs against first epochs, later against later
+        ratios[f"remote_vs_local{sfx}"] = paired(runs, "featstore_remote" + sfx, "featstore_local" + sfx)
+        for peer in ("litdata_remote", "mosaic_remote"):
+            ratios[f"featstore_remote_vs_{peer}{sfx}"] = paired(runs, "featstore_remote" + sfx, peer + sfx)
+    # the server's ceiling: whole shard objects fetched as fast as s3fs can, against the local Loader
+    ratios["s3_whole_objects_vs_local"] = paired(runs, "s3_whole_objects", "featstore_local")
+    ratios["featstore_remote_vs_s3_whole_objects"] = paired(runs, "featstore_remote", "s3_whole_objects")
     return figures, {k: v for k, v in ratios.items() if v is not None}, spread
 
 
@@ -243,6 +246,8 @@ def main():
     p.add_argument("--sharelock-rows", type=int, default=None, help="rows ShareLock's layout holds (default 20,000)")
     p.add_argument("--device", default="cpu", help="cuda: every batch is copied to the GPU (pinned where the contender can)")
     p.add_argument("--tag", default=None, help="results file tag: results/store.<tag>.json (gpu.sh: gpu)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: start no round after this (the results say which were left out); gpu.sh's one try")
     args = p.parse_args()
     size = dict(SIZES["quick" if args.quick else "full"])
     n = args.rows or size["n"]
@@ -265,27 +270,31 @@ def main():
     built, unavailable, runs = {}, {}, {}
     if not build_all([featstore], data, built, unavailable):
         raise SystemExit(f"featstore itself cannot run: {unavailable['featstore']}")
-    data.order = featstore.epoch_order()  # the Loader's epoch: memmap and ram replay it
+    data.order = featstore.epoch_order()  # the Loader's batch_rows(): memmap and ram replay it
     assert np.array_equal(np.sort(np.concatenate(data.order)), np.arange(n)), "featstore's epoch is not a permutation"
     local = [featstore] + build_all(local, data, built, unavailable)
-    shuffle = shuffle_quality(data)
-    print(f"  shuffle quality: per-batch label entropy {shuffle['loader_entropy']:.3f} vs "
-          f"{shuffle['full_permutation_entropy']:.3f} for a full permutation (ratio {shuffle['ratio']:.3f})", flush=True)
+    shuffle = shuffle_quality(featstore, data)
+    print(f"  shuffle quality (Loader.shuffle_quality at its default window): {shuffle['ratio']:.3f}; "
+          f"{shuffle['loader_classes_per_batch']:.0f} classes per batch vs "
+          f"{shuffle['full_permutation_classes_per_batch']:.0f} for a full permutation", flush=True)
     load_start = os.getloadavg()
-    rounds(local, [(False, warm), (True, cold)], runs, device, unavailable)
+    deadline = t0 + args.budget if args.budget else None
+    skipped: list[str] = []
+    rounds(local, [(False, warm), (True, cold)], runs, device, unavailable, deadline=deadline, skipped=skipped)
 
     remote_rows = min(size["remote"], n)
-    if not args.no_remote and (only is None or only & {"featstore_remote", "featstore_local", "litdata_remote", "mosaic_remote"}):
+    if not args.no_remote and (only is None or only & {"featstore_remote", "featstore_local", "litdata_remote", "mosaic_remote", "s3_whole_objects"}):
         try:
             with s3_server() as url:
                 whole = {c.name: c for c in local}
                 fl = FeatstoreLocal(data, remote_rows, featstore.path)
-                remote = [fl, FeatstoreRemote(data, remote_rows, fl),
+                remote = [fl, FeatstoreRemote(data, remote_rows, fl), S3WholeObjects(data, remote_rows, fl),
                           LitdataRemote(data, remote_rows, whole["litdata"].dir if "litdata" in whole else None),
                           MosaicRemote(data, remote_rows, whole["mosaic"].dir if "mosaic" in whole else None)]
                 remote = build_all(remote, data, built, unavailable)
                 print(f"  S3 server {url}: uploaded", flush=True)
-                rounds(remote, [(False, size["remote_rounds"])], runs, device, unavailable)
+                rounds(remote, [(False, size["remote_rounds"])], runs, device, unavailable, later=True, deadline=deadline,
+                       skipped=skipped)
         except Exception as e:  # no S3 server here: said so in the results
             unavailable["remote"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     load_end = os.getloadavg()
@@ -302,7 +311,7 @@ def main():
         "contenders": {c.name: c.describe() for c in local}, "build_seconds": built, "unavailable": unavailable,
         "torch_threads": torch.get_num_threads(), "versions": _versions(),
         "loadavg_1_5_15_at_start": [round(x, 2) for x in load_start], "loadavg_1_5_15_at_end": [round(x, 2) for x in load_end],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1), "budget_seconds": args.budget, "rounds_skipped": skipped,
     }
     if "remote" in locals():
         params["contenders"].update({c.name: c.describe() for c in remote})

@@ -4,25 +4,33 @@ Three measurements, each side by side in one process (contenders alternate over 
 medians, ratios medians of ours / theirs measured back to back in the same round):
 
 1. Token streaming, MB/s of stored token bytes.  Teacher tokens shaped like CLIP ViT-B/16's joint-space
-   patch tokens (196 x 512), as float16 and as int8 + a float16 scale per token, shuffled batches of 256:
-     featstore  featstore.Loader(store, {"t": "features/<fs>/tokens"}, 256, shuffle=True, seed=0)
-                (int8 comes back dequantized to float16)
-     memmap     the limit: the same tokens as .npy files through np.memmap, the Loader's own order,
-                each batch gathered straight from the mapping with one np.take per column (one
-                copy; int8: the same dequantization), in the consuming thread
-   int8 twice: dequantized to fp16 while batching (the Loader's default; train-uta on CPU), and raw
-   int8 + scale (train-uta on a GPU, which dequantizes on the device).
+   patch tokens (196 x 512), shuffled batches of 256, in the two layouts extraction writes:
+     float16        `tokens` (row, token, dim) float16
+     int8           token x channel int8 (`featstore.tokens.encode_tokens`): `tokens` int8 +
+                    `tokens_scale` (row, token) + `tokens_channel_scale` (row, dim) float16, served
+                    raw with both scales, as train-uta reads them (trainers/uta.py `loader_columns`:
+                    token x channel int8 is always dequantized by the trainer, on its device)
+   contenders:
+     featstore  featstore.Loader(store, columns, 256, shuffle=True, seed=0), its other defaults
+     memmap     the limit: the same arrays as .npy files through np.memmap, in the Loader's own
+                order (`Loader.batch_rows()`), each batch gathered straight from the mapping with
+                one np.take per array (one copy), in the consuming thread
    warm (files read just before) and cold (dropped with posix_fadvise(DONTNEED))
-   -> featstore_vs_memmap, featstore_vs_memmap_cold, featstore_vs_memmap_int8, featstore_vs_memmap_int8_cold,
-      featstore_vs_memmap_int8_raw, featstore_vs_memmap_int8_raw_cold
-2. Student steps/s: `featstore.trainers.train_uta.train_step` (masks, reversed masking, 1 - cosine,
-   AdamW) fed by the Loader streaming pixels + teacher tokens from the store, vs fed from the same
-   columns preloaded as in-RAM tensors (a random permutation, gathered per batch)
-   -> store_vs_preloaded (a ViT-Ti student), store_vs_preloaded_small (a 2-layer, 64-wide student:
-   ~10x less compute per byte, a harder test of the data path)
+   -> featstore_vs_memmap, featstore_vs_memmap_cold, featstore_vs_memmap_int8, featstore_vs_memmap_int8_cold
+2. Student steps/s: `featstore.trainers.train_uta.train_step` (the EVA-02-like student, masks,
+   reversed masking, token + CLS alignment (cls_weight 1: the teacher's pooled column is served),
+   AdamW) fed by the trainer's own training loader (`trainers.loading.train_loader` over the
+   columns `trainers.uta.loader_columns` picks) streaming pixels + teacher tokens + pooled from
+   the store, vs fed from the same columns preloaded as in-RAM tensors (a random permutation,
+   gathered per batch) -> store_vs_preloaded (a ViT-Ti student), store_vs_preloaded_small (2
+   layers, 64 wide: ~10x less compute per byte, a harder test of the data path),
+   store_vs_preloaded_small_int8 (the same with int8 token x channel teacher tokens, dequantized
+   in the step as train-uta does)
 3. int8 fidelity on real tokens: EfficientNet-Lite0's final 7x7x1280 feature map on real images
    (scikit-image photos and scikit-learn's digit scans), extracted twice (token_dtype float16 and
-   int8) and read back through the Loader: mean, worst-case and 0.1th-percentile token cosine.
+   int8, the token x channel layout extraction writes) and read back through the Loader (int8 raw
+   + both scales, dequantized with `featstore.tokens.dequantize_int8`): mean, worst-case and
+   0.1th-percentile token cosine; and per-token scaling of the same tokens for comparison.
 
     .venv/bin/python benchmarks/bench_uta.py [--quick] [--rounds K] [--keep] [--data-dir D]
 
@@ -46,7 +54,7 @@ from common import (bench_parser, data_dir, device_string, drop_cache, print_tab
 
 from featstore.loader import Loader
 from featstore.store import Store
-from featstore.tokens import dequantize_int8, quantize_int8
+from featstore.tokens import dequantize_int8, encode_tokens
 from featstore.writer import write_block
 from uta_student import D, PREPROCESS, SEED, T, block_tokens, real_token_fidelity, student_steps, student_store
 
@@ -59,95 +67,103 @@ PRESETS = {
                  real_images=64, warm_rounds=5, cold_rounds=3),
 }
 # ---- 1. token streaming ------------------------------------------------------------------------
+LAYOUTS = {  # name: (feature set, the arrays a batch reads: loader alias -> array, .npy file per alias)
+    "t16": {"t": "tokens"},
+    "t8": {"t": "tokens", "t_scale": "tokens_scale", "t_channel_scale": "tokens_channel_scale"},
+}
+ROW_BYTES = {"t16": T * D * 2, "t8": T * D + 2 * T + 2 * D}
+
+
 def generate_tokens(root, n: int, r: int) -> dict:
-    """The same tokens as a featstore store (fp16 and int8 feature sets) and as .npy files."""
+    """The same tokens as a featstore store (a float16 and a token x channel int8 feature set) and
+    as .npy files (one per array, named by loader alias)."""
     paths = {"store": root / "tokens.zarr", "npy": root / "npy"}
     store = Store.create(paths["store"], rows_per_shard=r)
     store.register([f"s{i:08d}" for i in range(n)])
-    for name, dt in (("t16", "float16"), ("t8", "int8")):
-        store.create_feature_set(name, {"model": f"synthetic-{name}", "preprocess": PREPROCESS}, D, tokens=(T, D),
-                                 token_dtype=dt)
+    store.create_feature_set("t16", {"model": "synthetic-t16", "preprocess": PREPROCESS}, D, tokens=(T, D))
+    store.create_feature_set("t8", {"model": "synthetic-t8", "preprocess": PREPROCESS}, D, tokens=(T, D),
+                             token_dtype="int8", token_scaling="token_channel")
     paths["npy"].mkdir()
-    mm = {"t16": np.lib.format.open_memmap(paths["npy"] / "t16.npy", "w+", np.float16, (n, T, D)),
-          "t8": np.lib.format.open_memmap(paths["npy"] / "t8.npy", "w+", np.int8, (n, T, D)),
-          "t8_scale": np.lib.format.open_memmap(paths["npy"] / "t8_scale.npy", "w+", np.float16, (n, T))}
+    mm = {}
+    for name, arrays in LAYOUTS.items():
+        fs = store.feature_set(name).arrays()
+        for alias, arr in arrays.items():
+            a = fs[f"features/{name}/{arr}"]
+            mm[(name, alias)] = np.lib.format.open_memmap(paths["npy"] / f"{name}.{alias}.npy", "w+", a.dtype, a.shape)
     for b in range(store.n_blocks):
         start, stop = store.block_range(b)
         x = block_tokens(b, stop - start)
-        pooled = x.mean(1)
-        q, s = quantize_int8(x)
         ok = np.ones(stop - start, bool)
-        write_block(store, "t16", b, {"pooled": pooled, "tokens": x}, ok)
-        write_block(store, "t8", b, {"pooled": pooled, "tokens": q, "tokens_scale": s}, ok)
-        mm["t16"][start:stop], mm["t8"][start:stop], mm["t8_scale"][start:stop] = x.astype(np.float16), q, s
+        cols8, fidelity = encode_tokens(x, "token_channel")
+        write_block(store, "t16", b, {"pooled": x.mean(1), "tokens": x}, ok)
+        write_block(store, "t8", b, {"pooled": x.mean(1), **cols8}, ok, int8_fidelity=fidelity)
+        for alias, arr in LAYOUTS["t8"].items():
+            mm[("t8", alias)][start:stop] = cols8[arr]
+        mm[("t16", "t")][start:stop] = x.astype(np.float16)
     for m in mm.values():
         m.flush()
     del mm
     return paths
 
 
-def _order(paths, name: str) -> list[np.ndarray]:
-    """The rows of each batch of the Loader's epoch, in serving order (untimed; memmap replays it)."""
-    loader = Loader(Store.open(paths["store"]), {"t": f"features/{name}/tokens"}, BATCH, shuffle=True, seed=SEED)
-    return [batch["row"].numpy().copy() for batch in loader]
+def token_loader(paths, name: str) -> Loader:
+    """The Loader over one layout's arrays (int8 raw with its scales, as train-uta serves it)."""
+    columns = {alias: f"features/{name}/{arr}" for alias, arr in LAYOUTS[name].items()}
+    return Loader(Store.open(paths["store"]), columns, BATCH, shuffle=True, seed=SEED, dequantize=name != "t8")
 
 
-def open_featstore(paths, name: str, raw: bool = False):
-    """The Loader as train-uta uses it: int8 dequantized to fp16 (CPU), or `raw` int8 + scale (GPU)."""
-    columns = {"t": f"features/{name}/tokens"}
-    if raw:
-        columns["t_scale"] = f"features/{name}/tokens_scale"
-    loader = Loader(Store.open(paths["store"]), columns, BATCH, shuffle=True, seed=SEED, dequantize=not raw)
+def open_featstore(paths, name: str):
+    loader = token_loader(paths, name)
 
     def epoch():
         n = 0
         for batch in loader:
-            assert batch["t"].dtype == (torch.int8 if raw else torch.float16)
+            assert batch["t"].dtype == (torch.int8 if name == "t8" else torch.float16)
             n += len(batch["row"])
         return n
 
     return epoch
 
 
-def open_memmap(paths, name: str, r: int, raw: bool = False):
-    """The limit: np.memmap in the Loader's own order, each batch gathered straight from the mapping
-    into a fresh array with one np.take per column (int8: dequantized as the Loader does, or with
-    `raw` int8 + scale gathered as they are), in the consuming thread."""
-    order = _order(paths, name)
-    keys = ["t8", "t8_scale"] if name == "t8" else ["t16"]
-    mms = {k: np.load(paths["npy"] / f"{k}.npy", mmap_mode="r") for k in keys}
+def open_memmap(paths, name: str):
+    """The limit: np.memmap in the Loader's own order (`batch_rows()`), each batch gathered straight
+    from the mapping into a fresh array with one np.take per array, in the consuming thread."""
+    order = token_loader(paths, name).batch_rows()
+    mms = {alias: np.load(paths["npy"] / f"{name}.{alias}.npy", mmap_mode="r") for alias in LAYOUTS[name]}
 
-    def gather(rows, k):
-        out = np.empty((len(rows),) + mms[k].shape[1:], dtype=mms[k].dtype)
-        np.take(mms[k], rows, axis=0, out=out, mode="clip")
+    def gather(rows, m):
+        out = np.empty((len(rows),) + m.shape[1:], dtype=m.dtype)
+        np.take(m, rows, axis=0, out=out, mode="clip")
         return out
 
     def epoch():
         served = 0
         for rows in order:
-            if name == "t8" and raw:
-                batch = (torch.from_numpy(gather(rows, "t8")), torch.from_numpy(gather(rows, "t8_scale")))
-            elif name == "t8":
-                batch = (torch.from_numpy(dequantize_int8(gather(rows, "t8"), gather(rows, "t8_scale"))),)
-            else:
-                batch = (torch.from_numpy(gather(rows, "t16")),)
-            assert batch[0].dtype == (torch.int8 if raw else torch.float16)
-            served += len(batch[0])
+            batch = {alias: torch.from_numpy(gather(rows, m)) for alias, m in mms.items()}
+            assert batch["t"].dtype == (torch.int8 if name == "t8" else torch.float16)
+            served += len(batch["t"])
         return served
 
     return epoch
 
 
 def check_tokens(paths) -> None:
-    """Untimed: featstore's first batch holds the memmap's rows, in the memmap's order."""
-    for name, npy in (("t16", "t16"), ("t8", "t8")):
-        first = next(iter(Loader(Store.open(paths["store"]), {"t": f"features/{name}/tokens"}, BATCH, shuffle=True, seed=SEED)))
-        rows = _order(paths, name)[0]
+    """Untimed: featstore's first batch holds the memmap's rows, in `batch_rows()`'s order, and
+    the int8 arrays read back (both scales) to the tokens they encode."""
+    for name in LAYOUTS:
+        loader = token_loader(paths, name)
+        first = next(iter(loader))
+        rows = loader.batch_rows()[0]
         assert np.array_equal(first["row"].numpy(), rows), "orders differ"
-        want = np.load(paths["npy"] / f"{npy}.npy", mmap_mode="r")[rows]
+        for alias in LAYOUTS[name]:
+            want = np.load(paths["npy"] / f"{name}.{alias}.npy", mmap_mode="r")[rows]
+            assert np.array_equal(first[alias].numpy(), want), f"{name}/{alias}: wrong bytes"
         if name == "t8":
-            want = dequantize_int8(want, np.load(paths["npy"] / "t8_scale.npy", mmap_mode="r")[rows])
-        assert np.array_equal(first["t"].numpy(), want), f"{name}: wrong bytes"
+            x = dequantize_int8(first["t"].numpy(), first["t_scale"].numpy(), np.float32,
+                                channel_scale=first["t_channel_scale"].numpy())
+            ref = np.load(paths["npy"] / "t16.t.npy", mmap_mode="r")[rows].astype(np.float32)
+            cos = (x * ref).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(ref, axis=-1))
+            assert cos.min() > 0.99, f"int8 token x channel reads back with a worst cosine of {cos.min():.4f}"
 
 
 def measure(open_fn, files, cold: bool, row_bytes: int) -> dict:
@@ -168,18 +184,17 @@ def measure(open_fn, files, cold: bool, row_bytes: int) -> dict:
     return out
 
 
-def streaming(paths, r: int, warm_rounds: int, cold_rounds: int) -> dict:
-    row_bytes = {"t16": T * D * 2, "t8": T * D + T * 2}
-    store_files = {name: [paths["store"] / "features" / name] for name in row_bytes}
-    npy_files = {"t16": [paths["npy"] / "t16.npy"], "t8": [paths["npy"] / "t8.npy", paths["npy"] / "t8_scale.npy"]}
+def streaming(paths, warm_rounds: int, cold_rounds: int) -> dict:
+    store_files = {name: [paths["store"] / "features" / name] for name in LAYOUTS}
+    npy_files = {name: [paths["npy"] / f"{name}.{alias}.npy" for alias in LAYOUTS[name]] for name in LAYOUTS}
     runs: dict[str, list[dict]] = {}
     for cold, rounds in ((False, warm_rounds), (True, cold_rounds)):
         for rnd in range(rounds):
-            for name, sfx, raw in (("t16", "", False), ("t8", "_int8", False), ("t8", "_int8_raw", True)):
-                for who, fn, files in (("featstore", lambda: open_featstore(paths, name, raw), store_files[name]),
-                                       ("memmap", lambda: open_memmap(paths, name, r, raw), npy_files[name])):
+            for name, sfx in (("t16", ""), ("t8", "_int8")):
+                for who, fn, files in (("featstore", lambda: open_featstore(paths, name), store_files[name]),
+                                       ("memmap", lambda: open_memmap(paths, name), npy_files[name])):
                     key = who + sfx + ("_cold" if cold else "")
-                    res = {"round": rnd, **measure(fn, files, cold, row_bytes[name])}
+                    res = {"round": rnd, **measure(fn, files, cold, ROW_BYTES[name])}
                     runs.setdefault(key, []).append(res)
                     print(f"  {key:<24} round {rnd}: {res['mb_per_s']:>10,.1f} MB/s", flush=True)
     return runs
@@ -204,15 +219,15 @@ def main():
     gen_s, paths = timed(generate_tokens, root, p["rows"], p["rows_per_shard"])
     print(f"  done in {gen_s:.0f}s", flush=True)
     check_tokens(paths)
-    runs = streaming(paths, p["rows_per_shard"], warm_rounds, cold_rounds)
+    window_rows = token_loader(paths, "t16").window
+    runs = streaming(paths, warm_rounds, cold_rounds)
     if not args.keep:
         shutil.rmtree(paths["npy"], ignore_errors=True)
         shutil.rmtree(paths["store"], ignore_errors=True)
 
     print(f"student steps/s ({p['student_rows']} rows of {p['image']}px pixels + teacher tokens) ...", flush=True)
-    store, ram, pre = student_store(root, p)
-    students = student_steps(store, ram, pre, p, student_rounds)
-    del ram
+    store, pre = student_store(root, p)
+    students = student_steps(store, pre, p, student_rounds)
 
     print(f"int8 vs float16 on EfficientNet-Lite0 tokens of {p['real_images']} real images ...", flush=True)
     fidelity = real_token_fidelity(root, p["real_images"])
@@ -238,39 +253,41 @@ def main():
         "featstore_vs_memmap_cold": paired("featstore_cold", "memmap_cold"),
         "featstore_vs_memmap_int8": paired("featstore_int8", "memmap_int8"),
         "featstore_vs_memmap_int8_cold": paired("featstore_int8_cold", "memmap_int8_cold"),
-        "featstore_vs_memmap_int8_raw": paired("featstore_int8_raw", "memmap_int8_raw"),
-        "featstore_vs_memmap_int8_raw_cold": paired("featstore_int8_raw_cold", "memmap_int8_raw_cold"),
-        "store_vs_preloaded": student_ratio("vit-ti"),
-        "store_vs_preloaded_small": student_ratio("small"),
+        **{"store_vs_preloaded" + ("" if label == "vit-ti" else f"_{label}"): student_ratio(label) for label in students},
     }
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     device = device_string()
     params = {
         "token_rows": p["rows"], "token_shape": [T, D], "batch_size": BATCH, "rows_per_shard": p["rows_per_shard"],
-        "window_blocks": 4, "seed": SEED, "warm_rounds": warm_rounds, "cold_rounds": cold_rounds,
-        "row_bytes": {"float16": T * D * 2, "int8": T * D + 2 * T},
+        "seed": SEED, "warm_rounds": warm_rounds, "cold_rounds": cold_rounds,
+        "row_bytes": {"float16": ROW_BYTES["t16"], "int8_token_channel": ROW_BYTES["t8"]},
+        "layouts": {"float16": "tokens float16", "int8": "token x channel int8: tokens int8 + tokens_scale (row, token) + "
+                    "tokens_channel_scale (row, dim) float16, served raw (Loader(dequantize=False)) as train-uta reads them"},
+        "loader": {"settings": "Loader(store, columns, 256, shuffle=True, seed=0), other arguments default",
+                   "window_rows": window_rows},
         "students": {k: {"params": v["params"], "width": v["arch"]["width"], "depth": v["arch"]["depth"],
+                         "mlp": v["arch"]["mlp"], "rope": v["arch"]["rope"], "cls_weight": v["cls_weight"],
+                         "teacher_tokens": v["teacher_tokens"], "columns": sorted(v["columns"]),
                          "image": p["image"], "patch": p["patch"], "grid": v["arch"]["grid"], "batch": v["batch"],
-                         "steps_per_round": v["steps_per_round"], "mask_ratio": 0.5, "reversed_masking": True}
+                         "steps_per_round": v["steps_per_round"], "mask_ratio": 0.5, "reversed_masking": True,
+                         "loader_window_rows": v["loader_window_rows"]}
                      for k, v in students.items()},
+        "student_loader": "featstore.trainers.loading.train_loader (train-uta's) over trainers.uta.loader_columns (CPU)",
         "student_rows": p["student_rows"], "student_rounds": student_rounds, "torch_threads": torch.get_num_threads(),
         "int8_fidelity": {k: v for k, v in fidelity.items() if not k.startswith(("cos_", "rel_"))},
         "statistic": "figures: median over rounds; ratios: median over rounds of ours / theirs measured back to back",
         "warm": "files read just before the timed epoch", "cold": "files dropped with posix_fadvise(DONTNEED) just before",
-        "threads": {"featstore": "1 producer (gather + int8 dequantize) + 4 readers + consumer",
-                    "memmap": "1 read-ahead + consumer (gather + int8 dequantize)"},
-        "int8_raw": "int8 tokens + fp16 scales served as stored (Loader(dequantize=False)), as train-uta reads them on a GPU",
+        "memmap": "np.load(mmap_mode='r') of one .npy per array, the Loader's batch_rows(), one np.take per array per batch",
         "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__},
         "loadavg_1_5_15_at_start": [round(x, 2) for x in load_start],
         "loadavg_1_5_15_at_end": [round(x, 2) for x in load_end],
-        "setup_s": round(gen_s, 1),
+        "setup_s": round(gen_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     path = write_results("uta", params, figures, ratios, quick=quick, device=device, runs=runs,
                          student_runs={k: v["rates"] for k, v in students.items()})
 
     rows = []
-    for dtype, sfx in (("float16", ""), ("int8 → fp16 in the loader (CPU training)", "_int8"),
-                       ("int8 + scale raw (GPU training: dequantized on the device)", "_int8_raw")):
+    for dtype, sfx in (("float16", ""), ("int8 token x channel, raw + both scales (as train-uta reads it)", "_int8")):
         rows.append({
             "teacher tokens": dtype,
             "featstore MB/s warm": f"{figures['featstore' + sfx + '_mb_per_s']:,.0f}",
@@ -296,7 +313,8 @@ def main():
                             f"{fidelity['images']} real images ({fidelity['tokens']:,} tokens)",
                   "mean cos": f"{fidelity['cos_mean']:.6f}", "worst cos": f"{fidelity['cos_min']:.6f}",
                   "0.1% cos": f"{fidelity['cos_p001']:.6f}", "mean rel. L2 error": f"{fidelity['rel_l2_mean']:.4f}",
-                  "bytes/token": f"{fidelity['bytes_per_token_int8']} vs {fidelity['bytes_per_token_fp16']}"}],
+                  "bytes/token": f"{fidelity['bytes_per_token_int8']} vs {fidelity['bytes_per_token_fp16']}",
+                  "per-token scaling: mean / worst cos": f"{fidelity['per_token_cos_mean']:.6f} / {fidelity['per_token_cos_min']:.6f}"}],
                 title="int8 vs float16 teacher tokens (real backbone tokens)")
     print()
     for k, v in ratios.items():

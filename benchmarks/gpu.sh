@@ -8,43 +8,68 @@
 #   benchmarks/gpu.sh            on the GPU machine
 #   benchmarks/gpu.sh --quick    tiny shapes on CPU (what tests/test_benchmarks.py runs): *.quick.json
 #
+# The GPU machine's image has torch, transformers, numpy, pandas, pyarrow but not zarr nor the
+# benchmark peers: run benchmarks/gpu_wheels.sh here first and carry `.whl` (this script installs
+# those wheels into /tmp/featstore-site, no index, no deps, and puts it on PYTHONPATH), then
+# featstore itself is installed from this checkout (no deps, offline).
+#
 # Environment: PYTHON (default .venv/bin/python, else python3); FEATSTORE_BENCH_RESULTS (results
 # directory, default benchmarks/results); FEATSTORE_BENCH_DATA (scratch, default bench_data/).
-# Each step runs under its own time limit; a failed step is reported and the others still run;
-# the exit status is the number of steps that failed.
+# Each step runs under its own time limit (bench_store also stops starting rounds at its
+# --budget, so it writes its results before the limit); a failed step is reported and the others
+# still run; the exit status is the number of steps that failed.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=$(command -v python3)
 RESULTS=${FEATSTORE_BENCH_RESULTS:-benchmarks/results}
 DATA=${FEATSTORE_BENCH_DATA:-bench_data}
-export FEATSTORE_BENCH_RESULTS=$RESULTS HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false NO_ALBUMENTATIONS_UPDATE=1
+export FEATSTORE_BENCH_RESULTS=$RESULTS HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS" "$DATA"
 
 if [ "${1:-}" = "--quick" ]; then
     DEV=cpu
-    EXTRACT=(benchmarks/bench_gpu.py --quick --device cpu --data-dir "$DATA/gpu")
-    STORE=(benchmarks/bench_store.py --quick --device cpu --tag gpu --only featstore,memmap --no-remote --data-dir "$DATA/store-gpu")
-    TRAIN=(benchmarks/bench_train.py --quick --device cpu --rounds 1 --out "$RESULTS/train.gpu.quick.json")
+    # --num-workers 2: decode in processes, as the GPU run does (its default: one per core)
+    EXTRACT=(benchmarks/bench_gpu.py --quick --device cpu --num-workers 2 --data-dir "$DATA/gpu")
+    STORE=(benchmarks/bench_store.py --quick --device cpu --tag gpu --only featstore,memmap --no-remote --budget 60
+           --data-dir "$DATA/store-gpu")
+    TRAIN=(benchmarks/bench_train.py --quick --device cpu --rounds 1 --tag gpu --data-dir "$DATA/train-gpu")
     LIMITS=(120 120 120)
 else
     DEV=cuda
+    if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+        echo "gpu.sh: installing the carried wheels (.whl/) into /tmp/featstore-site"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/featstore-site \
+            .whl/*.whl || echo "gpu.sh: installing the wheels failed"
+        export PYTHONPATH=/tmp/featstore-site${PYTHONPATH:+:$PYTHONPATH}
+    fi
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu.sh: torch sees no CUDA device here (run with --quick for the CPU check)" >&2
         exit 3
     fi
-    "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'device: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}')"
-    df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "shared memory (/dev/shm, DataLoader workers use it): " $2}'
     "$PY" -c "import featstore.pipelines.extract" 2>/dev/null || {
         echo "gpu.sh: featstore is not importable with $PY; installing this checkout (no deps, offline)"
         "$PY" -m pip install -q --no-deps --no-build-isolation -e . || echo "gpu.sh: install failed; steps will fail to import"
     }
+    "$PY" - <<'PYEOF'
+import importlib, torch
+p = torch.cuda.get_device_properties(0)
+print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")
+for m in ("numpy", "transformers", "zarr", "datasets", "litdata", "featstore.pipelines.extract"):
+    try:
+        print(f"  {m} {getattr(importlib.import_module(m), '__version__', 'ok')}")
+    except Exception as e:  # a step that needs it reports it; bench_store lists the peers it could not run
+        print(f"  {m}: cannot import ({type(e).__name__}: {e})")
+PYEOF
+    df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "shared memory (/dev/shm, DataLoader workers use it): " $2}'
     EXTRACT=(benchmarks/bench_gpu.py --device cuda --data-dir "$DATA/gpu")
-    # a third of the CPU run's rows, 3 warm + 1 cold rounds, no S3 contenders: fits the 8 minutes
+    # a third of the CPU run's rows, up to 3 warm + 1 cold rounds, no S3 contenders; --budget: no
+    # round starts after 120 s, so the results are written well inside the step's limit
     STORE=(benchmarks/bench_store.py --device cuda --tag gpu --rows 65536 --sharelock-rows 10000 --rounds 3
-           --cold-rounds 1 --no-remote --data-dir "$DATA/store-gpu")
-    TRAIN=(benchmarks/bench_train.py --device cuda --rounds 2 --out "$RESULTS/train.gpu.json")
-    LIMITS=(210 160 110)  # 8 minutes in all at most; each step expected well under its limit
+           --cold-rounds 1 --no-remote --budget 120 --data-dir "$DATA/store-gpu")
+    TRAIN=(benchmarks/bench_train.py --device cuda --rounds 2 --tag gpu --data-dir "$DATA/train-gpu")
+    LIMITS=(200 170 100)  # 7.8 minutes in all at most; each step expected well under its limit
 fi
 
 failed=0

@@ -24,11 +24,19 @@ ORDER = ["store", "extract", "train", "uta", "gpu", "store.gpu", "train.gpu"]
 INTRO = """\
 Every benchmark runs its contenders side by side in one process and reports ratios, ours ÷ theirs
 (higher is better for featstore); rounds are interleaved and figures are medians, because these
-machines are shared and noisy: absolute rates drift, ratios measured together hold. `make bench`
-runs them all with `--quick`; `python benchmarks/bench_<name>.py` runs the full size and writes
-`benchmarks/results/<name>.json`; `benchmarks/gpu.sh` runs the GPU set. The tables below are
-generated from those files by `python benchmarks/report.py --write`; each names its device."""
+machines are shared and noisy: absolute rates drift, ratios measured together hold.
 
+- `make bench` first installs bench_store's peers (`benchmarks/install_peers.py`: Lance and the S3
+  server from the `bench` extra under constraints that hold every installed package at its version,
+  litdata and mosaic streaming with `--no-deps`, since mosaic streaming pins numpy<2.2 and
+  transformers<5 and both want torchvision; it fails if numpy, transformers, torch or featstore
+  moved), then runs every `benchmarks/bench_*.py --quick`. `make test` needs none of the peers.
+- `python benchmarks/bench_<name>.py` runs the full size and writes `benchmarks/results/<name>.json`
+  (`--quick` writes `<name>.quick.json`, never reported).
+- `benchmarks/gpu.sh` runs the GPU set on a machine with CUDA (`benchmarks/gpu_wheels.sh` fetches the
+  wheels that machine lacks, to carry along); `gpu.sh --quick` checks it on CPU.
+- `python benchmarks/report.py --write` regenerates this section from the results files; each table
+  names its device and how each contender was used."""
 
 def num(v) -> str:
     if v is None:
@@ -61,7 +69,7 @@ def esc(text: str) -> str:
 
 
 # ---- store ---------------------------------------------------------------------------------------
-REMOTE = ("featstore_local", "featstore_remote", "litdata_remote", "mosaic_remote")
+REMOTE = ("featstore_local", "featstore_remote", "s3_whole_objects", "litdata_remote", "mosaic_remote")
 
 
 def render_store(d: dict) -> str:
@@ -92,23 +100,33 @@ def render_store(d: dict) -> str:
         extra.append(f"`featstore_vs_memmap` leaving out each epoch's first batch (steady state): "
                      f"**{num(r['featstore_vs_memmap_steady'])}**.")
     if "shuffle_quality" in r:
-        extra.append(f"`shuffle_quality` **{num(r['shuffle_quality'])}**: per-batch label entropy of the Loader's "
-                     f"default shuffle {num(f.get('shuffle_loader_entropy'))} nats "
-                     f"({num(f.get('shuffle_loader_classes_per_batch'))} classes per batch) vs "
-                     f"{num(f.get('shuffle_full_permutation_entropy'))} "
-                     f"({num(f.get('shuffle_full_permutation_classes_per_batch'))}) for a full permutation, at "
-                     f"{num(f.get('shuffle_rate_samples_per_s'))} samples/s (the featstore row).")
+        eff = p["contenders"].get("featstore", {}).get("effective", {})
+        at = f"window {num(eff['window_rows'])} rows, " if "window_rows" in eff else ""
+        extra.append(f"`shuffle_quality` **{num(r['shuffle_quality'])}** (`Loader.shuffle_quality()`: per-batch label "
+                     f"entropy over a full permutation's) at the Loader's default ({at}the featstore row: "
+                     f"{num(f.get('shuffle_rate_samples_per_s'))} samples/s, `featstore_vs_memmap` "
+                     f"{num(r.get('featstore_vs_memmap'))}); {num(f.get('shuffle_loader_classes_per_batch'))} classes per "
+                     f"batch vs {num(f.get('shuffle_full_permutation_classes_per_batch'))} for a full permutation.")
     for name, why in p.get("unavailable", {}).items():
         extra.append(f"`{name}` could not run here: {why}.")
     if extra:
         out.append("\n".join(f"- {e}" for e in extra))
     remote = [n for n in REMOTE if f"{n}_samples_per_s" in f]
     if remote:
-        rows = [[n, esc(p["contenders"][n]["settings"]), num(f[f"{n}_samples_per_s"])] for n in remote]
-        out.append(f"Over S3 (moto's server on 127.0.0.1), {p['remote_rows']:,} rows, {p['remote_rounds']} rounds:")
-        out.append(table(["contender", "how it is used", "samples/s"], rows))
-        out.append("\n".join(f"- `{k}` **{num(v)}**" for k, v in r.items() if k == "remote_vs_local" or k.startswith("featstore_remote_vs")))
+        later = any(f"{n}_later_samples_per_s" in f for n in remote)
+        rows = [[n, esc(p["contenders"][n]["settings"]), num(f[f"{n}_samples_per_s"])]
+                + ([num(f.get(f"{n}_later_samples_per_s"))] if later else []) for n in remote]
+        out.append(f"Over S3 (moto's server on 127.0.0.1), {p['remote_rows']:,} rows, {p['remote_rounds']} rounds"
+                   + ("; each contender's first epoch (fresh loader, local caches emptied: everything over S3) and a "
+                      "later epoch (the same loader again, its cache as the first epoch left it)" if later else "") + ":")
+        out.append(table(["contender", "how it is used", "first epoch samples/s"] + (["later epoch samples/s"] if later else []),
+                         rows))
+        keys = [k for k in r if k.startswith(("remote_vs_local", "featstore_remote_vs", "s3_whole_objects_vs"))]
+        out.append("\n".join(f"- `{k}` **{num(r[k])}**" for k in keys))
     return "\n\n".join(out)
+
+
+# ---- the others    return "\n\n".join(out)
 
 
 # ---- the others ----------------------------------------------------------------------------------
@@ -137,6 +155,63 @@ def render_extract(d: dict) -> str:
     return "\n\n".join(out)
 
 
+def render_train(d: dict) -> str:
+    p, f, r, spread = d["params"], d["figures"], d["ratios"], d.get("spread", {})
+    if "contenders" not in p:  # a results file from before the contenders were recorded
+        return render_generic(d)
+    out = [f"{p['rows']:,} rows of {p['image_dim']}-d + {p['text_dim']}-d float16 features, a ShareLock head of "
+           f"{p['head_params'] / 1e6:.1f}M parameters ({p['hidden_dim']} hidden), batch {p['batch_size']}, "
+           f"{p['torch_threads']} torch thread(s); {p['rounds']} alternating rounds, median (min–max); whole run "
+           f"{num(p.get('wall_seconds'))} s."]
+    keys = {"store": "store_steps_per_s", "preloaded": "preloaded_steps_per_s", "featstore": "featstore_samples_per_s",
+            "sharelock_staged": "sharelock_staged_samples_per_s"}
+    rows = []
+    for name, how in p["contenders"].items():
+        s_ = spread.get(name, {})
+        unit = "steps/s" if keys[name].endswith("steps_per_s") else "samples/s"
+        rows.append([name, esc(how), f"{num(f.get(keys[name]))} {unit} ({num(s_.get('min'))}–{num(s_.get('max'))})"])
+    out.append(table(["contender", "how", "rate"], rows))
+    out.append(table(["ratio", "value"], [[f"`{k}`", v] for k, v in r.items()]))
+    return "\n\n".join(out)
+
+
+def render_uta(d: dict) -> str:
+    p, f, r = d["params"], d["figures"], d["ratios"]
+    if "layouts" not in p:  # a results file from before the layouts were recorded
+        return render_generic(d)
+    t, dim = p["token_shape"]
+    out = [f"Teacher tokens {t} x {dim} (CLIP ViT-B/16's joint-space patch tokens), {p['token_rows']:,} rows, "
+           f"{p['rows_per_shard']} rows per shard, batch {p['batch_size']}, {esc(p['loader']['settings'])} (window "
+           f"{num(p['loader']['window_rows'])} rows); memmap: {esc(p['memmap'])}; {p['warm_rounds']} warm / "
+           f"{p['cold_rounds']} cold rounds interleaved; whole run {num(p.get('wall_seconds'))} s. MB/s of stored bytes:"]
+    rows = []
+    for label, sfx in (("float16", ""), ("int8", "_int8")):
+        rows.append([label, esc(p["layouts"][label]), num(f.get(f"featstore{sfx}_mb_per_s")), num(f.get(f"memmap{sfx}_mb_per_s")),
+                     num(r.get(f"featstore_vs_memmap{sfx}")), num(f.get(f"featstore{sfx}_cold_mb_per_s")),
+                     num(f.get(f"memmap{sfx}_cold_mb_per_s")), num(r.get(f"featstore_vs_memmap{sfx}_cold"))])
+    out.append(table(["tokens", "layout", "featstore warm", "memmap warm", "ratio warm", "featstore cold", "memmap cold",
+                      "ratio cold"], rows))
+    rows = []
+    for label, st in p["students"].items():
+        sfx = "" if label == "vit-ti" else f"_{label}"
+        rows.append([label, f"{st['width']} wide x {st['depth']} ({st['params'] / 1e6:.2f}M params, {st['mlp']}, rope "
+                            f"{str(st['rope']).lower()}), cls_weight {num(st['cls_weight'])}, teacher tokens "
+                            f"{st['teacher_tokens']}, {st['image']} px /{st['patch']}, batch {st['batch']}",
+                     num(f.get(f"store_steps_per_s{sfx}")), num(f.get(f"preloaded_steps_per_s{sfx}")),
+                     num(r.get(f"store_vs_preloaded{sfx}"))])
+    out.append(f"Student steps/s: train-uta's step fed by {esc(p['student_loader'])} vs preloaded in-RAM tensors:")
+    out.append(table(["student", "settings", "store steps/s", "preloaded steps/s", "store ÷ preloaded"], rows))
+    fid = p["int8_fidelity"]
+    out.append(f"int8 ({fid.get('scaling')} scaling, as extraction writes it) vs float16 on real tokens "
+               f"(EfficientNet-Lite0 {fid['token_shape'][0]}x{fid['token_shape'][1]}, {fid['images']} real images): mean "
+               f"cosine {num(f.get('int8_cos_mean'))}, worst {num(f.get('int8_cos_min'))}, 0.1th percentile "
+               f"{num(f.get('int8_cos_p001'))}, mean relative L2 error {num(f.get('int8_rel_l2_mean'))}; per-token "
+               f"scaling of the same tokens: mean {num(fid.get('per_token_cos_mean'))}, worst "
+               f"{num(fid.get('per_token_cos_min'))}; {fid['bytes_per_token_int8']} bytes per token vs "
+               f"{fid['bytes_per_token_fp16']}.")
+    return "\n\n".join(out)
+
+
 def render_generic(d: dict) -> str:
     p = d["params"]
     shown = {k: v for k, v in p.items() if isinstance(v, (int, float, str)) and k not in ("quick",) and len(str(v)) < 80}
@@ -147,8 +222,18 @@ def render_generic(d: dict) -> str:
 
 
 def render_gpu(d: dict) -> str:
-    proj = d.get("projection", {})
-    out = [render_generic(d)]
+    proj, p = d.get("projection", {}), d["params"]
+    out = []
+    sh = p.get("shapes", {})
+    if "vit" in sh and "llm" in sh:
+        v, m = sh["vit"], sh["llm"]
+        out.append(f"Images: a DINOv2-style ViT ({v['hidden_size']} hidden, {v['num_hidden_layers']} layers, "
+                   f"{v['num_attention_heads']} heads, patch 14, 224 px), random weights, batch {sh['img_batch']}, "
+                   f"{sh['images']:,} synthetic JPEGs decoded by {p.get('decode_workers')} processes; captions: a "
+                   f"Llama-shaped decoder ({m['hidden_size']} hidden, {m['num_hidden_layers']} layers, "
+                   f"{m['num_attention_heads']}/{m['num_key_value_heads']} heads, vocab {m['vocab_size']:,}), random "
+                   f"weights, batch {sh['cap_batch']} vs one caption per forward; {p.get('precision')}.")
+    out.append(render_generic(d))
     out.append(table(["CC3M projection", "value"], [[f"`{k}`", v] for k, v in proj.items()]))
     return "\n\n".join(out)
 
@@ -157,7 +242,7 @@ TITLES = {"store": "Store read path — `bench_store.py`", "extract": "Extractio
           "train": "Training data path — `bench_train.py`", "uta": "UTA token targets — `bench_uta.py`",
           "gpu": "GPU extraction and the CC3M projection — `bench_gpu.py` (gpu.sh)",
           "store.gpu": "Store read path on the GPU machine — `gpu.sh`", "train.gpu": "Training on the GPU machine — `gpu.sh`"}
-RENDER = {"store": render_store, "extract": render_extract, "gpu": render_gpu}
+RENDER = {"store": render_store, "extract": render_extract, "train": render_train, "uta": render_uta, "gpu": render_gpu}
 NOTES = {  # what to keep in mind reading each table (no figures here: those come from the files)
     "store": "`memmap` is the limit a page cache allows (one copy per byte, straight from the mapping, in the "
              "Loader's own order); `ram` uses torch's row gather, which for float16 rows is several times slower "
@@ -167,18 +252,18 @@ NOTES = {  # what to keep in mind reading each table (no figures here: those com
                "and block writes together). `hf_map` is "
                "the script a user would write with transformers and datasets, end to end like `extract_e2e`.",
     "train": "The same ShareLock training step fed from the store and from in-RAM tensors; the data path alone "
-             "against ShareLock's zip shards of per-sample .pt files read through a DataLoader.",
-    "uta": "For token stores use a small `--rows-per-shard` (e.g. 256): a row block of CLIP B/16 tokens is "
-           "~200 KiB per row, and the loader keeps a few blocks per window in memory.",
+             "against ShareLock's staged per-sample .pt files read through a DataLoader with workers.",
+    "uta": "int8 token x channel tokens are served raw with both scales and dequantized in the training step "
+           "(trainers/uta.py), as train-uta reads them.",
     "gpu": "Projection = 3.3M images at the measured end-to-end extract rate + 3.3M captions at the batched "
            "rate, on one GPU; the FLOP bound counts 2 x matmul parameters x tokens (+ attention) per item.",
 }
 
 
-def section() -> str:
+def section(results: Path = RESULTS) -> str:
     parts = [HEADING, INTRO]
     for name in ORDER:
-        path = RESULTS / f"{name}.json"
+        path = results / f"{name}.json"
         if not path.is_file():
             continue
         d = json.loads(path.read_text())
@@ -202,8 +287,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the results directory (default benchmarks/results)")
     args = ap.parse_args()
-    new = section()
+    new = section(args.results)
     if not (args.write or args.check):
         print(new)
         return 0

@@ -1,7 +1,9 @@
 """The benchmark scripts run as a user runs them, and the README's tables match the results files.
 
 No timing is asserted: these check that the scripts complete and write every key the README and
-the issues rely on (the figures themselves come from full runs, see benchmarks/results/).
+the issues rely on (the figures themselves come from full runs, see benchmarks/results/), that
+they need none of the benchmark peers (litdata, mosaic streaming, Lance: `make test` never
+installs them), and that the peers' install step would notice a package of the project moving.
 """
 
 from __future__ import annotations
@@ -13,12 +15,31 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import install_peers  # noqa: E402
+
+PEERS = ("litdata", "streaming", "lance")
+BLOCK_PEERS = f'''\
+import importlib.abc, sys
+class _NoPeers(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {PEERS!r}:
+            raise ImportError(f"{{name}} is a benchmark peer, blocked by the test: this path must not need it")
+sys.meta_path.insert(0, _NoPeers())
+'''
 
 
-def test_gpu_sh_quick_runs_every_step_on_cpu_and_writes_its_results(tmp_path):
+def test_gpu_sh_quick_runs_every_step_on_cpu_without_the_peers_and_writes_its_results(tmp_path):
     results = tmp_path / "results"
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(BLOCK_PEERS)  # every Python process of the run: no peer imports
     env = {**os.environ, "PYTHON": sys.executable, "FEATSTORE_BENCH_RESULTS": str(results),
-           "FEATSTORE_BENCH_DATA": str(tmp_path / "data")}
+           "FEATSTORE_BENCH_DATA": str(tmp_path / "data"),
+           "PYTHONPATH": os.pathsep.join([str(block), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    blocked = subprocess.run([sys.executable, "-c", "import litdata"], env=env, capture_output=True, text=True)
+    assert blocked.returncode != 0 and "blocked by the test" in blocked.stderr  # the blocker works
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--quick"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -26,6 +47,7 @@ def test_gpu_sh_quick_runs_every_step_on_cpu_and_writes_its_results(tmp_path):
 
     gpu = json.loads((results / "gpu.quick.json").read_text())
     assert gpu["bench"] == "gpu" and gpu["device"].startswith("cpu: ")
+    assert gpu["params"]["decode_workers"] == 2  # decode in processes, as on the GPU
     for key in ("forward_images_per_s", "extract_images_per_s", "batched_captions_per_s", "one_caption_per_s",
                 "gemm_flops_per_s", "image_flops", "caption_flops"):
         assert gpu["figures"][key] > 0, key
@@ -41,12 +63,30 @@ def test_gpu_sh_quick_runs_every_step_on_cpu_and_writes_its_results(tmp_path):
     for key in ("featstore_samples_per_s", "memmap_samples_per_s", "featstore_cold_samples_per_s"):
         assert store["figures"][key] > 0, key
     assert {"featstore_vs_memmap", "featstore_vs_memmap_cold", "shuffle_quality"} <= set(store["ratios"])
-    assert "seed" in store["params"]["contenders"]["featstore"]["loader_defaults"]  # read from the signature
+    featstore = store["params"]["contenders"]["featstore"]
+    assert "seed" in featstore["loader_defaults"] and "window_bytes" in featstore["loader_defaults"]  # the signature
+    assert featstore["effective"]["window_rows"] >= store["params"]["batch_size"]  # what the default came to
+    assert f"window {featstore['effective']['window_rows']:,} rows" in featstore["settings"]
     for run in store["runs"]["featstore_cold"]:
         assert run["resident_after_drop"] < 0.5  # the cold pass really read from disk
 
     train = json.loads((results / "train.gpu.quick.json").read_text())
-    assert {"store_vs_preloaded", "featstore_vs_sharelock"} <= set(train["ratios"])
+    assert {"store_vs_preloaded", "featstore_vs_sharelock_staged"} <= set(train["ratios"])
+
+
+def test_install_peers_notices_a_project_package_that_moved():
+    before = {"numpy": "2.4.6", "transformers": "5.24.0", "zarr": "3.1.6"}
+    after = {"numpy": "2.1.3", "transformers": "5.24.0", "litdata": "0.2.76"}  # a downgrade, a removal, an addition
+    assert install_peers.changes(before, after) == ["numpy 2.4.6 -> 2.1.3", "zarr 3.1.6 was removed"]
+    assert install_peers.changes(before, {**before, "litdata": "0.2.76"}) == []
+
+
+def test_install_peers_reads_the_versions_a_fresh_interpreter_imports():
+    snapshot = install_peers.snapshot()
+    imported = install_peers.imported_versions()
+    assert set(imported) == {"numpy", "transformers", "torch", "featstore"}
+    for name, version in imported.items():
+        assert snapshot[name] == version, name  # what runs is what is installed
 
 
 def test_readme_measured_section_is_what_report_py_makes_from_the_results():

@@ -10,7 +10,11 @@ number) and implements one small interface, so the harness can time them all the
         build()       write its own files from the shared data (untimed)
         files()       the files a warm/cold pass reads or drops
         open()        an iterable over one epoch of batches {"row", "img", "txt"} (opening untimed)
+        again()       (remote contenders) the next epoch of what the last open() made: the same
+                      loader / dataset and its local cache, as a trainer's later epochs
         close()       drop handles and maps, so the page cache of its files can be dropped
+        check()       untimed, before any timing: the bytes served are the rows' (returns the
+                      rows an epoch serves); the default checks the first batch
 
 A contender that cannot run here raises `Unavailable(reason)` from `build` or `open`; the harness
 records the reason in the results instead of a figure.  `Data` is the shared source: the rows as
@@ -42,7 +46,7 @@ class Data:
     batch_size: int
     seed: int
     labels: np.ndarray  # class of each row (rows sorted by class, as an image folder gives them)
-    order: list[np.ndarray] = field(default_factory=list)  # featstore Loader's epoch: rows of each batch
+    order: list[np.ndarray] = field(default_factory=list)  # the featstore Loader's epoch: its batch_rows()
     pin_memory: bool = False  # batches go to a GPU: contenders that can pin memory do
 
     @property
@@ -98,6 +102,21 @@ class Contender:
 
     def close(self) -> None:
         pass
+
+    def check(self) -> int:
+        """The first batch holds the right bytes for the rows it names; returns the rows an epoch serves."""
+        try:
+            batch = next(iter(self.open()))
+            rows = batch["row"].numpy().astype(np.int64)
+            assert len(rows) == min(self.data.batch_size, self.rows), f"{self.name}: first batch has {len(rows)} rows"
+            want = self.data.truth(rows)
+            for k in DIMS:
+                got = batch[k].numpy()
+                assert got.shape == want[k].shape, f"{self.name}/{k}: shape {got.shape}"
+                assert np.array_equal(got.astype(np.float32), want[k].astype(np.float32)), f"{self.name}/{k}: wrong values"
+        finally:
+            self.close()
+        return self.rows
 
     def describe(self) -> dict:
         """What goes into the results' params for this contender."""

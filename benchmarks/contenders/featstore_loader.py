@@ -1,8 +1,11 @@
 """featstore's own Loader, and the same Loader reading through zarr (`direct=False`).
 
-The Loader's settings live here and only here (`LOADER`): the benchmark uses its defaults apart
-from shuffle and seed, and records every default it ran with (read from the signature), so a
-change to the Loader shows up in the results without touching the benchmark.
+The Loader's settings live here and only here: `LOADER` for the local contenders (its defaults
+apart from shuffle and seed) and `REMOTE_LOADER`, added for the contenders that read the store
+over S3 (contenders/remote.py).  The results record every keyword default the Loader ran with
+(read from its signature) and what those defaults came to on this data (the window in rows, the
+batches it mixes, the rows per run, how each column is read), so a change to the Loader shows up
+in the results without touching the benchmark.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from featstore.writer import write_block
 from . import DIMS, Contender, Data
 
 COLUMNS = {"img": "features/img/pooled", "txt": "features/txt/pooled"}
-LOADER = {"shuffle": True}  # + seed=data.seed; everything else is the Loader's default
+LOADER = {"shuffle": True}  # + seed=data.seed (and pin_memory when batches go to a GPU); the rest: defaults
+
+
+def remote_loader_args(cache_dir) -> dict:
+    """Extra Loader arguments of the featstore contender that reads the store over S3: the one
+    place to set them.  None today (main's Loader has no local cache for remote stores, so every
+    epoch reads over S3).  When it has one, return its arguments here with the cache in
+    `cache_dir`, which the contender empties before each first epoch (as the peers' caches)."""
+    return {}
 
 
 def loader_defaults() -> dict:
@@ -28,6 +39,23 @@ def loader_defaults() -> dict:
         if p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float, str, bool, type(None))):
             out[name] = p.default
     return out
+
+
+def effective(loader: Loader) -> dict:
+    """What the settings came to on this store: the shuffle window and how each column is read."""
+    return {"window_rows": loader.window, "batches_per_window": loader.batches_per_window, "run_rows": loader.run_rows,
+            "mode": loader.mode, "buffer_bound_bytes": loader.buffer_bound, "prefetch": loader.prefetch,
+            "read_threads": loader.read_threads, "read_ahead": loader.read_ahead,
+            "read_path": {c.alias: c.source.kind for c in loader.columns}}
+
+
+def describe_settings(kw: dict, eff: dict) -> str:
+    given = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    paths = sorted(set(eff["read_path"].values()))
+    return (f"featstore.Loader(store, {{img, txt}}, batch, {given}, seed), other arguments default: window "
+            f"{eff['window_rows']:,} rows ({eff['batches_per_window']} batches mixed, runs of {eff['run_rows']} rows), "
+            f"prefetch {eff['prefetch']}, read_threads {eff['read_threads']}, read_ahead {eff['read_ahead']}; "
+            f"columns read {'/'.join(paths)}")
 
 
 def build_store(path, data: Data, n: int | None = None) -> Store:
@@ -48,13 +76,13 @@ def build_store(path, data: Data, n: int | None = None) -> Store:
 
 
 def open_loader(path, data: Data, **kw) -> Loader:
-    settings = {**LOADER, "seed": data.seed, "pin_memory": data.pin_memory, **kw}
+    settings = {**LOADER, "seed": data.seed, **({"pin_memory": True} if data.pin_memory else {}), **kw}
     return Loader(Store.open(path), COLUMNS, data.batch_size, **settings)
 
 
 class Featstore(Contender):
     name = "featstore"
-    settings = "featstore.Loader(store, {img, txt}, batch, shuffle=True, seed) with its defaults"
+    extra: dict = {}  # Loader arguments beyond LOADER
 
     @property
     def path(self):
@@ -63,50 +91,76 @@ class Featstore(Contender):
     def build(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         build_store(self.path, self.data)
+        self.settings = describe_settings({**LOADER, **self.extra}, effective(open_loader(self.path, self.data, **self.extra)))
 
     def files(self):
         return [self.path / "features"]
 
     def open(self):
-        return open_loader(self.path, self.data)
+        return open_loader(self.path, self.data, **self.extra)
 
     def describe(self) -> dict:
-        return {"settings": self.settings, "loader_defaults": loader_defaults(), "loader_settings": LOADER}
+        loader = open_loader(self.path, self.data, **self.extra)
+        return {"settings": self.settings, "loader_defaults": loader_defaults(), "loader_settings": {**LOADER, **self.extra},
+                "effective": effective(loader)}
 
     def epoch_order(self) -> list[np.ndarray]:
-        """The rows of each batch of one epoch, in serving order (untimed)."""
-        return [b["row"].numpy().copy() for b in self.open()]
+        """The rows of each batch of one epoch, in serving order: the Loader's own `batch_rows()`."""
+        return self.open().batch_rows()
+
+    def shuffle_quality(self) -> float:
+        """The Loader's own figure for its epoch, over the store's labels (`Loader.shuffle_quality`)."""
+        return self.open().shuffle_quality()
+
+    def check(self) -> int:
+        """Untimed: one whole epoch serves exactly `batch_rows()`, batch by batch, with the right bytes."""
+        loader = self.open()
+        want = loader.batch_rows()
+        got = 0
+        for i, batch in enumerate(loader):
+            rows = batch["row"].numpy()
+            assert np.array_equal(rows, want[i]), f"{self.name}: batch {i} is not batch_rows()[{i}]"
+            if i in (0, len(want) - 1):
+                truth = self.data.truth(rows)
+                for k in DIMS:
+                    assert np.array_equal(batch[k].numpy(), truth[k]), f"{self.name}/{k}: wrong values in batch {i}"
+            got += len(rows)
+        assert got == self.data.n and i == len(want) - 1, f"{self.name}: served {got} rows in {i + 1} batches"
+        return got
 
 
 class ZarrLoader(Featstore):
     """The same Loader, the same store, every block read through zarr's own read path."""
 
     name = "zarr"
-    settings = "the same featstore.Loader over the same store with direct=False (zarr's codec pipeline reads each block)"
+    extra = {"direct": False}
 
     def build(self) -> None:  # reads the featstore contender's store
         if not (self.path / "zarr.json").exists():
             raise RuntimeError("the zarr contender reads the featstore contender's store: build that first")
+        eff = effective(open_loader(self.path, self.data, **self.extra))
+        self.settings = "the same store and Loader with direct=False (zarr's own codec pipeline reads each run); " + \
+            describe_settings({**LOADER, **self.extra}, eff).split("), other arguments default: ", 1)[1]
 
-    def open(self):
-        return open_loader(self.path, self.data, direct=False)
-
-    def describe(self) -> dict:
-        return {"settings": self.settings, "loader_settings": {**LOADER, "direct": False}}
+    def check(self) -> int:
+        return Contender.check(self)
 
 
 class FeatstoreReused(Featstore):
     """One Loader kept across rounds, as a trainer keeps it across epochs: every timed epoch is a
-    later epoch of the same Loader (its window buffers already allocated and faulted in)."""
+    later epoch of the same Loader."""
 
     name = "featstore_reused"
-    settings = "the featstore contender's Loader, one object iterated epoch after epoch (a trainer's later epochs)"
 
     def build(self) -> None:  # reads the featstore contender's store
         self.loader = open_loader(self.path, self.data)
         for _ in self.loader:  # its first epoch, untimed
             pass
+        self.settings = "the featstore contender's Loader, one object iterated epoch after epoch (a trainer's later epochs)"
 
     def open(self):
         self.loader.set_epoch(self.loader.epoch)  # a whole epoch, as a trainer's loop starts one
         return self.loader
+
+    def check(self) -> int:
+        return Contender.check(self)

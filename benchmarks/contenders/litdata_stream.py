@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 
 import numpy as np
 
@@ -61,7 +60,3 @@ class Litdata(Contender):
 
     def open(self):
         return loader(self.dir, self.data)
-
-
-def clear(path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

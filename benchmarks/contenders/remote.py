@@ -6,15 +6,20 @@ environment variables (`AWS_ENDPOINT_URL` for boto3/s3fs, `S3_ENDPOINT_URL` for 
 litdata's `storage_options={"endpoint_url": ...}`), with dummy credentials.
 
 The remote contenders read a subset of the rows (`rows`, whole row blocks) uploaded once (the
-local contenders' own files when the subset is the whole data, as in --quick):
+local contenders' own files when the subset is the whole data, as in --quick).  Each is timed
+twice per round: its FIRST epoch (a fresh loader, its local cache emptied: everything comes over
+S3) and a LATER epoch (`again()`: the same loader or dataset iterated once more, its cache as the
+first epoch left it), because the peers download into a local cache and serve later epochs from
+it.  Results keys: `<name>` (first epoch) and `<name>_later`.
 
-  featstore_local   the featstore Loader over that subset's local store (the baseline of
-                    `remote_vs_local`)
-  featstore_remote  the same Loader over the same store uploaded to s3://featstore-bench/store.zarr
-  litdata_remote    litdata's StreamingDataset over s3://.../litdata, its chunk cache emptied
-                    before each epoch (so every epoch downloads)
-  mosaic_remote     mosaic's StreamingDataset(remote=s3://.../mds, local=cache), cache emptied
-                    before each epoch
+  featstore_local   the featstore Loader over that subset's local store, warm (the baseline of
+                    `remote_vs_local`); later = the same Loader's next epoch
+  featstore_remote  the same Loader over the same store at s3://featstore-bench/store.zarr, with
+                    `remote_loader_args` (contenders/featstore_loader.py: the one place for them)
+  litdata_remote    litdata's StreamingDataset over s3://.../litdata (chunks downloaded into its
+                    cache_dir; kept for later epochs by its default max_cache_size)
+  mosaic_remote     mosaic's StreamingDataset(remote=s3://.../mds, local=cache) (shards downloaded
+                    into `local`, kept)
 
 Loopback has no latency and no bandwidth limit worth the name, so these figures show the cost of
 each client's request pattern and copies, not of a network.
@@ -92,14 +97,19 @@ def upload(local: Path, prefix: str) -> int:
     return total
 
 
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
+
+
 class FeatstoreLocal(Contender):
     name = "featstore_local"
-    settings = "featstore.Loader (as `featstore`) over the remote subset's local store"
+    settings = "featstore.Loader (as `featstore`) over the remote subset's local store, warm"
 
     def __init__(self, data, rows: int, whole=None):
         super().__init__(data)
         self.rows = rows
         self.whole = whole if rows == data.n else None  # the whole data's store, when that is the subset
+        self.loader = None
 
     @property
     def path(self):
@@ -114,17 +124,31 @@ class FeatstoreLocal(Contender):
         return [self.path / "features"]
 
     def open(self):
-        return featstore_loader.open_loader(self.path, self.data)
+        self.loader = featstore_loader.open_loader(self.path, self.data)
+        return self.loader
+
+    def again(self):
+        return self.loader  # its epoch counter moved on at the end of the last one
+
+    def close(self) -> None:
+        self.loader = None
 
 
 class FeatstoreRemote(FeatstoreLocal):
     name = "featstore_remote"
-    settings = f"the same featstore.Loader over the same store at s3://{BUCKET}/store.zarr (moto, 127.0.0.1)"
     cold = False
 
     def __init__(self, data, rows: int, local: FeatstoreLocal):
         super().__init__(data, rows)
         self.local = local
+        self.args = featstore_loader.remote_loader_args(self.cache)
+        self.settings = (f"the same featstore.Loader over the same store at s3://{BUCKET}/store.zarr (moto, 127.0.0.1)"
+                         + (f", with {', '.join(f'{k}={v!r}' for k, v in self.args.items())}" if self.args else
+                            ", no other arguments (no local cache: every epoch reads over S3)"))
+
+    @property
+    def cache(self) -> Path:
+        return self.dir / "cache"
 
     def build(self) -> None:
         self.bytes = upload(self.local.path, "store.zarr")
@@ -133,7 +157,15 @@ class FeatstoreRemote(FeatstoreLocal):
         return []
 
     def open(self):
-        return featstore_loader.open_loader(f"s3://{BUCKET}/store.zarr", self.data)
+        shutil.rmtree(self.cache, ignore_errors=True)
+        self.loader = featstore_loader.open_loader(f"s3://{BUCKET}/store.zarr", self.data, **self.args)
+        return self.loader
+
+    def cache_bytes(self) -> int:
+        return tree_bytes(self.cache)
+
+    def describe(self) -> dict:
+        return {"settings": self.settings, "loader_settings": {**featstore_loader.LOADER, **self.args}}
 
 
 class LitdataRemote(Contender):
@@ -144,8 +176,9 @@ class LitdataRemote(Contender):
         super().__init__(data)
         self.rows = rows
         self.src = whole if rows == data.n and whole is not None else self.dir / "src"
-        self.settings = (f"litdata (as `litdata`) over s3://{BUCKET}/litdata, storage_options endpoint_url, cache emptied "
-                         "per epoch; allow_http added to its obstore client options (see open)")
+        self.dl = None
+        self.settings = (f"litdata (as `litdata`) over s3://{BUCKET}/litdata, storage_options endpoint_url, its "
+                         "cache_dir emptied before each first epoch; allow_http added to its obstore client options")
 
     def build(self) -> None:
         if not self.src.exists():
@@ -163,8 +196,18 @@ class LitdataRemote(Contender):
 
         downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True
         shutil.rmtree(self.dir / "cache", ignore_errors=True)
-        return litdata_stream.loader(f"s3://{BUCKET}/litdata", self.data, cache_dir=self.dir / "cache",
-                                     storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+        self.dl = litdata_stream.loader(f"s3://{BUCKET}/litdata", self.data, cache_dir=self.dir / "cache",
+                                        storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+        return self.dl
+
+    def again(self):
+        return self.dl
+
+    def close(self) -> None:
+        self.dl = None
+
+    def cache_bytes(self) -> int:
+        return tree_bytes(self.dir / "cache")
 
 
 class MosaicRemote(Contender):
@@ -175,8 +218,9 @@ class MosaicRemote(Contender):
         super().__init__(data)
         self.rows = rows
         self.src = whole if rows == data.n and whole is not None else self.dir / "src"
-        self.ds = None
-        self.settings = f"mosaic streaming (as `mosaic`) with remote=s3://{BUCKET}/mds, local=cache emptied per epoch"
+        self.ds = self.dl = None
+        self.settings = (f"mosaic streaming (as `mosaic`) with remote=s3://{BUCKET}/mds, local=a cache emptied before "
+                         "each first epoch")
 
     def build(self) -> None:
         if not self.src.exists():
@@ -188,9 +232,77 @@ class MosaicRemote(Contender):
 
     def open(self):
         shutil.rmtree(self.dir / "cache", ignore_errors=True)
-        self.ds, dl = mosaic_mds.loader(self.data, self.dir / "cache", remote=f"s3://{BUCKET}/mds")
-        return dl
+        self.ds, self.dl = mosaic_mds.loader(self.data, self.dir / "cache", remote=f"s3://{BUCKET}/mds")
+        return self.dl
+
+    def again(self):
+        return self.dl
+
+    def cache_bytes(self) -> int:
+        return tree_bytes(self.dir / "cache")
 
     def close(self) -> None:
-        self.ds = None
+        self.ds = self.dl = None
         mosaic_mds.import_streaming().util.clean_stale_shared_memory()
+
+
+class S3WholeObjects(Contender):
+    """The server's own ceiling: every shard object of the featstore store's two columns fetched
+    whole with s3fs (`GROUP` blocks' objects at a time, concurrently), no decoding, no batching.
+    A client that reads these bytes over this server cannot do much better."""
+
+    name = "s3_whole_objects"
+    cold = False
+    GROUP = 4  # blocks fetched at once (8 objects, ~160 MB at 4096 rows of 768 + 4096 float16)
+
+    def __init__(self, data, rows: int, local: FeatstoreLocal):
+        super().__init__(data)
+        self.rows, self.local, self.fs = rows, local, None
+        self.settings = (f"s3fs cat of the shard objects of both columns, whole, {self.GROUP} blocks at a time "
+                         f"concurrently: what moto on 127.0.0.1 serves at most (a ceiling, not a loader)")
+
+    def build(self) -> None:  # reads what FeatstoreRemote uploaded
+        pass
+
+    def files(self):
+        return []
+
+    def _objects(self) -> list[list[str]]:
+        out = []
+        for b in range(-(-self.rows // self.data.rows_per_shard)):
+            out.append([f"{BUCKET}/store.zarr/features/{k}/pooled/c/{b}/0" for k in ("img", "txt")])
+        return out
+
+    def open(self):
+        import s3fs
+        import torch
+
+        self.fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+        r = self.data.rows_per_shard
+
+        def epoch():
+            blocks = self._objects()
+            for g in range(0, len(blocks), self.GROUP):
+                got = self.fs.cat([p for paths in blocks[g : g + self.GROUP] for p in paths])
+                assert all(len(v) > 0 for v in got.values())
+                for b in range(g, min(g + self.GROUP, len(blocks))):
+                    n = min(r, self.rows - b * r)
+                    yield {"row": torch.arange(b * r, b * r + n), "img": torch.empty((n, 0)), "txt": torch.empty((n, 0))}
+
+        return epoch()
+
+    def again(self):  # nothing is cached: a later epoch is the same fetches
+        return self.open()
+
+    def check(self) -> int:
+        """The objects exist and hold the local shard files' bytes."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+        path = self._objects()[0][0]
+        local = self.local.path / path.split("/store.zarr/", 1)[1]
+        assert fs.cat(path) == local.read_bytes(), f"{self.name}: {path} differs from {local}"
+        return self.rows
+
+    def close(self) -> None:
+        self.fs = None
