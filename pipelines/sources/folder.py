@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from featstore.errors import BadSample, SourceError
+from featstore.errors import BadSample, SourceError, one_line
 
-from .base import IMAGE_EXTS, Source, Record, _is_image_name, _one_line, _text, files_fingerprint
+from .base import IMAGE_EXTS, Source, Record, is_image_name, caption_of, files_fingerprint
 
 class FolderSource(Source):
     """Images under a folder (recursive), with captions from a JSON file {uid: caption} and
@@ -72,7 +72,7 @@ class FolderSource(Source):
             if key is not None:
                 used.add(key)
             label = self._labels.get(uid, self._labels.get(rel)) if self._labels else None
-            yield Record(uid, _text(self._captions.get(key), lists) if key else None, label, rel)
+            yield Record(uid, caption_of(self._captions.get(key), lists) if key else None, label, rel)
         unmatched = len(self._captions) - len(used)
         if unmatched:
             example = self.files[0].rpartition(".")[0]
@@ -103,7 +103,7 @@ def _image_files(root: Path) -> list[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for name in filenames:
-            if not name.startswith(".") and _is_image_name(name):
+            if not name.startswith(".") and is_image_name(name):
                 found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
     return sorted(found)
 
@@ -114,7 +114,7 @@ def _load_json(path: Path, what: str, value: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise SourceError(f"{what} file not found: {path}") from None
     except (OSError, ValueError) as err:
-        raise SourceError(f"cannot read {what} file {path}: {_one_line(err)}") from None
+        raise SourceError(f"cannot read {what} file {path}: {one_line(err)}") from None
     if not isinstance(data, dict):
         raise SourceError(f"{what} file {path} must hold a JSON object {{uid: {value}}}")
     return data

@@ -19,7 +19,7 @@ from typing import Any
 
 from featstore.errors import BadSample, SourceError
 
-from .base import IMAGE_EXTS, Source, Record, _label, _text, files_fingerprint
+from .base import IMAGE_EXTS, Source, Record, label_of, caption_of, files_fingerprint
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # webdataset: key = path up to the basename's first dot
 
@@ -69,11 +69,11 @@ class WebDatasetSource(Source):
                 label = None
                 if self.label_column is not None:
                     raw = (meta or {}).get(self.label_column)
-                    label = _label(raw)
+                    label = label_of(raw)
                     bad_label += label is None
                 caption = small.get(self._text_ext)
                 count += 1
-                yield Record(str(uid), _text(caption, [0]), label, f"{shard}:{key}")
+                yield Record(str(uid), caption_of(caption, [0]), label, f"{shard}:{key}")
         if no_uid:
             field = self.uid_field or "uid"
             hint = "" if self.uid_field else " (pass --uid-field to name one)"
