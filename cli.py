@@ -128,7 +128,7 @@ _FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES, _POOLED_DTYPES = 
               "(omit it to complete the feature set from each row's recorded source).")
 @click.option("--source-type", type=click.Choice(_SOURCE_TYPES), default="auto", show_default=True)
 @click.option("--captions", help="Image folder: JSON of uid -> caption.")
-@click.option("--labels", help="Image folder: JSON of uid -> class name (or class index).")
+@click.option("--labels", metavar="FILE|subdirs", help="Image folder: JSON of uid -> class name (or class index), or `subdirs`: each image's class is its top-level folder (ImageFolder layout).")
 @click.option("--uid-field", help="Webdataset json field / HF column holding the uid (default: json 'uid' if present).")
 @click.option("--image-column", help="HF dataset: image column.")
 @click.option("--text-column", help="HF dataset: caption column.")
