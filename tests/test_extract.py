@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from featstore.errors import ConfigError, IdentityMismatch
+from featstore.errors import ConfigError
 from featstore.pipelines.extract import extract
 from featstore.store import Store
 from featstore.verify import verify
@@ -166,8 +166,12 @@ def test_same_images_as_webdataset_hf_and_folder_land_on_the_same_rows(tmp_path,
 def test_identity_mismatch_and_overwrite(tmp_path, shards, tiny_dinov2_path):
     store = tmp_path / "s.zarr"
     extract(store, shards, tiny_dinov2_path, name="dino", rows_per_shard=8, **QUIET)
-    with pytest.raises(IdentityMismatch, match="pooling"):
-        extract(store, shards, tiny_dinov2_path, name="dino", pooling="mean", **QUIET)
+    r = subprocess.run([FEATSTORE, "extract", "--store", str(store), "--source", str(shards), "--backbone", tiny_dinov2_path,
+                        "--name", "dino", "--pooling", "mean", "--no-progress"], capture_output=True, text=True)
+    first, *keys = r.stderr.splitlines()  # the refusal, then one line per differing key
+    assert r.returncode == 2 and first.startswith("error: feature set 'dino'") and "--overwrite" in first
+    assert keys and all(k.startswith("  ") and len(k) < 200 for k in keys)
+    assert "  pooling: 'cls' in the store vs 'mean' now" in keys
     s = extract(store, shards, tiny_dinov2_path, name="dino", pooling="mean", overwrite=True, **QUIET)
     assert s["blocks_written"] == 3
     with pytest.raises(ConfigError, match="text backbone"):

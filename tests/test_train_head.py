@@ -321,8 +321,6 @@ def test_caption_sets_of_other_backbones_are_refused(tmp_path):
 def test_float32_pooled_features_end_to_end(tmp_path, tiny_dinov2_path):
     """`extract --dtype float32` keeps pooled features in float32 (LLM features have large
     activations); training and the checkpoint see float32; asking float16 of that name is refused."""
-    from PIL import Image
-
     from featstore.pipelines.extract import extract
 
     from imagedata import real_images

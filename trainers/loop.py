@@ -184,12 +184,24 @@ def show(bar, record: dict) -> None:
 # ---- Ctrl-C -------------------------------------------------------------------------------------
 class StopOnInterrupt:
     """Between `start()` and `stop()` (in the main thread; elsewhere it does nothing), the first
-    SIGINT only sets `requested`: the loop finishes the step in progress, saves its `last`
-    checkpoint there and raises `interrupted(...)`.  A second SIGINT raises KeyboardInterrupt at
-    once (no checkpoint)."""
+    SIGINT only sets `requested`: the loop finishes the step in progress (saving `last` there,
+    `save_last(step)`), leaves, and `stop_here` raises `interrupted(...)`.  A second SIGINT raises
+    KeyboardInterrupt at once (no checkpoint), which `error` turns into its own line.
 
-    def __init__(self, log=None):
+        interrupt = StopOnInterrupt(out_dir, save_last).start()
+        try:
+            while step < steps and not interrupt.requested:
+                ...one step; save_last(step) when due or interrupt.requested...
+            interrupt.stop_here(step, finished=step >= steps)
+        except KeyboardInterrupt as e:
+            raise interrupt.error(e, step) from None
+        finally:
+            interrupt.stop()
+    """
+
+    def __init__(self, out_dir: str, save_last, log=None):
         self.requested = False
+        self.out_dir, self.save_last = out_dir, save_last
         self._previous = None
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -208,6 +220,18 @@ class StopOnInterrupt:
             raise KeyboardInterrupt
         self.requested = True
         self._log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once, without one)")
+
+    def stop_here(self, step: int, finished: bool) -> None:
+        """After the loop: a run that stopped because it was asked to ends with `interrupted`
+        (its checkpoint is saved; at step 0, before any step, it is saved here)."""
+        if self.requested and not finished:
+            if step == 0:
+                self.save_last(0)
+            raise interrupted(step, self.out_dir)
+
+    def error(self, exc: KeyboardInterrupt, step: int) -> Interrupted:
+        """What a KeyboardInterrupt inside the loop becomes: itself when it is already the line."""
+        return exc if isinstance(exc, Interrupted) else interrupted(step, self.out_dir, saved=False)
 
 
 def interrupted(step: int, out_dir: str, saved: bool = True) -> Interrupted:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from featstore.errors import ConfigError, Interrupted
+from featstore.errors import ConfigError
 from featstore.integrity import check_blocks
 from featstore.loader import Loader
 from featstore.store import Store
@@ -175,10 +175,11 @@ def train_head(
     bar = loop.progress_bar(cfg.steps, step, f"train-head ({n_params:,} params)", progress)
     batches = loop.forever(train_loader)
     start_step, t_loop = step, time.time()
-    interrupt = loop.StopOnInterrupt().start()
 
     def save_last(step: int) -> None:
         checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
+
+    interrupt = loop.StopOnInterrupt(out_dir, save_last).start()
 
     try:
         if step == 0:
@@ -215,14 +216,9 @@ def train_head(
             if step % cfg.save_every == 0 or step == cfg.steps or stopped_early or interrupt.requested:
                 save_last(step)
             loop.show(bar, record)
-        if interrupt.requested and step < cfg.steps and not stopped_early:
-            if step == 0:
-                save_last(0)
-            raise loop.interrupted(step, out_dir)
+        interrupt.stop_here(step, finished=step >= cfg.steps or stopped_early)
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop took over SIGINT
-        if isinstance(e, Interrupted):
-            raise
-        raise loop.interrupted(step, out_dir, saved=False) from None
+        raise interrupt.error(e, step) from None
     finally:
         interrupt.stop()
         bar.close()

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from featstore import format as fmt
-from featstore.errors import CheckpointError, ConfigError, Interrupted
+from featstore.errors import CheckpointError, ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
@@ -168,10 +168,11 @@ def train_uta(
     bar = loop.progress_bar(cfg.steps, step, f"train-uta ({n_params:,} params)", progress)
     batches = loop.forever(train_loader)
     start_step, t_loop = step, time.time()
-    interrupt = loop.StopOnInterrupt().start()
 
     def save_last(step: int) -> None:
         checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
+
+    interrupt = loop.StopOnInterrupt(out_dir, save_last).start()
 
     try:
         if step == 0:
@@ -193,14 +194,9 @@ def train_uta(
             if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:
                 save_last(step)
             loop.show(bar, record)
-        if interrupt.requested and step < cfg.steps:
-            if step == 0:
-                save_last(0)
-            raise loop.interrupted(step, out_dir)
+        interrupt.stop_here(step, finished=step >= cfg.steps)
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop took over SIGINT
-        if isinstance(e, Interrupted):
-            raise
-        raise loop.interrupted(step, out_dir, saved=False) from None
+        raise interrupt.error(e, step) from None
     finally:
         interrupt.stop()
         bar.close()
