@@ -80,7 +80,7 @@ def decode_image(data: bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise BadSample("not-an-image", f"{len(data)} bytes that PIL cannot identify") from None
     except EOFError as e:
-        raise BadSample("truncated-image", one_line(e) or "unexpected end of file") from None
+        raise BadSample("truncated-image", one_line(e) if str(e).strip() else "unexpected end of file") from None
     except Exception as e:  # a header PIL recognises but cannot parse
         raise BadSample("corrupt-image", one_line(e)) from None
 
@@ -93,7 +93,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img.load()
     except EOFError as e:
-        raise BadSample("truncated-image", one_line(e) or "unexpected end of file") from None
+        raise BadSample("truncated-image", one_line(e) if str(e).strip() else "unexpected end of file") from None
     except OSError as e:
         reason = "truncated-image" if "truncat" in str(e).lower() else "corrupt-image"
         raise BadSample(reason, one_line(e)) from None

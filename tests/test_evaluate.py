@@ -18,6 +18,7 @@ from featstore.trainers.prompts import OPENAI_IMAGENET_TEMPLATES, classnames, lo
 
 FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
 
+from readonly import read_only_prefix
 from sharelock_data import CLASS_NAMES, IMAGE_IDENTITY, FakeTextBackbone, make_aligned_store, one_thread, trained_run
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -210,19 +211,6 @@ def test_digits_zero_shot_far_above_chance(digits_store, digits_run, tmp_path):
     assert words.shape == (10, 1280)
 
 
-def _read_only(path) -> list[str] | None:
-    """A command prefix under which `path` cannot be written, even by root: a read-only bind mount
-    of it in a private mount namespace (`unshare`), or for a user other than root plain permissions;
-    None where neither is possible here."""
-    if os.geteuid() != 0:
-        subprocess.run(["chmod", "-R", "a-w", str(path)], check=True)
-        return []
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode:
-        return None
-    p = str(path)
-    return ["unshare", "-Urm", "sh", "-c", f'mount --bind "{p}" "{p}" && mount -o remount,bind,ro "{p}" && exec "$@"', "sh"]
-
-
 def test_eval_on_a_store_this_user_cannot_write(digits_run, tmp_path, monkeypatch):
     """A store the user may read but not write (a shared dataset on a read-only mount): eval keeps the
     prompt features it encodes in the user's cache ($XDG_CACHE_HOME), says so, and leaves the store
@@ -235,7 +223,7 @@ def test_eval_on_a_store_this_user_cannot_write(digits_run, tmp_path, monkeypatc
     (tmp_path / "templates.txt").write_text("a photo of the figure {c}.\n")  # prompts the store never cached
     (tmp_path / "classes.txt").write_text("\n".join(["zero", "one", "two", "three", "four", "five", "six", "seven",
                                                      "eight", "nine"]) + "\n")
-    prefix = _read_only(store)
+    prefix = read_only_prefix(store)
     if prefix is None:
         pytest.skip("cannot make a store read-only for root here (no unshare)")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}

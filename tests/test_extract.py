@@ -215,9 +215,7 @@ def test_cli_summary_and_one_line_errors(tmp_path, shards):
     assert s["rows_written"] == 24 and s["feature_set"] == "minilm" and s["rows_per_s"] > 0
     for bad, msg in [(["--backbone", "no-such-model"], "dinov2-small"),
                      (["--backbone", "facebook/dinov2-small"], "local path"),
-                     (["--backbone", "minilm", "--source", str(tmp_path / "nope")], "nope"),
-                     (["--backbone", "minilm", "--name", "a/b"], "bad feature set name 'a/b'"),
-                     (["--backbone", "minilm", "--rows-per-shard", "0"], "--rows-per-shard must be >= 1, not 0")]:
+                     (["--backbone", "minilm", "--source", str(tmp_path / "nope")], "nope")]:
         cmd = [FEATSTORE, "extract", "--store", str(tmp_path / "t.zarr"), "--source", str(shards), *bad, "--no-progress"]
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert r.returncode == 2, r.stderr
