@@ -305,7 +305,8 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
 @_friendly
 def eval_(checkpoint_dir, store_path, classes, label_field, templates, split, all_rows, text, device, plot_path, as_json):
     """CLIP_benchmark's protocol: zero-shot classification (acc1, acc5, mean per-class recall; prompts
-    through the checkpoint's text backbone, cached in the store) and image<->text retrieval
+    through the checkpoint's text backbone, cached in the store, or in $XDG_CACHE_HOME/featstore
+    when the store cannot be written) and image<->text retrieval
     (recall@1/5/10, several captions per image), on every row of the store.  A train-uta run:
     alignment and zero-shot of the student's CLS beside the teacher's (prompts by the teacher's
     text tower)."""
