@@ -1,7 +1,11 @@
 """The `featstore` command: each subcommand parses, calls one library function, prints.
 
 Errors a user can cause end in one line on stderr and exit code 2 (1 for `verify` finding
-problems); `--debug` shows the full traceback instead.
+problems; a line per differing key follows where two identities or settings differ); `--debug`
+shows the full traceback instead.  Ctrl-C ends with one line saying how to continue, exit 130.
+
+Only click and the light `choices` module are imported at start-up (`featstore --help` stays
+fast); each command imports its library function when it runs.
 """
 
 from __future__ import annotations
@@ -13,27 +17,44 @@ import sys
 
 import click
 
-from featstore.errors import FeatstoreError
+from featstore.errors import FeatstoreError, Interrupted
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# what a bare Ctrl-C (one the command did not turn into its own Interrupted line) leaves behind
+INTERRUPTED = {
+    "extract": "finished blocks are kept; re-run the same command to continue",
+    "download": "finished shards are kept; re-run the same command to resume",
+    "train-head": "before training started: nothing was saved; re-run the same command",
+    "train-uta": "before training started: nothing was saved; re-run the same command",
+}
+
 
 def _friendly(fn):
-    """Turn FeatstoreError (and a few built-ins users cause) into one line unless --debug."""
+    """Turn FeatstoreError into one line (its first line, then any lines of detail it carries)
+    unless --debug; Ctrl-C into one line saying how to continue."""
 
     @click.option("--debug", is_flag=True, help="Show full tracebacks.")
     @functools.wraps(fn)
     def wrapper(*args, debug=False, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            if debug:
+                raise
+            click.echo(f"interrupted: {e}", err=True)
+            sys.exit(130)
         except FeatstoreError as e:
             if debug:
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished blocks are kept; re-run the same command to continue", err=True)
+            if debug:
+                raise
+            command = click.get_current_context().info_name
+            click.echo(f"interrupted: {INTERRUPTED.get(command, 'nothing was changed')}", err=True)
             sys.exit(130)
 
     return wrapper
@@ -81,7 +102,7 @@ def download(urls, out, url_col, caption_col, uid_col, image_size, processes, th
     from featstore.pipelines.download import download as run_download
 
     s = run_download(urls, out, url_col=url_col, caption_col=caption_col, uid_col=uid_col, image_size=image_size,
-                     processes=processes, threads=threads, samples_per_shard=samples_per_shard,
+                     processes=processes, threads=threads, samples_per_shard=samples_per_shard, stdout_to_stderr=as_json,
                      extra_img2dataset_kwargs={"save_additional_columns": list(keep_cols)} if keep_cols else None)
     if as_json:
         _echo_json(s)
@@ -118,7 +139,7 @@ _FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES, _POOLED_DTYPES = 
               "dataset dir, parquet, or image folder (omit it to complete the feature set from each row's recorded source).")
 @click.option("--source-type", type=click.Choice(_SOURCE_TYPES), default="auto", show_default=True)
 @click.option("--captions", help="Image folder: JSON of uid -> caption.")
-@click.option("--labels", help="Image folder: JSON of uid -> class name (or class index).")
+@click.option("--labels", metavar="FILE|subdirs", help="Image folder: JSON of uid -> class name (or class index), or `subdirs`: each image's class is its top-level folder (ImageFolder layout).")
 @click.option("--uid-field", help="Webdataset json field / HF column holding the uid (default: json 'uid' if present).")
 @click.option("--image-column", help="HF dataset: image column.")
 @click.option("--text-column", help="HF dataset: caption column.")
@@ -197,13 +218,14 @@ def backbones(as_json):
 
 
 CONFIG = [
-    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config (see configs/)."),
+    click.option("--config", "config_file", metavar="NAME|FILE", help="A built-in config (sharelock, uta, demo) or a YAML file."),
     click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable); unknown keys are refused."),
     click.option("--steps", type=int, help="Optimizer steps (overrides the config)."),
     click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K."),
     click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True),
     click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
     click.option("--json", "as_json", is_flag=True, help="Print the end summary as JSON."),
+    click.option("--no-progress", is_flag=True, help="No progress bar (into a log file it is redrawn at most every 30 s)."),
 ]
 
 
@@ -235,6 +257,8 @@ def _print_train_summary(s: dict, as_json: bool) -> None:
         click.echo("  final: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     for label, path in (s.get("files") or {}).items():
         click.echo(f"  {label:<8} {path}")
+    for note in s.get("notes", []):
+        click.echo(f"  note: {note}")
 
 
 @main.command("train-head")
@@ -244,13 +268,15 @@ def _print_train_summary(s: dict, as_json: bool) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, curves).")
 @_with(CONFIG)
 @_friendly
-def train_head(store_path, image, text, out, config_file, overrides, steps, device, precision, resume, as_json):
+def train_head(store_path, image, text, out, config_file, overrides, steps, device, precision, resume, as_json,
+               no_progress):
     """Train a ShareLock head (MLP on frozen text features, contrastive against frozen image
-    features) streaming both from the store; no image decoding, no backbone in the step."""
+    features) streaming both from the store; no image decoding, no backbone in the step.
+    Ctrl-C saves a checkpoint at the step in progress: continue with the same command and --resume."""
     from featstore.trainers.train_head import train_head as run
 
     s = run(store_path, image, text, out, config_file=config_file, overrides=list(overrides), steps=steps,
-            device=device, precision=precision, resume=resume, progress=not as_json)
+            device=device, precision=precision, resume=resume, progress=not (as_json or no_progress))
     _print_train_summary(s, as_json)
 
 
@@ -265,14 +291,14 @@ def train_head(store_path, image, text, out, config_file, overrides, steps, devi
 @_with(CONFIG)
 @_friendly
 def train_uta(store_path, teacher, pixels, out, student, student_input, mask_ratio, config_file, overrides, steps,
-              device, precision, resume, as_json):
+              device, precision, resume, as_json, no_progress):
     """Train a UTA student: a ViT whose unmasked tokens match the stored teacher tokens at the same
     positions (reversed masking by default), reading stored crops: no decoding, no teacher in the step."""
     from featstore.trainers.train_uta import train_uta as run
 
     s = run(store_path, teacher, pixels, out, student=student, student_input=student_input, mask_ratio=mask_ratio,
             steps=steps, config_file=config_file, overrides=list(overrides), device=device, precision=precision,
-            resume=resume, progress=not as_json)
+            resume=resume, progress=not (as_json or no_progress))
     _print_train_summary(s, as_json)
     if not as_json and not s.get("rank"):
         st = s["student"]
@@ -281,15 +307,13 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
                    f" {st['input']} input, grid {st['grid']}x{st['grid']} (patch {st['patch_size']}), teacher grid "
                    f"{st['teacher_grid'][0]}x{st['teacher_grid'][1]}"
                    + (f" resized {st['grid_interpolation']}" if st["grid_interpolation"] else ""))
-        for n in s.get("notes", []):
-            click.echo(f"  note: {n}")
 
 
 @main.command("eval")
 @click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head or train-uta run directory, or an imported ShareLock checkpoint.")
 @STORE
 @click.option("--classes", help="Class names: a built-in curated list (imagenet1k, cifar10, cifar100) or a file, one name per line (default: the store's label names).")
-@click.option("--label-field", default="label", show_default=True, help="Sample field with class indices (names in its attrs).")
+@click.option("--label-field", default=None, help="Sample field with class indices, names in its attrs (default: label, when the store has one).")
 @click.option("--templates", default=None, help="Prompt templates: imagenet1k/openai (80), cifar10, cifar100, sharelock, simple, or a file (default: the class list's CLIP_benchmark templates, else the 80 OpenAI ones).")
 @click.option("--split", is_flag=True, help="Evaluate only the rows the training run held out (default: every row, as CLIP_benchmark).")
 @click.option("--all", "all_rows", is_flag=True, help="Every row of the store (the default; kept for old scripts).")
@@ -300,7 +324,8 @@ def train_uta(store_path, teacher, pixels, out, student, student_input, mask_rat
 @_friendly
 def eval_(checkpoint_dir, store_path, classes, label_field, templates, split, all_rows, text, device, plot_path, as_json):
     """CLIP_benchmark's protocol: zero-shot classification (acc1, acc5, mean per-class recall; prompts
-    through the checkpoint's text backbone, cached in the store) and image<->text retrieval
+    through the checkpoint's text backbone, cached in the store, or in $XDG_CACHE_HOME/featstore
+    when the store cannot be written) and image<->text retrieval
     (recall@1/5/10, several captions per image), on every row of the store.  A train-uta run:
     alignment and zero-shot of the student's CLS beside the teacher's (prompts by the teacher's
     text tower)."""
@@ -414,10 +439,10 @@ def verify(store_path, as_json):
 
 @main.command()
 @STORE
-@click.option("--name", required=True, help="The feature set to remove (with its pixels and markers).")
+@click.option("--name", required=True, help="The feature set to remove (with its pixels, markers and cached prompts).")
 @_friendly
 def rm(store_path, name):
-    """Remove a feature set."""
+    """Remove a feature set, its pixels, its block markers and its cached prompt features (prompts/NAME)."""
     from featstore.store import Store
 
     Store.open(store_path, mode="r+").remove_feature_set(name)

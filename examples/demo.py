@@ -3,7 +3,7 @@
 1. scikit-learn's handwritten digits (1,797 real 8x8 scans) become PNGs with varied captions,
    served on 127.0.0.1 and downloaded with `featstore download` (img2dataset) into shards.
 2. `featstore extract`: EfficientNet-Lite0 image features and MiniLM caption features.
-3. `featstore train-head` with configs/demo.yaml (a ShareLock head, in seconds).
+3. `featstore train-head --config demo` (configs/demo.yaml: a ShareLock head, in seconds).
 4. `featstore eval`: zero-shot digit classification on held-out images, with prompts worded
    unlike any training caption, next to chance.
 
@@ -115,7 +115,7 @@ def main() -> int:
     run("inspect", "--store", store, "--plot", f"{out}/inspect.png")
     shutil.rmtree(f"{out}/run", ignore_errors=True)  # the head trains in seconds: always a fresh run
     run("train-head", "--store", store, "--image", "efficientnet-lite0", "--text", "minilm", "--out", f"{out}/run",
-        "--config", os.path.join(ROOT, "configs", "demo.yaml"))
+        "--config", "demo")
     result = json.loads(run("eval", "--checkpoint", f"{out}/run", "--store", store, "--classes", classes,
                             "--templates", templates, "--split", "--json", capture=True))
     zs = result["zero_shot"]

@@ -87,6 +87,15 @@ class WorkerError(FeatstoreError, RuntimeError):
     """A Dask worker failed on a block for a reason that is not a FeatstoreError."""
 
 
+class CorruptData(FeatstoreError, ValueError):
+    """Stored bytes that do not match the checksum their block's marker recorded."""
+
+
+class Interrupted(FeatstoreError, KeyboardInterrupt):
+    """Ctrl-C (SIGINT) in a job that saved its state first; the message says how to continue.
+    Also a KeyboardInterrupt, so code that catches those keeps working."""
+
+
 class BadSample(FeatstoreError):
     """One sample that cannot be used; never stops a job. `reason` is a short stable tag
     (e.g. ``corrupt-image``) used to count failures; the message says more."""
@@ -98,3 +107,11 @@ class BadSample(FeatstoreError):
 
     def __reduce__(self):  # pickles across processes (Dask) with reason and detail intact
         return (type(self), (self.reason, self.detail))
+
+
+def one_line(err: BaseException) -> str:
+    """`TypeName: first line of the message` (whitespace collapsed), for an error that is not ours
+    and must reach the user as one line (a library's exception inside a sample, a source, a worker)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

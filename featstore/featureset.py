@@ -16,7 +16,6 @@ done & valid, which every reader (the loader, export, eval) serves.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,24 +25,11 @@ import zarr
 from . import format as fmt
 from .errors import ConfigError, IdentityMismatch, UnknownFeatureSet
 from .files import now
+from .identity import identity_diff, jsonable, lines
 from .progress import Progress, done_ranges, mask_of
 
 if TYPE_CHECKING:
     from .store import Store
-
-
-def identity_diff(stored: dict, given: dict) -> list[str]:
-    """Human-readable differences between two identities, one item per differing key."""
-    out = []
-    for key in sorted(set(stored) | set(given)):
-        a, b = stored.get(key, "<absent>"), given.get(key, "<absent>")
-        if jsonable(a) != jsonable(b):
-            out.append(f"{key}: {a!r} in the store vs {b!r} now")
-    return out
-
-
-def jsonable(x):
-    return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
 def check_name(name: str) -> None:
@@ -218,18 +204,16 @@ def check_same(fs: FeatureSet, identity: dict, *, dim=None, tokens=None, token_d
     """Refuse writing to `fs` with another identity or another layout (a flag that cannot take effect)."""
     diff = identity_diff(fs.identity, identity)
     if diff:
-        raise IdentityMismatch(
-            f"feature set '{fs.name}' in {fs.store.path} was made with a different identity "
-            f"({'; '.join(diff)}): pick another --name, or --overwrite to recompute"
-        )
+        raise IdentityMismatch(f"feature set '{fs.name}' in {fs.store.path} was made with a different identity "
+                               f"(pick another --name, or --overwrite to recompute):{lines(diff)}")
     have = {"tokens": fs.attrs.get("tokens"), "token_dtype": fs.attrs.get("token_dtype"), "pixels": fs.pixels_name,
             "views": fs.views}
     want = {"tokens": list(tokens) if tokens is not None else None,
             "token_dtype": token_dtype if tokens is not None else None, "pixels": pixels, "views": int(views)}
     if token_scaling is not None and fs.token_scaling is not None:
         have["token_scaling"], want["token_scaling"] = fs.token_scaling, token_scaling
-    layout = [f"{k}: {have[k]!r} in the store vs {want[k]!r} now" for k in have if jsonable(have[k]) != jsonable(want[k])]
+    layout = identity_diff(have, want, keys=list(have))
     if layout:
-        raise IdentityMismatch(f"feature set '{fs.name}' in {fs.store.path} has another layout ({'; '.join(layout)}): "
-                               "pass the same --tokens/--token-dtype/--pixels/--views as when it was made, another --name, "
-                               "or --overwrite")
+        raise IdentityMismatch(f"feature set '{fs.name}' in {fs.store.path} has another layout (pass the same "
+                               f"--tokens/--token-dtype/--pixels/--views as when it was made, another --name, or "
+                               f"--overwrite):{lines(layout)}")

@@ -44,6 +44,7 @@ def summarize(store: Store, examples: int = 3) -> dict:
         "duplicate_examples": record["duplicates"][:examples],
         "feature_sets": {},
         "pixels": {},
+        "prompts": prompt_caches(store),
     }
     for name in store.feature_set_names():
         fs = store.feature_set(name)
@@ -86,6 +87,21 @@ def summarize(store: Store, examples: int = 3) -> dict:
         arr = store.pixels(name)
         out["pixels"][name] = {"shape": list(arr.shape), "feature_set": arr.attrs.get("feature_set"),
                                "identity": dict(arr.attrs.get("identity", {}))}
+    return out
+
+
+def prompt_caches(store: Store) -> dict:
+    """`prompts/<name>/`: the class-prompt features eval cached, per text feature set (a cache:
+    `featstore rm` of the feature set removes it, and eval recomputes what is missing)."""
+    try:
+        group = store.root[fmt.PROMPTS]
+    except KeyError:
+        return {}
+    out = {}
+    for name, g in sorted(group.groups()):
+        identity = dict(g.attrs.get("identity") or {})
+        out[name] = {"texts": int(g.attrs.get("n", 0)), "model": identity.get("model"),
+                     "bytes_on_disk": _bytes_on_disk(os.path.join(store.path, fmt.PROMPTS, name))}
     return out
 
 
@@ -135,6 +151,8 @@ def format_summary(s: dict) -> str:
         for reason, count in list(f["failures_by_reason"].items())[:5]:
             ex = ", ".join(str(u) for u in f["failure_examples"].get(reason, []))
             lines.append(f"        {count:>6} {reason}  (e.g. {ex})")
+    for name, p in s.get("prompts", {}).items():
+        lines.append(f"prompts/{name}  {p['texts']:,} cached prompt features from {p['model'] or '?'}  {mib(p['bytes_on_disk'])}")
     return "\n".join(lines)
 
 

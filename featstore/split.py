@@ -11,6 +11,8 @@ import hashlib
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 def uid_fraction(uids, salt: str = "featstore-split") -> np.ndarray:
     """A number in [0, 1) per uid, uniform and stable across machines and runs."""
@@ -22,9 +24,11 @@ def uid_fraction(uids, salt: str = "featstore-split") -> np.ndarray:
 
 
 def split_by_uid(uids, val_fraction: float = 0.1, salt: str = "featstore-split") -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (train, val) over `uids`; a uid is in val when its hash falls below
-    `val_fraction`."""
+    """Two boolean masks `(train, val)`, each of len(uids) and aligned with it (masks, not row
+    numbers: `np.flatnonzero(val)` gives those), with train == ~val; a uid is in val when its hash
+    falls below `val_fraction`.  Over `store.uids()` they are masks of store rows, which the
+    Loader takes as `rows=`."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError("val_fraction must be in [0, 1)")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     val = uid_fraction(uids, salt) < val_fraction
     return ~val, val

@@ -282,7 +282,8 @@ class Store:
         return self.root[f"{fmt.PIXELS}/{name}"]
 
     def remove_feature_set(self, name: str) -> None:
-        """Delete a feature set, the pixels written with it, and its markers."""
+        """Delete a feature set, the pixels written with it, its markers, and the prompt features
+        eval cached for it (`prompts/<name>`)."""
         self._require_writable()
         with self.lock():
             cur = self.fresh()
@@ -292,6 +293,8 @@ class Store:
             if pixels and pixels in cur.pixels_names():
                 del cur.root[fmt.PIXELS][pixels]
             del cur.root[fmt.FEATURES][name]
+            if fmt.PROMPTS in cur.root and name in cur.root[fmt.PROMPTS]:
+                del cur.root[fmt.PROMPTS][name]
             cur.keep_consolidated()
         self.root = cur.root
 

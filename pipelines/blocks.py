@@ -20,6 +20,8 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,10 +98,27 @@ def decode_batch(items: list, pre: Preprocess) -> tuple[np.ndarray, list[tuple[s
 def make_pool(num_workers: int) -> Executor:
     """K decode processes; with 0, one background thread (PIL releases the GIL while decoding,
     so decode still overlaps the forward pass).  Inside a daemonic process (a Dask worker) no
-    child process may start: K threads decode there instead."""
+    child process may start: K threads decode there instead.  The decode processes ignore
+    SIGINT: Ctrl-C reaches the whole process group, and only the parent acts on it (it stops
+    and shuts the pool down), so the user sees its one line, not a traceback per worker.  They
+    are all started at once, with SIGINT ignored for the instant of their spawn: an ignored
+    signal stays ignored through exec, so a Ctrl-C while a worker is still importing is silent too."""
     if num_workers > 0 and not multiprocessing.current_process().daemon:
-        return ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"))
+        pool = ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"), initializer=_ignore_sigint)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for _ in range(num_workers):  # each submit while no worker is idle spawns one
+                pool.submit(os.getpid)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        return pool
     return ThreadPoolExecutor(max(1, num_workers))
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def caption_reason(text: str | None) -> tuple[str, str] | None:

@@ -19,7 +19,7 @@ import collections
 import os
 import time
 
-from featstore.errors import FeatstoreError, WorkerError, WriteFailed
+from featstore.errors import FeatstoreError, WorkerError, WriteFailed, one_line
 from featstore.store import Store
 
 from .blocks import BlockRunner, ExtractSpec
@@ -77,9 +77,8 @@ def extract_item_task(spec: ExtractSpec, item: dict) -> dict:
     except FeatstoreError:
         raise
     except Exception as err:  # noqa: BLE001 - every failure reaches the user as one line
-        first = (str(err).strip().splitlines() or [""])[0]
         raise WorkerError(f"worker {_worker_name()} failed on block {item['block']} of features/{spec.name}: "
-                          f"{type(err).__name__}: {first}") from None
+                          f"{one_line(err)}") from None
     return {"marker": marker, "worker": _worker_name(), "seconds": time.perf_counter() - t0}
 
 

@@ -16,7 +16,9 @@ img2dataset runs in spawned processes and installs a SIGINT handler, so `downloa
 from the main thread (and a script calling it needs the ``if __name__ == "__main__":`` guard);
 Ctrl-C comes out as KeyboardInterrupt.  A re-run with every shard finished returns the summary
 without starting img2dataset.  With `progress=False` everything
-img2dataset prints (its own and its worker processes') goes to `<out_dir>/featstore_download.log`.
+img2dataset prints (its own and its worker processes') goes to `<out_dir>/featstore_download.log`;
+with `stdout_to_stderr=True` it goes to stderr, so stdout carries only what the caller prints
+(`featstore download --json`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from featstore.errors import ConfigError
+from featstore.errors import ConfigError, one_line
 
 INPUT_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl")
 ENCODE_FORMATS = ("jpg", "png", "webp")
@@ -88,6 +90,7 @@ def download(
     samples_per_shard: int = 10000,
     resize_mode: str = "keep_ratio",
     progress: bool = True,
+    stdout_to_stderr: bool = False,
     extra_img2dataset_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Download the images of a url list (.parquet/.csv/.tsv/.jsonl) into webdataset shards in `out_dir`.
@@ -132,7 +135,7 @@ def download(
     if not all_done:  # (img2dataset would start its processes only to skip every shard)
         with tempfile.TemporaryDirectory(prefix="featstore-download-") as tmp:
             kwargs["url_list"] = _write_prepared(columns, Path(tmp) / "urls.parquet")
-            with _output_to(None if progress else out / LOG_NAME):
+            with _output_to(None if progress else out / LOG_NAME, stdout_to_stderr):
                 _run(img2dataset.download, kwargs)
 
     summary = summarize(out)
@@ -235,7 +238,7 @@ def _read_url_list(path: Path, url_col, caption_col, uid_col, extra_cols) -> dic
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - any reader error means the same thing to the user
-        raise ConfigError(f"cannot read url list {path}: {_one_line(err)}") from None
+        raise ConfigError(f"cannot read url list {path}: {one_line(err)}") from None
     urls = ["" if u is None else str(u) for u in table[url_col]]
     if not urls:
         raise ConfigError(f"url list {path} has no rows")
@@ -325,16 +328,27 @@ class _DropChatter(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _output_to(log: Path | None):
+def _output_to(log: Path | None, to_stderr: bool = False):
     """Send everything printed (this process and the ones it spawns) to `log`; for None, only
-    drop img2dataset's setup chatter (its progress bar and per-shard lines stay)."""
+    drop img2dataset's setup chatter (its progress bar and per-shard lines stay), on stdout, or
+    with `to_stderr` on stderr (file descriptor 1 itself points at stderr meanwhile, so spawned
+    workers print there too)."""
     if log is None:
-        quiet = _DropChatter(sys.stdout)
+        saved = None
+        if to_stderr:
+            sys.stdout.flush()
+            saved = os.dup(1)
+            os.dup2(2, 1)
+        quiet = _DropChatter(sys.stderr if to_stderr else sys.stdout)
         try:
             with contextlib.redirect_stdout(quiet):
                 yield
         finally:
             quiet.flush()
+            if saved is not None:
+                sys.stdout.flush()
+                os.dup2(saved, 1)
+                os.close(saved)
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -353,8 +367,3 @@ def _output_to(log: Path | None):
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from featstore.errors import BadSample, ConfigError
+from featstore.errors import BadSample, ConfigError, one_line
 
 PREPROCESS_NAME = "featstore-pil-v1"
 
@@ -76,13 +76,13 @@ def decode_image(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadSample("too-large", _one_line(e)) from None
+        raise BadSample("too-large", one_line(e)) from None
     except UnidentifiedImageError:
         raise BadSample("not-an-image", f"{len(data)} bytes that PIL cannot identify") from None
     except EOFError as e:
-        raise BadSample("truncated-image", _one_line(e) or "unexpected end of file") from None
+        raise BadSample("truncated-image", one_line(e) if str(e).strip() else "unexpected end of file") from None
     except Exception as e:  # a header PIL recognises but cannot parse
-        raise BadSample("corrupt-image", _one_line(e)) from None
+        raise BadSample("corrupt-image", one_line(e)) from None
 
     width, height = img.size
     if width * height > MAX_PIXELS:  # also catches a lowered/disabled Image.MAX_IMAGE_PIXELS
@@ -93,12 +93,12 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img.load()
     except EOFError as e:
-        raise BadSample("truncated-image", _one_line(e) or "unexpected end of file") from None
+        raise BadSample("truncated-image", one_line(e) if str(e).strip() else "unexpected end of file") from None
     except OSError as e:
         reason = "truncated-image" if "truncat" in str(e).lower() else "corrupt-image"
-        raise BadSample(reason, _one_line(e)) from None
+        raise BadSample(reason, one_line(e)) from None
     except Exception as e:  # SyntaxError, ValueError, zlib.error, ... from plugin decoders
-        raise BadSample("corrupt-image", _one_line(e)) from None
+        raise BadSample("corrupt-image", one_line(e)) from None
 
     try:
         img = ImageOps.exif_transpose(img)
@@ -107,7 +107,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         return to_rgb(img)
     except Exception as e:
-        raise BadSample("corrupt-image", f"cannot convert mode {img.mode}: {_one_line(e)}") from None
+        raise BadSample("corrupt-image", f"cannot convert mode {img.mode}: {one_line(e)}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -127,10 +127,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
 
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +318,7 @@ def _processor_dict(config: Any) -> dict:
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read image processor config {path}: {_one_line(e)}") from None
+            raise ConfigError(f"cannot read image processor config {path}: {one_line(e)}") from None
     if hasattr(config, "to_dict"):
         return config.to_dict()
     raise ConfigError(f"cannot read an image processor config from {type(config).__name__}")

@@ -6,6 +6,7 @@ import tempfile
 _HF_HOME = tempfile.mkdtemp(prefix="featstore-test-hf-")
 os.environ.setdefault("HF_HOME", _HF_HOME)
 os.environ.setdefault("FEATSTORE_CACHE_DIR", tempfile.mkdtemp(prefix="featstore-test-cache-"))  # Loader(cache="disk")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HF_HOME, "xdg-cache")  # eval's prompt cache for stores it cannot write
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from featstore.errors import CheckpointError
 from featstore.trainers import checkpoint
 from featstore.trainers.config import Config
-from featstore.trainers.sharelock import ShareLockModel
+from featstore.trainers.sharelock import FORMAT, VERSION, ShareLockModel, load_checkpoint
 
 from sharelock_data import one_thread
 
@@ -31,14 +31,14 @@ def _trained(cfg):
 
 
 def _state(cfg, step=3):
-    return {"step": step, "config": cfg.to_dict(), "feature_sets": FEATURE_SETS, "loader": {"seed": 0, "epoch": 0, "offset": 0}}
+    return {"format": FORMAT, "version": VERSION, "step": step, "config": cfg.to_dict(), "feature_sets": FEATURE_SETS, "loader": {"seed": 0, "epoch": 0, "offset": 0}}
 
 
 def test_save_load_bit_exact(tmp_path):
     cfg = Config(hidden_dim=32, vision_head="mlp", vision_hidden_dim=20, learnable_logit_scale=True)
     model, opt = _trained(cfg)
     checkpoint.save(tmp_path / "last", model, _state(cfg), opt)
-    ckpt = checkpoint.load(tmp_path, which="last", optimizer=True)
+    ckpt = load_checkpoint(tmp_path, which="last", optimizer=True)
     assert ckpt.step == 3 and ckpt.config == cfg and ckpt.state["feature_sets"] == FEATURE_SETS
     saved, loaded = model.state_dict(), ckpt.model.state_dict()
     assert saved.keys() == loaded.keys()
@@ -65,7 +65,7 @@ def test_optimizer_and_rng_restore_continue_identically(tmp_path):
     torch.randn(32, 16), torch.randn(32, 24)
     expected = one_step(model, opt)
 
-    ckpt = checkpoint.load(tmp_path, which="last", optimizer=True)
+    ckpt = load_checkpoint(tmp_path, which="last", optimizer=True)
     model2 = ShareLockModel(16, 24, cfg)
     model2.load_state_dict(ckpt.model.state_dict())
     opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2, weight_decay=1e-4)
@@ -87,23 +87,23 @@ def test_files_are_safetensors_and_json(tmp_path):
     tensors = load_file(tmp_path / "last" / "optimizer.safetensors")
     assert "rng/torch" in tensors and any(k.endswith("/exp_avg_sq") for k in tensors)
     state = json.loads((tmp_path / "last" / "checkpoint.json").read_text())
-    assert state["format"] == checkpoint.FORMAT and state["optimizer"]["class"] == "Adam"
+    assert state["format"] == FORMAT and state["optimizer"]["class"] == "Adam"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temp dirs left behind
 
 
 def test_damaged_or_missing(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        checkpoint.load(tmp_path / "nothing")
+        load_checkpoint(tmp_path / "nothing")
     cfg = Config(hidden_dim=32)
     model, _ = _trained(cfg)
     with pytest.raises(CheckpointError, match="no 'best'"):
-        checkpoint.load(tmp_path)
+        load_checkpoint(tmp_path)
     checkpoint.save(tmp_path / "best", model, _state(cfg))
     with open(tmp_path / "best" / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\1\2\3")
     with pytest.raises(CheckpointError, match="checksum"):
-        checkpoint.load(tmp_path)
+        load_checkpoint(tmp_path)
 
 
 def test_kill_mid_swap_falls_back_to_previous(tmp_path):
@@ -111,7 +111,24 @@ def test_kill_mid_swap_falls_back_to_previous(tmp_path):
     model, opt = _trained(cfg)
     checkpoint.save(tmp_path / "last", model, _state(cfg, step=3), opt)
     os.rename(tmp_path / "last", tmp_path / ".last.old")  # killed between the two renames of the next save
-    assert checkpoint.load(tmp_path, which="last").step == 3
+    assert load_checkpoint(tmp_path, which="last").step == 3
     checkpoint.save(tmp_path / "last", model, _state(cfg, step=4), opt)
-    assert checkpoint.load(tmp_path, which="last").step == 4
+    assert load_checkpoint(tmp_path, which="last").step == 4
     assert not os.path.exists(tmp_path / ".last.old")
+
+
+def test_model_agnostic_state_must_name_its_format(tmp_path):
+    """checkpoint.py knows tensors and state, not models: a state without its format is refused,
+    and a ShareLock loader refuses another model's checkpoint."""
+    cfg = Config(hidden_dim=32)
+    model, _ = _trained(cfg)
+    with pytest.raises(ValueError, match="format and version"):
+        checkpoint.save(tmp_path / "best", model, {"step": 3, "config": cfg.to_dict()})
+    checkpoint.save(tmp_path / "best", model, {**_state(cfg), "format": "featstore-uta-checkpoint", "version": 2})
+    raw = checkpoint.read(tmp_path, format="featstore-uta-checkpoint", version=2)
+    assert raw.model is None and raw.weights.keys() == model.state_dict().keys()
+    with pytest.raises(CheckpointError, match="is not a ShareLock checkpoint"):
+        load_checkpoint(tmp_path)
+    rebuilt = ShareLockModel.from_state(raw.state, raw.weights)
+    assert rebuilt.config == cfg and all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(),
+                                                                            model.state_dict().values()))

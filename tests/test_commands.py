@@ -45,7 +45,34 @@ def test_verify_passes_then_reports_problems(store):
     assert out.returncode == 1 and "PROBLEM: features/img block 1 (rows 16-32)" in out.stdout
 
 
+def _cache_prompts(store, name):
+    """Prompt features cached for text feature set `name`, as eval caches them."""
+    import torch
+
+    from featstore.trainers.prompts import prompt_features
+
+    class Encoder:  # stands in for the text backbone
+        def encode_texts(self, texts):
+            return {"pooled": torch.ones(len(texts), 6)}
+
+    text_set = {"name": name, "identity": store.feature_set(name).identity, "dtype": "float16"}
+    prompt_features(store.path, text_set, ["a photo of a cat", "a photo of a dog"], encoder=Encoder())
+
+
+def test_inspect_shows_and_rm_removes_cached_prompts(store):
+    _cache_prompts(store, "txt")
+    out = run("inspect", "--store", store.path).stdout
+    assert "prompts/txt  2 cached prompt features from synthetic-txt" in out
+    assert json.loads(run("inspect", "--store", store.path, "--json").stdout)["prompts"]["txt"]["texts"] == 2
+    run("rm", "--store", store.path, "--name", "txt")
+    s = json.loads(run("inspect", "--store", store.path, "--json").stdout)
+    assert list(s["feature_sets"]) == ["img"] and s["prompts"] == {}
+    assert not os.path.exists(os.path.join(store.path, "prompts", "txt"))
+    assert run("verify", "--store", store.path).stdout.strip().endswith("blocks checked)")  # still a sound store
+
+
 def test_rm_and_export(store, tmp_path):
+
     out = run("export", "--store", store.path, "--name", "img", "--out", tmp_path / "img.npy").stdout
     assert "exported 44 rows (44, 8)" in out
     x = np.load(tmp_path / "img.npy")

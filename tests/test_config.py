@@ -5,7 +5,7 @@ import os
 import pytest
 
 from featstore.errors import ConfigError
-from featstore.trainers.config import Config, load_config, parse_set, valid_keys
+from featstore.trainers.config import Config, builtin_configs, config_path, load_config, parse_set, valid_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +28,11 @@ def test_shipped_configs():
     assert dataclasses.replace(official, **{k: getattr(Config(), k) for k in protocol}) == Config()
     demo = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
     assert demo.hidden_dim < 4096 and demo.accumulation_steps == 1 and demo.steps <= 1000
+    # by name, from the installed package data, whatever the working directory
+    assert builtin_configs() == ["demo", "sharelock", "uta"]
+    assert load_config("sharelock") == official and load_config("demo.yaml") == demo
+    assert config_path("uta").endswith(os.path.join("featstore", "configs", "uta.yaml")) or \
+        config_path("uta") == os.path.join(ROOT, "configs", "uta.yaml")
 
 
 def test_unknown_key_rejected_with_valid_keys(tmp_path):

@@ -176,3 +176,21 @@ def test_arguments_checked_before_any_work(site, tmp_path):
             download(out_dir=out, **kwargs)
         assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_download_json_is_json_only(site, tmp_path):
+    """`featstore download --json` as a script reads it: stdout is the JSON summary and nothing
+    else (img2dataset's own lines and its workers' go to stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    url_rows(site).to_parquet(tmp_path / "urls.parquet")
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "featstore"), "download", tmp_path / "urls.parquet",
+                        "--out", tmp_path / "out", "--caption-col", "text", "--uid-col", "id", "--image-size", "32",
+                        "--threads", "4", "--processes", "1", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)  # the whole of stdout parses
+    assert summary["successes"] == 5 and summary["shards"] == 1
+    assert "- success:" in r.stderr  # img2dataset's worker lines still report, on stderr

@@ -1,4 +1,8 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +16,9 @@ from featstore.trainers import backbone_link
 from featstore.trainers.evaluate import evaluate
 from featstore.trainers.prompts import OPENAI_IMAGENET_TEMPLATES, classnames, load_templates, templates
 
+FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
+
+from readonly import read_only_prefix
 from sharelock_data import CLASS_NAMES, IMAGE_IDENTITY, FakeTextBackbone, make_aligned_store, one_thread, trained_run
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -164,15 +171,23 @@ def digits_store(tmp_path_factory):
     return str(store), {s["json"]["uid"]: s["image"] for s in samples}
 
 
-def test_digits_zero_shot_far_above_chance(digits_store, tmp_path):
-    from featstore.trainers.sharelock import ShareLock
+@pytest.fixture(scope="module")
+def digits_run(digits_store, tmp_path_factory):
+    """A head trained on the digits store: (store path, run dir, summary)."""
     from featstore.trainers.train_head import train_head
 
-    digits_store, pngs = digits_store
-    run = tmp_path / "run"
-    summary = train_head(digits_store, "efficientnet-lite0", "minilm", run, progress=False,
+    run = tmp_path_factory.mktemp("digits-run") / "run"
+    summary = train_head(digits_store[0], "efficientnet-lite0", "minilm", run, progress=False,
                          overrides=["hidden_dim=256", "batch_size=128", "accumulation_steps=1", "steps=150",
                                     "warmup_steps=15", "val_every=15", "patience=null", "save_every=150"])
+    return digits_store[0], run, summary
+
+
+def test_digits_zero_shot_far_above_chance(digits_store, digits_run, tmp_path):
+    from featstore.trainers.sharelock import ShareLock
+
+    digits_store, pngs = digits_store
+    _, run, summary = digits_run
     assert summary["step"] == 150
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(WORDS) + "\n")
@@ -194,3 +209,53 @@ def test_digits_zero_shot_far_above_chance(digits_store, tmp_path):
     assert torch.allclose(from_pngs, from_store, atol=2e-3)
     words = sl.encode_text([f"an image that shows a {w}." for w in WORDS])
     assert words.shape == (10, 1280)
+
+
+def test_eval_on_a_store_this_user_cannot_write(digits_run, tmp_path, monkeypatch):
+    """A store the user may read but not write (a shared dataset on a read-only mount): eval keeps the
+    prompt features it encodes in the user's cache ($XDG_CACHE_HOME), says so, and leaves the store
+    untouched.  Run as the user would: the `featstore eval` command, on a read-only mount of the store."""
+    from featstore.trainers import prompts
+
+    store_path, run, _ = digits_run
+    store = tmp_path / "digits.zarr"
+    shutil.copytree(store_path, store)
+    (tmp_path / "templates.txt").write_text("a photo of the figure {c}.\n")  # prompts the store never cached
+    (tmp_path / "classes.txt").write_text("\n".join(["zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                     "eight", "nine"]) + "\n")
+    prefix = read_only_prefix(store)
+    if prefix is None:
+        pytest.skip("cannot make a store read-only for root here (no unshare)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    probe = subprocess.run([*prefix, sys.executable, "-c", f"import os; print(os.access({str(store)!r}, os.W_OK))"],
+                           capture_output=True, text=True, env=env, check=True)
+    assert probe.stdout.strip() == "False"  # the situation is real: nothing may write the store
+
+    def files(root):
+        return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                      for d, _, fs in os.walk(root) for f in fs)
+
+    before = files(store)
+    r = subprocess.run([*prefix, FEATSTORE, "eval", "--checkpoint", str(run), "--store", str(store), "--classes",
+                        str(tmp_path / "classes.txt"), "--templates", str(tmp_path / "templates.txt"), "--split", "--json"],
+                       capture_output=True, text=True, env=env)
+    subprocess.run(["chmod", "-R", "u+w", str(store)], check=False)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])  # this process looks where the user's eval wrote
+    text_set = json.load(open(run / "best" / "checkpoint.json"))["feature_sets"]["text"]
+    cache = prompts.user_cache_path(text_set["identity"])
+    assert cache.startswith(str(tmp_path / "cache")) and os.path.isdir(cache)
+    assert result["zero_shot"]["rows"] > 0 and result["zero_shot"]["n_templates"] == 1
+    assert f"{store} cannot be written here: the 10 new prompt features were cached in {cache}" in result["notes"]
+    assert files(store) == before  # the store is untouched
+    cached = prompts.cached(Store.open(store), text_set)  # what a later eval reads back
+    assert {f"a photo of the figure {c}." for c in ("zero", "nine")} <= set(cached)
+
+
+def test_a_label_field_the_store_lacks_is_refused(digits_run):
+    store_path, run, _ = digits_run
+    r = subprocess.run([FEATSTORE, "eval", "--checkpoint", run, "--store", store_path, "--label-field", "nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == (
+        "error: --label-field nope: the store has no samples/nope to score zero-shot against (its label fields: label)\n")

@@ -20,10 +20,9 @@ import torch.nn.functional as F
 
 from featstore.errors import CheckpointError, ConfigError
 from featstore.store import Store
-from featstore.trainers import checkpoint
 from featstore.trainers.evaluate import evaluate
 from featstore.trainers.import_sharelock import import_sharelock
-from featstore.trainers.sharelock import ShareLock
+from featstore.trainers.sharelock import ShareLock, load_checkpoint
 from featstore.writer import write_block
 
 import omegaconf  # a test dependency, only to build the fixture the way ShareLock's train.py makes its config
@@ -188,7 +187,7 @@ def test_import_then_load_and_eval(official, eval_store, tiny_llama_path, tmp_pa
 def test_import_without_store_records_no_identities(official, eval_store, tmp_path):
     out = tmp_path / "bare"
     import_sharelock(official[0], out)
-    ckpt = checkpoint.load(out)
+    ckpt = load_checkpoint(out)
     assert ckpt.state["feature_sets"]["image"]["identity"] is None and ckpt.model.text_dim == TEXT_DIM
     with pytest.raises(CheckpointError, match="--store S --image NAME --text NAME"):
         evaluate(out, eval_store)

@@ -356,3 +356,31 @@ def test_same_uids_and_captions_across_kinds(folder, captions_file, hf_dir, tmp_
         assert {r.uid: r.caption for r in recs} == expected, src.kind
         for data in src.read_images([r.source_ref for r in recs]):
             Image.open(io.BytesIO(data)).load()
+
+
+def test_folder_classes_from_subfolders_then_zero_shot_ready(tmp_path, tiny_dinov2_path):
+    """`--labels subdirs`: an ImageFolder layout (root/<class>/image) carries its labels, so the store
+    it makes has label names for zero-shot; images in no class folder get no label, with a warning."""
+    import os
+
+    root = tmp_path / "photos"
+    for rel, pixels in [("cat/a.png", skdata.chelsea()), ("cat/deep/b.png", skdata.chelsea()[::-1]),
+                        ("dog/c.png", skdata.astronaut()), ("loose.png", skdata.coffee())]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(encode(small(pixels), "PNG"))
+    src = open_source(root, labels="subdirs")
+    assert src.label_names == ["cat", "dog"]
+    assert [(r.uid, r.label) for r in src.records()] == [("cat/a", 0), ("cat/deep/b", 0), ("dog/c", 1), ("loose", None)]
+    assert any("1 images sit at the top" in w for w in src.warnings)
+    assert [r.label for r in pickle.loads(pickle.dumps(src)).records()] == [0, 0, 1, None]
+
+    featstore = os.path.join(os.path.dirname(sys.executable), "featstore")
+    out = subprocess.run([featstore, "extract", "--store", str(tmp_path / "s.zarr"), "--source", str(root),
+                          "--labels", "subdirs", "--backbone", tiny_dinov2_path, "--name", "img", "--no-progress"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    from featstore.store import Store
+
+    store = Store.open(tmp_path / "s.zarr")
+    assert store.samples("label").tolist() == [0, 0, 1, -1]
+    assert list(store.array("samples/label").attrs["names"]) == ["cat", "dog"]

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +18,14 @@ from featstore.split import split_by_uid
 from featstore.store import Store
 from featstore.trainers import train_head as train_head_module
 from featstore.trainers.config import Config, load_config
-from featstore.trainers.train_head import lr_at, train_head
+from featstore.trainers.loop import lr_at
+from featstore.trainers.train_head import train_head
 
 from sharelock_data import IMAGE_IDENTITY, RUN_OVERRIDES, FakeTextBackbone, make_aligned_store, one_thread, trained_run
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 TESTS = os.path.dirname(os.path.abspath(__file__))
+FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
 TINY = ["hidden_dim=64", "batch_size=64", "accumulation_steps=1", "log_every=1", "patience=null", "warmup_steps=0"]
 
 
@@ -99,7 +102,7 @@ def test_bad_arguments_fail_before_work(tmp_path_factory, tmp_path):
         train_head(store_path, "img", "txt", tmp_path / "a", overrides=["batchsize=3"], progress=False)
     with pytest.raises(UnknownFeatureSet, match="nope"):
         train_head(store_path, "nope", "txt", tmp_path / "b", progress=False)
-    with pytest.raises(ConfigError, match="lower batch_size"):
+    with pytest.raises(ConfigError, match="--set batch_size=N"):
         train_head(store_path, "img", "txt", tmp_path / "c", overrides=["batch_size=100000"], progress=False)
     with pytest.raises(ConfigError, match="precision"):
         train_head(store_path, "img", "txt", tmp_path / "d", precision="fp8", progress=False)
@@ -219,7 +222,7 @@ def test_sigkill_then_resume_reaches_the_same_weights(tmp_path_factory, tmp_path
 
 # ---- ShareLock's official training protocol (configs/sharelock.yaml) ----------------------------
 def test_validation_every_500_micro_batches():
-    from featstore.trainers.train_head import validation_due
+    from featstore.trainers.loop import validation_due
 
     cfg = Config(steps=5000, accumulation_steps=16, val_every_batches=500)
     due = [s for s in range(1, 5001) if validation_due(s, cfg)]
@@ -305,8 +308,9 @@ def test_fixed_validation_row_count_and_several_caption_sets(tmp_path):
     assert not torch.equal(drawn, _train_text(batch, ["text0", "text1"], 0, 6))
     half = {k: v[2000:] for k, v in batch.items()}
     assert torch.equal(drawn[2000:], _train_text(half, ["text0", "text1"], 0, 5))
-    with pytest.raises(ConfigError, match="same --text"):
+    with pytest.raises(ConfigError) as e:  # a changed text set, listed as a difference of its own
         train_head(store.path, "img", "txt", tmp_path / "run", steps=40, resume=True, progress=False)
+    assert e.value.args[0].splitlines()[1:] == ["  text: 'txt,txt2' in the run vs 'txt' now"]
 
 
 def test_caption_sets_of_other_backbones_are_refused(tmp_path):
@@ -322,8 +326,6 @@ def test_caption_sets_of_other_backbones_are_refused(tmp_path):
 def test_float32_pooled_features_end_to_end(tmp_path, tiny_dinov2_path):
     """`extract --dtype float32` keeps pooled features in float32 (LLM features have large
     activations); training and the checkpoint see float32; asking float16 of that name is refused."""
-    from PIL import Image
-
     from featstore.pipelines.extract import extract
 
     from imagedata import real_images
@@ -347,3 +349,88 @@ def test_float32_pooled_features_end_to_end(tmp_path, tiny_dinov2_path):
     assert summary["step"] == 3 and state["feature_sets"]["text"]["dtype"] == "float32"
     with pytest.raises(IdentityMismatch, match="pooled_dtype"):
         extract(store, folder, "minilm", field="caption", name="cap", **quiet)
+
+
+# ---- as a newcomer runs it: the `featstore train-head` command ---------------------------------------
+CLI_RUN = ["--set", "hidden_dim=64", "--set", "batch_size=64", "--set", "accumulation_steps=1", "--set", "log_every=1",
+           "--set", "patience=null", "--set", "cpu_threads=1", "--set", "warmup_steps=10", "--steps", "300"]
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([FEATSTORE, *map(str, args)], capture_output=True, text=True, **kwargs)
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resume_continues_exactly(tmp_path_factory, tmp_path):
+    """Ctrl-C (SIGINT) mid-run: a checkpoint at the step it stopped, one line saying to re-run with
+    --resume, and the re-run with --resume ends with the weights of a run never interrupted.  The
+    uninterrupted run writes its progress into a log file: a few hundred bytes for 300 steps."""
+    store_path, _, _ = trained_run(tmp_path_factory)
+    head = ["train-head", "--store", store_path, "--image", "img", "--text", "txt"]
+    with open(tmp_path / "straight.log", "w") as log:  # a log file, as `featstore train-head ... > log 2>&1`
+        subprocess.run([FEATSTORE, *head, "--out", tmp_path / "straight", *CLI_RUN], stdout=log, stderr=log, check=True)
+    assert os.path.getsize(tmp_path / "straight.log") < 2500, (tmp_path / "straight.log").read_text()
+
+    out = tmp_path / "stopped"
+    cmd = [FEATSTORE, *head, "--out", str(out), *CLI_RUN]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300  # a guard against a hung test, not a timing assertion
+        while not (os.path.exists(out / "metrics.jsonl") and len(_metrics(out)) > 30):
+            assert child.poll() is None and time.time() < deadline, child.communicate()
+            time.sleep(0.02)
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    stopped = json.load(open(out / "last" / "checkpoint.json"))["step"]
+    assert child.returncode == 130 and 30 <= stopped < 300, stderr
+    assert stderr.strip().splitlines()[-1] == (f"interrupted: stopped at step {stopped}, checkpoint saved in {out}/last: "
+                                               "re-run the same command with --resume to continue from there")
+    assert "Traceback" not in stderr and "finished blocks" not in stderr
+    assert max(r["step"] for r in _metrics(out)) == stopped
+
+    resumed = _cli(*cmd[1:], "--resume", "--no-progress", check=True)
+    assert resumed.stdout.startswith("trained 300/300 steps") and "note:" not in resumed.stdout
+    assert resumed.stderr == ""  # --no-progress: no bar at all
+    _assert_same(_weights(tmp_path / "straight"), _weights(out))
+    assert [r["step"] for r in _metrics(out)] == [r["step"] for r in _metrics(tmp_path / "straight")]
+
+
+def test_resume_with_other_settings_is_refused_listing_each(tmp_path_factory, tmp_path):
+    store_path, shared_run, _ = trained_run(tmp_path_factory)
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(shared_run, run_dir)
+    other = make_aligned_store(tmp_path / "copy.zarr", n=2000)  # the same features, another store
+    r = _cli("train-head", "--store", other.path, "--image", "img", "--text", "txt", "--out", run_dir, "--resume",
+             "--set", "batch_size=64", "--set", "lr=0.01", "--precision", "bf16")
+    first, *diff = r.stderr.splitlines()
+    assert r.returncode == 2 and r.stdout == "" and first.startswith(f"error: --resume: {run_dir} was trained with other")
+    assert [d.split(":")[0].strip() for d in diff] == ["store", "precision", "batch_size", "lr"]
+    assert "  batch_size: 128 in the run vs 64 now" in diff and "  precision: 'fp32' in the run vs 'bf16' now" in diff
+    # more steps is allowed: the run goes on, and says what that does to the schedule
+    s = train_head(store_path, "img", "txt", run_dir, resume=True, steps=160, progress=False)
+    assert s["resumed_from"] == 150 and s["step"] == 160 and "steps changed from 150 to 160" in s["notes"][0]
+    with pytest.raises(ConfigError, match="already at step 160"):
+        train_head(store_path, "img", "txt", run_dir, resume=True, steps=100, progress=False)
+
+
+def test_newcomer_mistakes_are_one_clear_line(tmp_path):
+    """Swapped --image/--text, a shard changed on disk, and the default batch size on a small store."""
+    store = make_aligned_store(tmp_path / "s.zarr", n=300, image_identity={**IMAGE_IDENTITY, "field": "image"},
+                               text_identity={"model": "synthetic-text", "field": "caption"})
+    base = ["train-head", "--store", store.path, "--out"]
+    r = _cli(*base, tmp_path / "a", "--image", "txt", "--text", "img")
+    assert r.returncode == 2 and r.stderr == ("error: --image 'txt' holds text features and --text 'img' holds image "
+                                              "features: swap --image and --text\n")
+    r = _cli(*base, tmp_path / "b", "--image", "img", "--text", "txt")  # the default batch_size 1024, 300 rows
+    assert r.returncode == 2 and "--set batch_size=N" in r.stderr and r.stderr.count("\n") == 1
+
+    shard = tmp_path / "s.zarr" / "features" / "txt" / "pooled" / "c" / "1" / "0"  # block 1's shard file
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF  # one byte of one feature, changed on disk
+    shard.write_bytes(bytes(data))
+    r = _cli(*base, tmp_path / "c", "--image", "img", "--text", "txt", "--set", "batch_size=32")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "c"), r.stderr
+    assert "features/txt/pooled block 1 (rows 128-256)" in r.stderr and "does not match the checksum" in r.stderr
+    assert "PROBLEM: features/txt block 1" in _cli("verify", "--store", store.path).stdout

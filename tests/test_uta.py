@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from featstore.errors import CheckpointError, ConfigError, IdentityMismatch, UnknownFeatureSet
+from featstore.errors import CheckpointError, ConfigError, IdentityMismatch, Interrupted, UnknownFeatureSet
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
@@ -307,7 +308,8 @@ def test_light_mode_same_crop_required(digits, tmp_path):
         train_uta(store_path, "clip", None, tmp_path / "refused", student_input="dino-other-crop", steps=5,
                   overrides=SMALL, progress=False)
     msg = str(e.value)
-    assert "same crop" in msg and "resize 36 vs 32" in msg and "\n" not in msg
+    first, *keys = msg.split("\n")  # the refusal, then one line per differing key
+    assert "same crop" in first and keys == ["  resize: 36 (student input 'dino-other-crop') vs 32 (teacher 'clip')"]
     assert not os.path.exists(tmp_path / "refused")
     # DINOv2 tokens of the teacher's own crop: a small transformer on them; teacher 8x8 -> its 4x4 grid
     s = train_uta(store_path, "clip", None, tmp_path / "light", student_input="dino", steps=40,
@@ -380,7 +382,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_then_resume_reaches_the_same_weights(digits, tmp_path):
+def test_sigkill_or_ctrl_c_then_resume_reaches_the_same_weights(digits, tmp_path):
     store_path, _ = digits
     over = SMALL + ["steps=30", "save_every=10", "log_every=1", "warmup_steps=5", "hflip=0.5", "val_every=10"]
     flag, out = tmp_path / "hanging", tmp_path / "killed"
@@ -410,6 +412,29 @@ def test_sigkill_then_resume_reaches_the_same_weights(digits, tmp_path):
     _assert_same(load_file(tmp_path / "straight" / "last" / "optimizer.safetensors"),
                  load_file(out / "last" / "optimizer.safetensors"))
     assert _metrics(tmp_path / "straight") == _metrics(out)
+
+    # Ctrl-C (a real SIGINT to this process, sent once step 13 is logged): a checkpoint at the step
+    # it stopped, the one line saying to --resume, and the resumed run ends where the straight one did
+    stopped_out = tmp_path / "ctrl-c"
+
+    def interrupt_at_step_13():
+        while not (stopped_out / "metrics.jsonl").exists() or max([r["step"] for r in _metrics(stopped_out)] or [0]) < 13:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_at_step_13, daemon=True).start()
+    with pytest.raises(Interrupted) as e:
+        train_uta(store_path, "clip", "crops", stopped_out, overrides=over, progress=False)
+    stopped = json.load(open(stopped_out / "last" / "checkpoint.json"))["step"]
+    assert 13 <= stopped < 30 and str(e.value).startswith(f"stopped at step {stopped}, checkpoint saved")
+    assert isinstance(e.value, KeyboardInterrupt) and "--resume" in str(e.value)
+    summary = train_uta(store_path, "clip", "crops", stopped_out, resume=True, progress=False)
+    assert summary["resumed_from"] == stopped and summary["step"] == 30
+    _assert_same(load_file(tmp_path / "straight" / "last" / "model.safetensors"),
+                 load_file(stopped_out / "last" / "model.safetensors"))
+    with pytest.raises(ConfigError) as e:  # resuming with another objective is another run
+        train_uta(store_path, "clip", "crops", stopped_out, resume=True, mask_ratio=0.25, steps=40, progress=False)
+    assert str(e.value).splitlines()[1:] == ["  mask_ratio: 0.5 in the run vs 0.25 now"]
 
 
 # ---- int8 teacher tokens: real backbone tokens -------------------------------------------------------------

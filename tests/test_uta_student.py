@@ -15,7 +15,7 @@ from featstore.trainers.uta import (UTAConfig, UTAStudent, alignment_loss, align
                                     gather_tokens, interpolate_grid, mask_groups, prepare_batch, resolve_arch,
                                     step_generator)
 from featstore.trainers.uta_masks import block_mask
-from featstore.trainers.uta_student import count_parameters
+from featstore.trainers.loop import count_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from featstore.errors import CheckpointError, IdentityMismatch
+from featstore.identity import identity_diff, lines
 
 # Keys of a stored identity that say how it was stored or what else was kept, not what the pooled
 # features are: a backbone loaded only to encode pooled features may differ in them.
@@ -42,16 +43,8 @@ def backbone_for(feature_set: dict, device: str = "cpu"):
     recorded = feature_set["identity"]
     name, kwargs = load_options(recorded)
     bb = load_backbone(name, device=device, **kwargs)
-    diff = [k for k in sorted(set(recorded) | set(bb.identity))
-            if k not in NOT_POOLED and _canon(recorded.get(k)) != _canon(bb.identity.get(k))]
+    diff = identity_diff(recorded, bb.identity, then="recorded", now="loaded", ignore=NOT_POOLED)
     if diff:
-        shown = "; ".join(f"{k}: {recorded.get(k)!r} recorded vs {bb.identity.get(k)!r} loaded" for k in diff)
-        raise IdentityMismatch(
-            f"backbone {name} loaded now differs from the one that made feature set '{feature_set.get('name')}' "
-            f"({shown}): install the same weights/version"
-        )
+        raise IdentityMismatch(f"backbone {name} loaded now differs from the one that made feature set "
+                               f"'{feature_set.get('name')}' (install the same weights/version):{lines(diff)}")
     return bb
-
-
-def _canon(x) -> str:
-    return json.dumps(x, sort_keys=True, default=str)

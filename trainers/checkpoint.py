@@ -1,14 +1,18 @@
-"""Checkpoints: safetensors for tensors, json for everything else; nothing is ever unpickled.
+"""Checkpoints of any model: safetensors for tensors, json for everything else; nothing is ever unpickled.
 
-    <run>/last/  model.safetensors       the heads' state_dict (weights, BatchNorm statistics, logit scale)
-                 optimizer.safetensors   Adam's state per parameter (`state/<param>/<key>`) and the RNG
-                                         states (`rng/torch`, `rng/cuda/<i>`), as tensors
-                 checkpoint.json         config, step, loader state, best val, both feature sets'
-                                         names + identities + dims, the store path, file checksums
-    <run>/best/  model.safetensors + checkpoint.json   (the lowest validation loss so far)
+    <run>/last/  model.safetensors       the model's state_dict (weights, BatchNorm statistics, ...)
+                 optimizer.safetensors   the optimizer's state per parameter (`state/<param>/<key>`) and
+                                         the RNG states (`rng/torch`, `rng/cuda/<i>`), as tensors
+                 checkpoint.json         the trainer's state: format + version (which model it is),
+                                         config, step, loader state, best val, what it read (names +
+                                         identities of feature sets, the store), file checksums
+    <run>/best/  model.safetensors + checkpoint.json   (the best validation so far)
 
-A checkpoint directory is written whole beside its target, then swapped in by renames, so a kill
-at any moment leaves the previous checkpoint or the new one, never a mix.
+This module knows tensors and state, not models: each model builds itself from a checkpoint
+(`ShareLockModel.from_state`, `UTAStudent.from_state`) and names its own format
+(`sharelock.load_checkpoint`, `uta.load_checkpoint`).  A checkpoint directory is written whole
+beside its target, then swapped in by renames, so a kill at any moment leaves the previous
+checkpoint or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -23,12 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from featstore.errors import CheckpointError, IdentityMismatch
+from featstore.identity import identity_diff, lines
 
-from .config import Config
-from .sharelock import ShareLockModel
-
-FORMAT = "featstore-sharelock-checkpoint"
-VERSION = 1
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "checkpoint.json"
 
 
@@ -36,9 +36,10 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safeten
 class Checkpoint:
     path: str  # the checkpoint directory (…/best or …/last)
     state: dict  # checkpoint.json
-    config: Config
-    model: ShareLockModel
+    weights: dict[str, torch.Tensor]  # model.safetensors
     tensors: dict[str, torch.Tensor] | None  # optimizer.safetensors (None when not asked for or absent)
+    model: torch.nn.Module | None = None  # set by the model's own loader (from_state)
+    config: object = None  # the model's config dataclass, likewise
 
     @property
     def step(self) -> int:
@@ -47,8 +48,11 @@ class Checkpoint:
 
 # ---- saving -------------------------------------------------------------------------------
 def save(ckpt_dir, model: torch.nn.Module, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write `model` (and, given `optimizer`, its state and the RNG states) plus `state` as a
-    checkpoint directory, replacing any previous one there atomically."""
+    """Write `model` (and, given `optimizer`, its state and the RNG states) plus `state` (which
+    names its "format" and "version") as a checkpoint directory, replacing any previous one there
+    atomically."""
+    if "format" not in state or "version" not in state:
+        raise ValueError("a checkpoint's state must name its format and version (the model's FORMAT, VERSION)")
     ckpt_dir = os.path.abspath(str(ckpt_dir))
     parent, name = os.path.split(ckpt_dir)
     tmp, old = os.path.join(parent, f".{name}.tmp-{os.getpid()}"), os.path.join(parent, f".{name}.old")
@@ -63,8 +67,8 @@ def save(ckpt_dir, model: torch.nn.Module, state: dict, optimizer: torch.optim.O
     checksums = {}
     for fname, tensors in files.items():
         save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-        checksums[fname] = _sha256(os.path.join(tmp, fname))
-    state = {"format": FORMAT, "version": VERSION, **state, **extra, "files": checksums}
+        checksums[fname] = sha256(os.path.join(tmp, fname))
+    state = {**state, **extra, "files": checksums}
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1, sort_keys=True)
     for fname in os.listdir(tmp):
@@ -150,55 +154,67 @@ def exists(run_dir, which: str = "last") -> bool:
         return False
 
 
-def resume_point(out_dir: str, resume: bool, load_fn=None):
+def resume_point(out_dir: str, resume: bool, load_fn):
     """Where a training run starts: None for a fresh run, else its `last` checkpoint loaded with
-    the optimizer (`load_fn`, default ShareLock's `load`).  A directory that already holds a run
-    is refused without `resume`, so a finished run is never overwritten by accident."""
+    the optimizer by `load_fn` (the model's `load_checkpoint`).  A directory that already holds a
+    run is refused without `resume`, so a finished run is never overwritten by accident."""
     has_last = exists(out_dir, "last")
     if has_last and not resume:
         raise CheckpointError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick another --out")
     if not (resume and has_last):
         return None
-    return (load_fn or load)(out_dir, "last", optimizer=True)
+    return load_fn(out_dir, "last", optimizer=True)
 
 
-def read_state(path, which: str = "best", expect: str = FORMAT) -> dict:
-    """checkpoint.json of a checkpoint whose format is `expect` (ShareLock's unless told; UTA passes its own)."""
+def format_of(path, which: str = "best") -> str | None:
+    """The format a checkpoint's checkpoint.json names, or None where there is no readable one."""
+    try:
+        with open(os.path.join(resolve(path, which), STATE_FILE)) as f:
+            return json.load(f).get("format")
+    except (CheckpointError, OSError, ValueError, AttributeError):
+        return None
+
+
+def read_state(path, which: str = "best", *, format: str, version: int, kind: str | None = None) -> dict:
+    """checkpoint.json of a checkpoint of `format`, refusing other formats and versions newer
+    than `version` (`kind` names the model in messages)."""
     ckpt_dir = resolve(path, which)
     try:
         with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
             state = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt_dir}/{STATE_FILE} cannot be read ({e}): the checkpoint is damaged") from None
-    if state.get("format") != expect:
-        kind = "ShareLock" if expect == FORMAT else expect
+    kind = kind or format
+    if state.get("format") != format:
         raise CheckpointError(f"{ckpt_dir} is not a {kind} checkpoint (format {state.get('format')!r})")
-    if int(state.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{ckpt_dir} was written by a newer featstore (checkpoint version {state['version']}): "
-                              "upgrade featstore")
+    if int(state.get("version", 0)) > version:
+        raise CheckpointError(f"{ckpt_dir} was written by a newer featstore ({kind} checkpoint version "
+                              f"{state['version']}): upgrade featstore")
     return state
 
 
-def load(path, which: str = "best", optimizer: bool = False, verify: bool = True) -> Checkpoint:
-    """Load a checkpoint: config, model (eval mode, on CPU) and, with `optimizer`, the tensors of
+def read(path, which: str = "best", *, format: str, version: int, kind: str | None = None, optimizer: bool = False,
+         verify: bool = True, check=None) -> Checkpoint:
+    """A checkpoint's state and tensors: checkpoint.json (see `read_state`; `check(state, dir)` may
+    refuse it further before any tensor is read), model.safetensors and, with `optimizer`,
     optimizer.safetensors.  Files whose checksum differs from the one recorded are refused."""
     ckpt_dir = resolve(path, which)
-    state = read_state(ckpt_dir)
-    config = Config.from_dict(state["config"], where=f"{ckpt_dir}/{STATE_FILE}")
-    fsets = state["feature_sets"]
-    model = ShareLockModel(fsets["image"]["dim"], fsets["text"]["dim"], config)
-    model.load_state_dict(_read(ckpt_dir, MODEL_FILE, state, verify))
+    state = read_state(ckpt_dir, format=format, version=version, kind=kind)
+    if check is not None:
+        check(state, ckpt_dir)
+    weights = read_tensors(ckpt_dir, MODEL_FILE, state, verify)
     tensors = None
-    if optimizer and OPTIMIZER_FILE in state["files"]:
-        tensors = _read(ckpt_dir, OPTIMIZER_FILE, state, verify)
-    return Checkpoint(ckpt_dir, state, config, model.eval(), tensors)
+    if optimizer and OPTIMIZER_FILE in state.get("files", {}):
+        tensors = read_tensors(ckpt_dir, OPTIMIZER_FILE, state, verify)
+    return Checkpoint(ckpt_dir, state, weights, tensors)
 
 
-def _read(ckpt_dir: str, fname: str, state: dict, verify: bool) -> dict[str, torch.Tensor]:
+def read_tensors(ckpt_dir: str, fname: str, state: dict, verify: bool = True) -> dict[str, torch.Tensor]:
+    """One safetensors file of a checkpoint, checked against the checksum its state recorded."""
     fpath = os.path.join(ckpt_dir, fname)
     if not os.path.isfile(fpath):
         raise CheckpointError(f"checkpoint {ckpt_dir} is missing {fname}")
-    if verify and state["files"].get(fname) != _sha256(fpath):
+    if verify and state.get("files", {}).get(fname) != sha256(fpath):
         raise CheckpointError(f"checkpoint {ckpt_dir}: {fname} does not match its recorded checksum (damaged or replaced)")
     try:
         return load_file(fpath, device="cpu")
@@ -206,7 +222,8 @@ def _read(ckpt_dir: str, fname: str, state: dict, verify: bool) -> dict[str, tor
         raise CheckpointError(f"checkpoint {ckpt_dir}: {fname} cannot be read ({e})") from None
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -238,18 +255,14 @@ def describe(store, name: str) -> dict:
     return {"name": name, "identity": fs.identity, "dim": int(fs.attrs["dim"]), "dtype": str(fs.array("pooled").dtype)}
 
 
-def check_identity(recorded: dict, current: dict, ckpt_path: str, store_path: str) -> None:
+def check_identity(recorded: dict, current: dict, ckpt_path: str, store_path: str, ignore=()) -> None:
     """Refuse a feature set whose identity differs from the one a checkpoint was trained on,
-    naming both (`recorded`/`current` are {"name", "identity", ...} as in checkpoint.json)."""
-    a, b = recorded.get("identity", {}), current.get("identity", {})
-
-    def canon(x):
-        return json.dumps(x, sort_keys=True, default=str)
-
-    diff = [f"{k}: {a.get(k, '<absent>')!r} at training vs {b.get(k, '<absent>')!r} in the store"
-            for k in sorted(set(a) | set(b)) if canon(a.get(k)) != canon(b.get(k))]
+    naming both and each differing key on its own line (`recorded`/`current` are
+    {"name", "identity", ...} as in checkpoint.json; `ignore`: keys that may differ)."""
+    diff = identity_diff(recorded.get("identity") or {}, current.get("identity") or {}, then="at training",
+                         now="in the store", ignore=ignore)
     if diff:
         raise IdentityMismatch(
             f"feature set '{current.get('name')}' in {store_path} is not the '{recorded.get('name')}' that checkpoint "
-            f"{ckpt_path} was trained on ({'; '.join(diff)}): use features made by the same backbone"
+            f"{ckpt_path} was trained on (use features made by the same backbone):{lines(diff)}"
         )

@@ -1,6 +1,6 @@
 """The ShareLock head's configuration: one dataclass, a YAML file, and `--set KEY=VALUE` overrides.
 
-    cfg = load_config("configs/demo.yaml", ["steps=200", "lr=3e-4"])
+    cfg = load_config("demo", ["steps=200", "lr=3e-4"])     # a built-in config by name, or a YAML path
 
 The model and optimiser defaults are ShareLock's published ones (Ruthardt et al., 2024): a 4-layer
 language MLP at width 4096 with BatchNorm and dropout 0.2, identity vision head, symmetric InfoNCE
@@ -15,6 +15,7 @@ exp(2.6592)).  Unknown keys and badly typed values are refused with one line tha
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -158,10 +159,32 @@ def parse_set(item: str) -> tuple[str, object]:
     return key, value
 
 
+def builtin_configs() -> list[str]:
+    """Names `--config` takes besides a path: the YAML files shipped in `featstore.configs`."""
+    from importlib.resources import files
+
+    return sorted(p.name[: -len(".yaml")] for p in files("featstore.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(config) -> str:
+    """The YAML file `config` names: an existing path, or a built-in config by name (sharelock, uta, demo)."""
+    from importlib.resources import files
+
+    given = os.fspath(config)
+    if os.path.isfile(given):
+        return given
+    name = given[: -len(".yaml")] if given.endswith(".yaml") else given
+    if name in builtin_configs():
+        return str(files("featstore.configs") / f"{name}.yaml")
+    raise ConfigError(f"config {given} does not exist: give a YAML file or a built-in config ({', '.join(builtin_configs())})")
+
+
 def load_config(config_file=None, overrides=(), base: Config | None = None) -> Config:
-    """`base` (default: the ShareLock defaults; any config dataclass), then the YAML file, then each `KEY=VALUE`."""
+    """`base` (default: the ShareLock defaults; any config dataclass), then the YAML file (a path,
+    or a built-in config's name: `builtin_configs()`), then each `KEY=VALUE`."""
     cfg = dataclasses.replace(base) if base is not None else Config()
     if config_file is not None:
+        config_file = config_path(config_file)
         try:
             with open(config_file) as f:
                 values = yaml.safe_load(f) or {}

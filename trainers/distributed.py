@@ -89,6 +89,15 @@ class Dist:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any (a Ctrl-C seen by one rank stops them all
+        at the same step)."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of a (detached) tensor over ranks."""
         if not self.enabled:

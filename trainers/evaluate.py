@@ -36,6 +36,7 @@ from .backbone_link import NOT_POOLED
 from .config import resolve_device
 from .contrastive import caption_retrieval
 from .heldout import heldout_rows
+from .sharelock import load_checkpoint
 
 
 def evaluate(
@@ -43,7 +44,7 @@ def evaluate(
     store_path,
     *,
     classes=None,
-    label_field: str = fmt.LABEL,
+    label_field: str | None = None,
     templates=None,
     split: bool = False,
     all_rows: bool | None = None,
@@ -59,7 +60,8 @@ def evaluate(
     "zero_shot": {...} | None, "retrieval": {...} | None, "notes": [...]}.
 
     `classes`: a built-in list name (`prompts.class_lists()`), a file, or None for the store's label
-    names.  `templates`: a built-in set name, a file, a list, or None for the class list's own.
+    names.  `label_field`: the sample field holding class indices; None: `label` when the store
+    has one (zero-shot is skipped with a note otherwise), a name given must exist.  `templates`: a built-in set name, a file, a list, or None for the class list's own.
     `split`: evaluate only the held-out rows of the run (`all_rows=True` is the default, kept for
     old callers).  `image`/`text` name the store's feature sets when they differ from the names
     trained on (same identities required; `text` may be several, comma-separated or a list);
@@ -67,7 +69,7 @@ def evaluate(
     if split and all_rows:
         raise ConfigError("pass either --split (the held-out rows) or --all (every row, the default), not both")
     dev = resolve_device(device)
-    ckpt = checkpoint.load(checkpoint_dir, which=which)
+    ckpt = load_checkpoint(checkpoint_dir, which=which)
     model = ckpt.model.to(dev).eval()
     trained = ckpt.state["feature_sets"]
     if trained["image"].get("identity") is None or trained["text"].get("identity") is None:
@@ -93,6 +95,7 @@ def evaluate(
     image_path = f"{fmt.FEATURES}/{image_name}/pooled"
 
     # ---- zero-shot classification -------------------------------------------------------------
+    label_field = prompts.label_field_of(store, label_field, classes)
     names, source = _class_names(store, classes, label_field, result["notes"])
     if names is not None:
         tpl_name = templates if templates is not None else _default_templates(classes, names)
@@ -102,7 +105,7 @@ def evaluate(
             raise ConfigError(f"samples/{label_field} has label {labels.max()} but only {len(names)} class names are given")
         per_class = prompts.class_prompts(names, tpls)
         feats = prompts.prompt_features(store.path, trained["text"], [p for ps in per_class for p in ps], device,
-                                        encoder=text_encoder)
+                                        encoder=text_encoder, notes=result["notes"])
         classifier = zero_shot_classifier(model, feats.view(len(names), len(tpls), -1), dev)
         z_image, row = _embed(store, image_path, model.encode_image, rows & (labels >= 0), dev, batch_size, model.embed_dim)
         if len(row):
@@ -178,8 +181,6 @@ def _zero_shot(logits: torch.Tensor, labels: np.ndarray, names: list[str], plot_
 
 def _class_names(store: Store, classes, label_field: str, notes: list) -> tuple[list[str] | None, str | None]:
     if label_field not in store.sample_fields():
-        if classes is not None:
-            raise ConfigError(f"the store has no samples/{label_field} to score zero-shot against (--label-field?)")
         notes.append(f"no samples/{label_field} in the store: zero-shot skipped")
         return None, None
     if classes is None and not store.array(f"{fmt.SAMPLES}/{label_field}").attrs.get("names"):
@@ -220,11 +221,8 @@ def _text_sets(store: Store, ckpt, text) -> tuple[list[str], list[str]]:
     for name in names:
         current = checkpoint.describe(store, name)
         want = recorded.get(name, trained["text"])
-        if name in recorded:
-            checkpoint.check_identity(want, current, ckpt.path, store.path)
-        else:  # a renamed or other caption set: the same text backbone is what matters
-            strip = lambda d: {**d, "identity": {k: v for k, v in d["identity"].items() if k not in NOT_POOLED}}  # noqa: E731
-            checkpoint.check_identity(strip(want), strip(current), ckpt.path, store.path)
+        # a renamed or other caption set: the same text backbone is what matters
+        checkpoint.check_identity(want, current, ckpt.path, store.path, ignore=() if name in recorded else NOT_POOLED)
     return names, notes
 
 

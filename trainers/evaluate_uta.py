@@ -37,7 +37,7 @@ from featstore.store import Store
 
 from . import checkpoint, prompts
 from .config import resolve_device
-from .uta import (UTAStudent, _on_device, alignment_losses, batch_pooled, draw_masks, load_checkpoint, loader_columns,
+from .uta import (UTAStudent, on_device, alignment_losses, batch_pooled, draw_masks, load_checkpoint, loader_columns,
                   mask_options, prepare_batch, step_generator)
 from .uta_teacher import text_side_name, text_tower
 
@@ -77,7 +77,7 @@ def token_metrics(model: UTAStudent, loader: Loader, cfg, dev, autocast=None) ->
         z["student_token_mean"].append(F.normalize(tokens.mean(1), dim=-1).cpu())
         teacher = F.normalize(pooled, dim=-1).cpu()
         z["teacher_cls"].append(teacher)
-        z["teacher_patch_mean"].append(F.normalize(_on_device(batch, "target", dev).float().mean(1), dim=-1).cpu())
+        z["teacher_patch_mean"].append(F.normalize(on_device(batch, "target", dev).float().mean(1), dim=-1).cpu())
         cls_cos.append((z["student_cls"][-1] * teacher).sum(-1))  # the CLS head's width is the pooled one
         mean_cos.append((z["student_token_mean"][-1] * teacher).sum(-1) if tokens.shape[-1] == teacher.shape[-1] else None)
         rows.append(batch["row"].numpy())
@@ -124,20 +124,20 @@ def resolve_text_side(store: Store, teacher: dict, name: str | None, device="cpu
 
 
 def class_embeddings(store: Store, text: dict, names: list[str], templates, device="cpu", *, encoder=None,
-                     cached_only: bool = False) -> tuple[torch.Tensor | None, str | None]:
+                     cached_only: bool = False, notes: list | None = None) -> tuple[torch.Tensor | None, str | None]:
     """(C, D) L2-normalized class embeddings (mean of each class's normalized prompt features), or
     (None, why) when `cached_only` and some prompt is not cached yet."""
     tpls = prompts.load_templates(templates)
     texts = [p for ps in prompts.class_prompts(names, tpls) for p in ps]
     if cached_only:
-        cached = prompts._read_cache(store, text["name"], text["identity"])
+        cached = prompts.cached(store, text)
         missing = sum(t not in cached for t in set(texts))
         if missing:
             return None, (f"{missing} of {len(set(texts))} prompts are not cached under prompts/{text['name']}: "
                           "run `featstore eval` on the run once to encode them")
         feats = torch.from_numpy(np.stack([np.asarray(cached[t], dtype=np.float32) for t in texts]))
     else:
-        feats = prompts.prompt_features(store.path, text, texts, device, encoder=encoder)
+        feats = prompts.prompt_features(store.path, text, texts, device, encoder=encoder, notes=notes)
     feats = F.normalize(feats.float(), dim=-1).view(len(names), len(tpls), -1)
     return F.normalize(feats.mean(1), dim=-1), None
 
@@ -152,7 +152,9 @@ def zero_shot_metrics(store: Store, embeddings: dict, text: dict, templates, lab
     if classes_file is None and not store.array(f"{fmt.SAMPLES}/{label_field}").attrs.get("names"):
         return None, [f"samples/{label_field} has no class names: pass a classes file for zero-shot"]
     names = prompts.read_class_names(store, classes_file, label_field)
-    classifier, why = class_embeddings(store, text, names, templates, device, encoder=encoder, cached_only=cached_only)
+    notes = []
+    classifier, why = class_embeddings(store, text, names, templates, device, encoder=encoder, cached_only=cached_only,
+                                       notes=notes)
     if classifier is None:
         return None, [why]
     labels = store.samples(label_field)[embeddings["rows"]]
@@ -162,7 +164,7 @@ def zero_shot_metrics(store: Store, embeddings: dict, text: dict, templates, lab
     if not keep.any():
         return None, ["no labelled rows among the evaluated ones: zero-shot skipped"]
     truth = torch.from_numpy(labels[keep].astype(np.int64))
-    notes, out = [], {"rows": int(keep.sum()), "classes": len(names), "chance": 1.0 / len(names), "text": text["name"],
+    out = {"rows": int(keep.sum()), "classes": len(names), "chance": 1.0 / len(names), "text": text["name"],
                       "templates": templates if isinstance(templates, str) else "custom",
                       "n_templates": len(prompts.load_templates(templates))}
     for key, label in EMBEDDINGS.items():
@@ -203,7 +205,7 @@ def evaluate_uta(
     text: str | None = None,
     templates=None,
     classes_file=None,
-    label_field: str = fmt.LABEL,
+    label_field: str | None = None,
     device: str = "cpu",
     batch_size: int = 256,
     max_rows: int | None = None,
@@ -240,9 +242,8 @@ def evaluate_uta(
               "teacher": teacher["name"], "input": inp["name"], "rows": metrics.pop("val_rows"),
               **{k[len("val_"):]: v for k, v in metrics.items()}, "zero_shot": None, "notes": []}
     asked = text or cfg.zero_shot_text
+    label_field = prompts.label_field_of(store, label_field, classes_file)
     if label_field not in store.sample_fields():
-        if classes_file is not None:
-            raise ConfigError(f"the store has no samples/{label_field} to score zero-shot against (--label-field?)")
         result["notes"].append(f"no samples/{label_field} in the store: zero-shot skipped")
         return result
     try:

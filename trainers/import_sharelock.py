@@ -34,7 +34,6 @@ so that eval checks the image features and encodes prompts with the recorded bac
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
@@ -48,7 +47,8 @@ from featstore.store import Store
 
 from . import checkpoint
 from .config import Config
-from .sharelock import ShareLockModel
+from .loop import count_parameters
+from .sharelock import FORMAT, VERSION, ShareLockModel
 
 LOGIT_SCALE = math.exp(2.6592)  # sharelock/utils/misc.py: logit_scale = torch.tensor(2.6592).exp()
 VISION, LANGUAGE = "vision_projector.projection.", "language_projector.projection."
@@ -263,7 +263,7 @@ def import_sharelock(ckpt_path, out_dir, *, store=None, image: str | None = None
 
     model_hp = hp.get("model") or {}
     state = {
-        "step": int(ckpt.get("global_step") or 0), "steps": cfg.steps, "config": cfg.to_dict(),
+        "format": FORMAT, "version": VERSION, "step": int(ckpt.get("global_step") or 0), "steps": cfg.steps, "config": cfg.to_dict(),
         "feature_sets": feature_sets, "store": opened.path if opened else None, "heldout": None,
         "best": {"val_loss": _best_score(ckpt), "step": int(ckpt.get("global_step") or 0)},
         "imported_from": {
@@ -274,7 +274,7 @@ def import_sharelock(ckpt_path, out_dir, *, store=None, image: str | None = None
         },
     }
     checkpoint.save(out_dir, model, state)
-    return {"out_dir": out_dir, "step": state["step"], "params": sum(p.numel() for p in model.parameters()),
+    return {"out_dir": out_dir, "step": state["step"], "params": count_parameters(model, trainable_only=False),
             "image": feature_sets["image"], "text": feature_sets["text"], "config": cfg.to_dict(),
             "backbones": state["imported_from"]["backbones"]}
 
@@ -306,7 +306,7 @@ def _check_out_dir(out_dir: str, sha: str) -> None:
     if not os.path.exists(out_dir) or not os.listdir(out_dir):
         return
     try:
-        previous = checkpoint.read_state(out_dir)
+        previous = checkpoint.read_state(out_dir, format=FORMAT, version=VERSION)
     except FeatstoreError:
         previous = {}
     if (previous.get("imported_from") or {}).get("sha256") != sha:
@@ -314,13 +314,9 @@ def _check_out_dir(out_dir: str, sha: str) -> None:
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        return checkpoint.sha256(path)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory: pass the .ckpt file") from None
-    return h.hexdigest()

@@ -5,19 +5,29 @@
 
 Trained with symmetric InfoNCE (`contrastive.info_nce`).  `ShareLock.load(dir)` gives the trained
 heads back for use: on stored features (`encode_image_features`) or, through the backbones recorded
-in the checkpoint, on raw images and strings (`encode_image`, `encode_text`).
+in the checkpoint, on raw images and strings (`encode_image`, `encode_text`).  A checkpoint
+(trainers/checkpoint.py's files, format FORMAT) rebuilds the heads with `ShareLockModel.from_state`;
+`load_checkpoint` reads one.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from featstore.errors import ConfigError
+
+from . import checkpoint
 from .config import Config
+from .loop import count_parameters  # noqa: F401 - re-exported (the ShareLock API names it here)
+
+FORMAT = "featstore-sharelock-checkpoint"
+VERSION = 1
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, dropout: float) -> nn.Sequential:
@@ -40,8 +50,6 @@ class ShareLockModel(nn.Module):
         embed = cfg.embed_dim or self.image_dim
         if cfg.vision_head == "identity":
             if embed != self.image_dim:
-                from featstore.errors import ConfigError
-
                 raise ConfigError(
                     f"embed_dim {embed} differs from the image feature width {self.image_dim}: "
                     "with vision_head=identity the shared space is the vision width (set vision_head=mlp)"
@@ -70,9 +78,28 @@ class ShareLockModel(nn.Module):
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(image), self.encode_text(text)
 
+    @classmethod
+    def from_state(cls, state: dict, weights: dict | None = None, where: str = "checkpoint") -> "ShareLockModel":
+        """The heads a checkpoint's state describes (its config and both feature sets' widths),
+        with `weights` (a state_dict) loaded when given; `.config` is the config."""
+        config = Config.from_dict(state["config"], where=where)
+        fsets = state["feature_sets"]
+        model = cls(fsets["image"]["dim"], fsets["text"]["dim"], config)
+        if weights is not None:
+            model.load_state_dict(weights)
+        model.config = config
+        return model
 
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+def load_checkpoint(path, which: str = "best", optimizer: bool = False, verify: bool = True) -> checkpoint.Checkpoint:
+    """A ShareLock checkpoint (a run directory's `best`/`last`, or one checkpoint directory): its
+    state, config, heads (eval mode, on CPU) and, with `optimizer`, the optimizer/RNG tensors."""
+    ckpt = checkpoint.read(path, which, format=FORMAT, version=VERSION, kind="ShareLock", optimizer=optimizer,
+                           verify=verify)
+    ckpt.model = ShareLockModel.from_state(ckpt.state, ckpt.weights, where=os.path.join(ckpt.path, checkpoint.STATE_FILE))
+    ckpt.config = ckpt.model.config
+    ckpt.model.eval()
+    return ckpt
 
 
 def _as_tensor(x, device) -> torch.Tensor:
@@ -101,9 +128,7 @@ class ShareLock:
     @classmethod
     def load(cls, path, which: str = "best", device="cpu") -> "ShareLock":
         """`path`: a run directory (its `best`, or `last`, checkpoint) or one checkpoint directory."""
-        from . import checkpoint
-
-        ckpt = checkpoint.load(path, which=which, optimizer=False)
+        ckpt = load_checkpoint(path, which=which, optimizer=False)
         return cls(ckpt.model, ckpt.config, ckpt.state, ckpt.path, device)
 
     @property
@@ -131,17 +156,16 @@ class ShareLock:
 
     @torch.no_grad()
     def encode_image(self, images, batch_size: int = 64) -> torch.Tensor:
-        """PIL images or encoded image bytes (one or a list) → (N, E): decode → preprocess →
-        image backbone → vision head, exactly as extraction made the stored features."""
-        from featstore.pipelines.preprocess import decode_image
-
-        if not isinstance(images, (list, tuple)):
+        """Images (one or a list) → (N, E): decode → preprocess → image backbone → vision head,
+        exactly as extraction made the stored features.  An image is a file path, encoded bytes,
+        a PIL image, or a uint8 array (H, W, 3) RGB or (H, W) grey (a float array in [0, 1] too)."""
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or _is_one_image(images):
             images = [images]
+        images = list(images)
         bb = self.backbone("image")
         out = []
         for i in range(0, len(images), batch_size):
-            chunk = [decode_image(bytes(im)) if isinstance(im, (bytes, bytearray, memoryview)) else im
-                     for im in images[i : i + batch_size]]
+            chunk = [_as_pil(im) for im in images[i : i + batch_size]]
             pixels = torch.from_numpy(np.stack([np.asarray(bb.preprocess(im)) for im in chunk]))
             out.append(self.encode_image_features(self._as_stored("image", bb.encode_images(pixels)["pooled"])))
         return torch.cat(out)
@@ -159,3 +183,37 @@ class ShareLock:
         """Backbone outputs rounded as the store kept them (float16 by default): what the heads saw."""
         dtype = getattr(torch, self.feature_sets[modality].get("dtype") or "float16")
         return x.float().to(dtype).float()
+
+
+def _is_one_image(x) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image) or (isinstance(x, np.ndarray) and x.ndim in (2, 3) and x.dtype != object
+                                           and not (x.ndim == 3 and x.shape[-1] not in (1, 3, 4)))
+
+
+def _as_pil(image):
+    """One image as an RGB PIL image, decoded like extraction decodes it."""
+    from PIL import Image
+
+    from featstore.pipelines.preprocess import decode_image, to_rgb
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with open(image, "rb") as f:
+                return decode_image(f.read())
+        except OSError as e:
+            raise ConfigError(f"cannot read image {image}: {e.strerror or e}") from None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image))
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.dtype.kind == "f":
+            a = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+        if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
+            raise ConfigError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), uint8 or float in [0, 1]; "
+                              f"got {a.shape} {image.dtype}")
+        return to_rgb(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a))
+    raise ConfigError(f"cannot encode a {type(image).__name__} as an image: pass a path, bytes, a PIL image or an array")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from featstore.errors import ConfigError, IdentityMismatch
+from featstore.identity import identity_diff, lines
 
 from .backbone_link import NOT_POOLED
 
@@ -24,18 +25,32 @@ def text_names(text) -> list[str]:
     return names
 
 
+def modality(described: dict) -> str | None:
+    """"image" or "text": what a feature set ({"name", "identity", ...}) encodes, when its identity says."""
+    identity = described.get("identity") or {}
+    return identity.get("modality") or {"image": "image", "caption": "text"}.get(identity.get("field"))
+
+
+def check_modalities(image: dict, texts: list[dict]) -> None:
+    """--image must name image features and --text text features: a swapped pair is refused."""
+    wrong = [f"--image '{image['name']}' holds text features"] if modality(image) == "text" else []
+    wrong += [f"--text '{t['name']}' holds image features" for t in texts if modality(t) == "image"]
+    if wrong:
+        swapped = len(wrong) == 1 + len(texts)
+        raise ConfigError(f"{' and '.join(wrong)}: " + ("swap --image and --text" if swapped else
+                          "--image takes an image feature set, --text caption feature sets"))
+
+
 def check_one_backbone(described: list[dict]) -> None:
     """Several caption sets must come from one text backbone: same width, same identity but for
     how they were stored or which field they encode."""
     first = described[0]
     for other in described[1:]:
-        a = {k: v for k, v in first["identity"].items() if k not in NOT_POOLED}
-        b = {k: v for k, v in other["identity"].items() if k not in NOT_POOLED}
-        if a != b or first["dim"] != other["dim"]:
-            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["dim"]
+        diff = identity_diff({**first["identity"], "dim": first["dim"]}, {**other["identity"], "dim": other["dim"]},
+                             then=f"('{first['name']}')", now=f"('{other['name']}')", ignore=NOT_POOLED)
+        if diff:
             raise IdentityMismatch(f"text feature sets '{first['name']}' and '{other['name']}' come from different "
-                                   f"text backbones (they differ in {', '.join(keys)}): sample only caption sets of "
-                                   "one backbone")
+                                   f"text backbones (sample only caption sets of one backbone):{lines(diff)}")
 
 
 def train_text(batch: dict, columns: list[str], seed: int, step: int) -> torch.Tensor:

@@ -27,12 +27,13 @@ Writes into `out_dir` (the train-head conventions, trainers/checkpoint.py's file
 
 Validation runs at step 0, every `val_every` (at most steps/10) steps and at the end.  `resume=True`
 continues `last` exactly: weights, AdamW state, RNG, the loader's (seed, epoch, offset); masks and
-flips are a pure function of (seed, step), so a killed run ends with the same weights (on CPU).
+flips are a pure function of (seed, step), so a killed run ends with the same weights (on CPU).  As
+in train-head (trainers/loop.py): a resumed run with other settings is refused, each difference on
+its own line, and Ctrl-C saves `last` at the step in progress and says to re-run with --resume.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -40,7 +41,6 @@ import warnings
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from featstore import format as fmt
 from featstore.errors import CheckpointError, ConfigError
@@ -49,14 +49,14 @@ from featstore.split import split_by_uid
 from featstore.store import Store
 from featstore.views import view_count
 
-from . import checkpoint
+from . import checkpoint, loop
 from .config import apply, load_config
 from .distributed import Dist, setup
 from .evaluate_uta import text_set, token_metrics, zero_shot_metrics
 from .loading import train_loader as rank_train_loader
-from .train_head import PRECISIONS, _forever, _last_validation, _truncate_metrics, _val_every, lr_at
-from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, batch_pooled, count_parameters, draw_masks,
-                  load_checkpoint, loader_columns, mask_options, prepare_batch, resolve_arch, same_crop, step_generator)
+from .loop import count_parameters, lr_at, validation_due
+from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, batch_pooled, draw_masks, load_checkpoint,
+                  loader_columns, mask_options, prepare_batch, resolve_arch, same_crop, step_generator)
 from .uta_views import ViewsRepeat, check_flips, crop_identity, views_note
 
 CURVES_PANEL = {"val_token_cos": "token cosine (val)", "val_token_cos_p05": "token cosine, 5th pct image",
@@ -88,8 +88,7 @@ def train_uta(
     resume the checkpoint's config replaces `config`.  Returns a JSON-able summary."""
     t0 = time.time()
     out_dir = os.path.abspath(str(out_dir))
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    loop.check_precision(precision)
     run = setup(device)  # DDP under torchrun (trainers/distributed.py), else one process
     dev = run.device
 
@@ -105,11 +104,16 @@ def train_uta(
     # ---- data: teacher tokens + the student's input, same crop, the shared uid-hash split -----------
     store = Store.open(store_path)
     sources = describe_sources(store, teacher, pixels, cfg.student_input)
+    notes: list[str] = []
+    settings = {"store": store.meta.get("store_id") or os.path.abspath(store.path), "teacher": teacher,
+                "input": sources["input"]["name"], "precision": precision}
     if ckpt:
         for role in ("teacher", "input"):
             checkpoint.check_identity(ckpt.state[role], sources[role], ckpt.path, store.path)
+        recorded = {"store": ckpt.state.get("store_id") or ckpt.state["store"], "teacher": ckpt.state["teacher"]["name"],
+                        "input": ckpt.state["input"]["name"], "precision": ckpt.state.get("precision")}
+        loop.check_resume(out_dir, ckpt.step, ckpt.config.to_dict(), cfg.to_dict(), recorded, settings, notes)
     tdesc, idesc = sources["teacher"], sources["input"]
-    notes: list[str] = []
     if cfg.student_input and pixels:
         notes.append(f"light mode: the student reads features/{cfg.student_input}/tokens; pixels '{pixels}' are not used")
     if cfg.zero_shot_text:
@@ -132,8 +136,7 @@ def train_uta(
                         shuffle=False, rows=val_mask, dequantize=dequantize, view=0,
                         rank=0, world_size=1)  # rank 0 validates every val row
     if len(train_loader) == 0:
-        raise ConfigError(f"the train split has {len(train_loader.served)} usable rows, fewer than one batch "
-                          f"({cfg.batch_size}): lower batch_size")
+        raise loop.too_few_rows(len(train_loader.served), "usable rows", cfg.batch_size)
     if len(val_loader.served) < 1:
         raise ConfigError("the validation split has no usable rows: raise val_fraction")
     epochs_note = views_note(cfg.steps, len(train_loader), train_loader.views)
@@ -143,19 +146,16 @@ def train_uta(
             warnings.warn(epochs_note, ViewsRepeat, stacklevel=2)
 
     # ---- model and optimizer --------------------------------------------------------------------------
-    threads_before = torch.get_num_threads()
-    if cfg.cpu_threads and dev.type == "cpu":
-        torch.set_num_threads(cfg.cpu_threads)  # restored at the end
+    threads_before = loop.set_threads(cfg, dev)  # restored at the end
     torch.manual_seed(cfg.seed)
     model = UTAStudent(arch).to(dev)
     # DDP around the loss with several ranks (`model` is validated and saved); the student's mask token
     # (transformers' ViT embeddings) never gets a gradient: UTA feeds kept tokens only
     objective = run.wrap(Objective(model), unused_parameters=True)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
-    autocast = torch.autocast(dev.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
-    val_every = _val_every(cfg)
+    autocast = loop.autocast(dev, precision)
     step, best = 0, {"val_loss": math.inf, "step": None}
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics = loop.Metrics(out_dir, writer=run.is_main)  # only rank 0 writes
 
     # ---- resume: weights, AdamW state, RNG, data position -----------------------------------------
     if ckpt:
@@ -164,25 +164,18 @@ def train_uta(
         checkpoint.restore_rng(ckpt.tensors)
         train_loader.load_state_dict(ckpt.state["loader"])
         step, best = ckpt.step, ckpt.state["best"]
-    if run.is_main:  # only rank 0 writes
-        if ckpt:
-            _truncate_metrics(metrics_path, step)
-        else:
-            os.makedirs(out_dir, exist_ok=True)
-            open(metrics_path, "w").close()
+    if run.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        metrics.start(ckpt.step if ckpt else None)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     def state(step: int) -> dict:
         return {"format": FORMAT, "version": VERSION, "step": step, "steps": cfg.steps, "config": cfg.to_dict(),
                 "arch": arch, "loader": train_loader.state_dict(), "best": best, "teacher": tdesc,
-                "input": idesc, "store": os.path.abspath(store.path), "precision": precision, "device": str(dev),
-                "torch": torch.__version__, "world_size": run.world_size, "per_rank_batch": train_loader.batch_size}
-
-    def log(record: dict) -> None:
-        if run.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                "input": idesc, "store": os.path.abspath(store.path), "store_id": store.meta.get("store_id"),
+                "precision": precision, "device": str(dev), "torch": torch.__version__, "world_size": run.world_size,
+                "per_rank_batch": train_loader.batch_size}
 
     def validate_and_keep_best(record: dict, final: bool = False) -> None:
         nonlocal best
@@ -195,16 +188,22 @@ def train_uta(
 
     # ---- the loop ---------------------------------------------------------------------------------------
     n_params = count_parameters(model)
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not (progress and run.is_main), dynamic_ncols=True,
-               desc=f"train-uta ({n_params:,} params)")
-    batches = _forever(train_loader)
+    bar = loop.progress_bar(cfg.steps, step, f"train-uta ({n_params:,} params)", progress and run.is_main)
+    batches = loop.forever(train_loader)
     start_step, t_loop = step, time.time()
+
+    def save_last(step: int) -> None:
+        if run.is_main:
+            checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
+
+    interrupt = loop.StopOnInterrupt(out_dir, save_last).start()
+
     try:
         if step == 0:
             record = {"step": 0, "loss": None, "lr": 0.0, "world_size": run.world_size}
             validate_and_keep_best(record)
-            log(record)
-        while step < cfg.steps:
+            metrics.log(record)
+        while step < cfg.steps and not run.any(interrupt.requested):  # every rank stops together
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -212,15 +211,18 @@ def train_uta(
             step += 1
 
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            if step % val_every == 0 or step == cfg.steps:
+            if validation_due(step, cfg):
                 validate_and_keep_best(record, final=step == cfg.steps)
             if "val_loss" in record or step % cfg.log_every == 0:
-                log(record)
-            if run.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
-                checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
+                metrics.log(record)
+            if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:
+                save_last(step)
+            loop.show(bar, record)
+        interrupt.stop_here(step, finished=step >= cfg.steps)
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop took over SIGINT
+        raise interrupt.error(e, step) from None
     finally:
+        interrupt.stop()
         bar.close()
         batches.close()
         torch.set_num_threads(threads_before)
@@ -232,7 +234,7 @@ def train_uta(
 
     curves = None
     if run.is_main:
-        curves = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"), loss_label="1 - cosine (kept tokens)",
+        curves = plot_curves(metrics.path, os.path.join(out_dir, "curves.png"), loss_label="1 - cosine (kept tokens)",
                              panel=CURVES_PANEL, panel_title="validation alignment", panel_ylabel="cosine / accuracy",
                              panel_ylim=(-0.05, 1.02))
     seconds = time.time() - t_loop
@@ -241,7 +243,7 @@ def train_uta(
         "step": step,
         "steps": cfg.steps,
         "best": best,
-        "final": _last_validation(metrics_path) if run.is_main else {},
+        "final": metrics.last_validation(),
         "params": n_params,
         "train_rows": int(train_loader.num_rows) * run.world_size,
         "val_rows": int(len(val_loader.served)),
@@ -258,7 +260,7 @@ def train_uta(
         "teacher": teacher,
         "input": idesc["name"],
         "notes": notes,
-        "files": {"metrics": metrics_path, "curves": curves, "config": os.path.join(out_dir, "config.yaml"),
+        "files": {"metrics": metrics.path, "curves": curves, "config": os.path.join(out_dir, "config.yaml"),
                   "last": os.path.join(out_dir, "last"), "best": os.path.join(out_dir, "best")},
     }
 

@@ -38,7 +38,6 @@ No pretrained weights, no backbone, no image decoding.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -48,10 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from featstore.errors import CheckpointError, ConfigError, IdentityMismatch
+from featstore.identity import identity_diff, lines
 
+from . import checkpoint
 from .config import ConfigBase, need
+from .loop import count_parameters  # noqa: F401  (re-exported)
 from .uta_masks import MASKINGS, draw_masks, mask_groups, step_generator  # noqa: F401  (re-exported)
-from .uta_student import UTAStudent, count_parameters, gather_tokens  # noqa: F401  (re-exported)
+from .uta_student import UTAStudent, gather_tokens
 
 # name -> (width, depth, heads): ViT-Ti/S/B (Touvron et al. 2021; Dosovitskiy et al. 2021)
 STUDENTS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
@@ -161,10 +163,10 @@ def same_crop(pre_a: dict | None, pre_b: dict | None, a_name: str, b_name: str) 
         missing = a_name if not isinstance(pre_a, dict) else b_name
         raise IdentityMismatch(f"{missing} records no preprocessing identity: cannot check that {a_name} and "
                                f"{b_name} come from the same crop; extract both with featstore")
-    diff = [f"{k} {pre_a.get(k)!r} vs {pre_b.get(k)!r}" for k in CROP_KEYS if pre_a.get(k) != pre_b.get(k)]
+    diff = identity_diff(pre_a, pre_b, then=f"({a_name})", now=f"({b_name})", keys=CROP_KEYS)
     if diff:
-        raise IdentityMismatch(f"{a_name} and {b_name} were not made from the same crop ({'; '.join(diff)}): "
-                               "extract both with the same resize/crop so their token grids line up")
+        raise IdentityMismatch(f"{a_name} and {b_name} were not made from the same crop (extract both with the same "
+                               f"resize/crop so their token grids line up):{lines(diff)}")
 
 
 def resolve_arch(cfg: UTAConfig, *, teacher_tokens: tuple[int, int], pixels_shape=None, pixels_identity=None,
@@ -288,8 +290,8 @@ def prepare_batch(batch: dict, arch: dict, flip: torch.Tensor | None, dev) -> tu
     as fp32 on the student's grid, both mirrored where `flip` is true.  int8 tokens served raw with
     their scales (columns "<key>_scale" and "<key>_channel_scale", see `loader_columns`) are
     dequantized here, on the device."""
-    x = _on_device(batch, "input", dev)
-    t = _on_device(batch, "target", dev)
+    x = on_device(batch, "input", dev)
+    t = on_device(batch, "target", dev)
     t = interpolate_grid(t, arch["grid"], arch["grid_interpolation"] or "bilinear").float()
     if flip is not None and bool(flip.any()):
         x, t = flip_input(x, flip), flip_tokens(t, flip)
@@ -301,7 +303,7 @@ def batch_pooled(batch: dict, dev) -> torch.Tensor | None:
     return batch["pooled"].to(dev, non_blocking=True).float() if "pooled" in batch else None
 
 
-def _on_device(batch: dict, key: str, dev) -> torch.Tensor:
+def on_device(batch: dict, key: str, dev) -> torch.Tensor:
     x = batch[key].to(dev, non_blocking=True)
     scale = batch.get(f"{key}_scale")
     if scale is not None:
@@ -342,64 +344,23 @@ def _has_array(store, path: str) -> bool:
 
 
 # ---- checkpoints (trainers/checkpoint.py's files, UTA's format) ----------------------------------
-@dataclass
-class UTACheckpoint:
-    path: str
-    state: dict
-    config: UTAConfig
-    model: UTAStudent
-    tensors: dict | None
-
-    @property
-    def step(self) -> int:
-        return int(self.state["step"])
-
-
-def read_uta_state(path, which: str = "best") -> dict:
-    """checkpoint.json of a UTA checkpoint (a run directory or a checkpoint directory), refusing
-    other formats and versions this featstore cannot build."""
-    from . import checkpoint
-
-    ckpt_dir = checkpoint.resolve(path, which)
-    try:
-        with open(os.path.join(ckpt_dir, checkpoint.STATE_FILE)) as f:
-            state = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt_dir}/{checkpoint.STATE_FILE} cannot be read ({e}): the checkpoint is damaged") from None
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt_dir} is not a UTA checkpoint (format {state.get('format')!r})")
+def _refuse_old(state: dict, ckpt_dir: str) -> None:
     version = int(state.get("version", 0))
-    if version > VERSION:
-        raise CheckpointError(f"{ckpt_dir} was written by a newer featstore (UTA checkpoint version {version}): upgrade featstore")
     if version < VERSION:
         raise CheckpointError(f"{ckpt_dir} is a UTA checkpoint of version {version} (a plain ViT student whose CLS was "
                               "never aligned): retrain it with this featstore")
-    state["_dir"] = ckpt_dir
-    return state
 
 
 def is_uta_checkpoint(path, which: str = "best") -> bool:
     """Whether `path` (a run or checkpoint directory) holds a UTA checkpoint of any version."""
-    from . import checkpoint
-
-    try:
-        with open(os.path.join(checkpoint.resolve(path, which), checkpoint.STATE_FILE)) as f:
-            return json.load(f).get("format") == FORMAT
-    except (CheckpointError, OSError, ValueError):
-        return False
+    return checkpoint.format_of(path, which) == FORMAT
 
 
-def load_checkpoint(path, which: str = "best", optimizer: bool = False, verify: bool = True) -> UTACheckpoint:
-    """A UTA checkpoint (`<run>/best` or `<run>/last`): config, student (eval mode, CPU) and, with
-    `optimizer`, the optimizer/RNG tensors.  Files whose checksum differs are refused."""
-    from . import checkpoint
-
-    state = read_uta_state(path, which)
-    ckpt_dir = state.pop("_dir")
-    config = UTAConfig.from_dict(state["config"], where=os.path.join(ckpt_dir, checkpoint.STATE_FILE))
-    model = UTAStudent(state["arch"])
-    model.load_state_dict(checkpoint._read(ckpt_dir, checkpoint.MODEL_FILE, state, verify))
-    tensors = None
-    if optimizer and checkpoint.OPTIMIZER_FILE in state["files"]:
-        tensors = checkpoint._read(ckpt_dir, checkpoint.OPTIMIZER_FILE, state, verify)
-    return UTACheckpoint(ckpt_dir, state, config, model.eval(), tensors)
+def load_checkpoint(path, which: str = "best", optimizer: bool = False, verify: bool = True) -> checkpoint.Checkpoint:
+    """A UTA checkpoint (`<run>/best` or `<run>/last`): state, config, student (eval mode, CPU) and,
+    with `optimizer`, the optimizer/RNG tensors.  Files whose checksum differs are refused."""
+    ckpt = checkpoint.read(path, which, format=FORMAT, version=VERSION, kind="UTA", optimizer=optimizer,
+                           verify=verify, check=_refuse_old)
+    ckpt.config = UTAConfig.from_dict(ckpt.state["config"], where=os.path.join(ckpt.path, checkpoint.STATE_FILE))
+    ckpt.model = UTAStudent.from_state(ckpt.state, ckpt.weights).eval()
+    return ckpt

@@ -42,6 +42,14 @@ EVA_ROPE_THETA = 10000.0
 
 
 class UTAStudent(torch.nn.Module):
+    @classmethod
+    def from_state(cls, state: dict, weights: dict | None = None) -> "UTAStudent":
+        """The student a checkpoint's state describes (its `arch`), with `weights` loaded when given."""
+        model = cls(state["arch"])
+        if weights is not None:
+            model.load_state_dict(weights)
+        return model
+
     def __init__(self, arch: dict):
         super().__init__()
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
@@ -158,10 +166,6 @@ class UTAStudent(torch.nn.Module):
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, N, D), index (B, K) -> (B, K, D)."""
     return torch.gather(x, 1, index.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from featstore.errors import BackboneError, ConfigError
+from featstore.errors import BackboneError, ConfigError, one_line
 from featstore.pipelines.preprocess import Preprocess
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,7 +125,7 @@ class ImageBackbone(Backbone):
             probe = self.encode_images(torch.zeros(1, 3, preprocess.crop, preprocess.crop, dtype=torch.uint8))
         except Exception as e:
             raise BackboneError(f"backbone {name}: a forward pass on a {preprocess.crop}x{preprocess.crop} "
-                                f"input failed ({first_line(e)})") from None
+                                f"input failed ({one_line(e)})") from None
         self.tokens = tokens
         self.dim = int(probe["pooled"].shape[1])
         recipe_shape = tuple(int(s) for s in probe["tokens"].shape[1:])
@@ -209,9 +209,3 @@ class TextBackbone(Backbone):
             hidden = out.last_hidden_state if self._layer is None else out.hidden_states[self._layer]
             pooled = self._pool(out, hidden, mask)
             return {"pooled": pooled.float().cpu().contiguous()}
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0].strip() if text else ""
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__

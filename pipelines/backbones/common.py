@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from featstore.errors import BackboneError, ConfigError
+from featstore.errors import BackboneError, ConfigError, one_line
 from featstore.pipelines.preprocess import Preprocess
 
-from .base import LoadOptions, Source, first_line
+from .base import LoadOptions, Source
 
 IDENTITY_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -100,7 +100,7 @@ def load_model(model_cls, src: Source, opt: LoadOptions, dev: torch.device, *, c
         with quiet_transformers():
             model, info = model_cls.from_pretrained(src.local_dir, **kwargs)
     except Exception as e:
-        text = first_line(e)
+        text = one_line(e)
         if "trust_remote_code" in text:
             raise BackboneError(f"backbone {src.name} needs custom code from its repository; pass "
                                 "--trust-remote-code only if you trust it") from None
@@ -123,7 +123,7 @@ def load_tokenizer(src: Source, opt: LoadOptions):
             return AutoTokenizer.from_pretrained(src.local_dir, local_files_only=True,
                                                  trust_remote_code=opt.trust_remote_code)
     except Exception as e:
-        raise BackboneError(f"backbone {src.name}: cannot load a tokenizer from {src.local_dir} ({first_line(e)}); "
+        raise BackboneError(f"backbone {src.name}: cannot load a tokenizer from {src.local_dir} ({one_line(e)}); "
                             "save the tokenizer beside the model (tokenizer.save_pretrained)") from None
 
 

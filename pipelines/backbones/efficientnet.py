@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from featstore.errors import BackboneError, ConfigError
+from featstore.errors import BackboneError, ConfigError, one_line
 from featstore.pipelines.preprocess import Preprocess
 
-from .base import Backbone, BackboneConfig, ImageBackbone, LoadOptions, Source, first_line
+from .base import Backbone, BackboneConfig, ImageBackbone, LoadOptions, Source
 from .common import make_identity, package_version, pooling_choice
 
 PREPROCESS = Preprocess(resize=256, crop=224, mean=(127.0 / 255,) * 3, std=(128.0 / 255,) * 3, interpolation="bicubic")
@@ -33,7 +33,7 @@ def build(src: Source, opt: LoadOptions, dev: torch.device) -> Backbone:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     except Exception as e:
-        raise BackboneError(f"backbone efficientnet-lite0: cannot load {weights} ({first_line(e)})") from None
+        raise BackboneError(f"backbone efficientnet-lite0: cannot load {weights} ({one_line(e)})") from None
     # channels_last: depthwise convolutions run ~1.5x faster in oneDNN on CPU (measured here)
     model = model.eval().requires_grad_(False).to(dev, memory_format=torch.channels_last)
 

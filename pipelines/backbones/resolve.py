@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from featstore.errors import BackboneError, ConfigError
+from featstore.errors import BackboneError, ConfigError, one_line
 
-from .base import BackboneConfig, LoadOptions, Source, first_line
+from .base import BackboneConfig, LoadOptions, Source
 from .common import TOKENIZER_FILES, architecture, is_dual, package_version
 
 IMAGE_RECIPES = ("dinov2", "clip-vision", "siglip-vision", "image")
@@ -69,14 +69,14 @@ def download(repo_id: str, *, label: str) -> Path:
         info = HfApi().model_info(repo_id, timeout=10)
     except Exception as e:
         raise BackboneError(f"backbone {label}: cannot get {repo_id} from the Hugging Face hub "
-                            f"({first_line(e)}); {hint}") from None
+                            f"({one_line(e)}); {hint}") from None
     files = [s.rfilename for s in (info.siblings or []) if "/" not in s.rfilename]
     weights = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f.endswith(".bin")]
     wanted = [f for f in files if f.endswith((".json", ".txt", ".model", ".tiktoken"))] + weights
     try:
         return Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=wanted))
     except Exception as e:
-        raise BackboneError(f"backbone {label}: downloading {repo_id} failed ({first_line(e)}); {hint}") from None
+        raise BackboneError(f"backbone {label}: downloading {repo_id} failed ({one_line(e)}); {hint}") from None
 
 
 def resolve_alias(entry: BackboneConfig, opt: LoadOptions) -> Source:
@@ -113,7 +113,7 @@ def _load_config(path: Path, opt: LoadOptions, label: str):
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=opt.trust_remote_code)
     except Exception as e:
-        raise BackboneError(f"backbone {label}: cannot read {path / 'config.json'} ({first_line(e)})") from None
+        raise BackboneError(f"backbone {label}: cannot read {path / 'config.json'} ({one_line(e)})") from None
 
 
 def _package_path(module_name: str, entry: BackboneConfig) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from featstore.errors import ConfigError, SourceError
 
-from .base import IMAGE_EXTS, Record, Source, _is_image_name
+from .base import IMAGE_EXTS, Record, Source, is_image_name
 from .folder import FolderSource
 from .hf import HFSource, ParquetSource
 from .tars import is_url
@@ -121,5 +121,5 @@ def _is_parquet(path: Path) -> bool:
     if path.is_file():
         return path.suffix.lower() == ".parquet"
     names = [n.lower() for n in os.listdir(path)]
-    return any(n.endswith(".parquet") for n in names) and not any(_is_image_name(n) for n in names)
+    return any(n.endswith(".parquet") for n in names) and not any(is_image_name(n) for n in names)
 

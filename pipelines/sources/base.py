@@ -75,10 +75,8 @@ class Source:
         return {"type": self.kind, "location": self.path, "options": self.given_options(),
                 "fingerprint": self.fingerprint()}
 
-    def __reduce__(self):
-        from . import open_source
-
-        return (_call, (open_source, self.spec()))
+    def __reduce__(self):  # re-opened by its own class from the same (resolved) path and options
+        return (_reopen, (type(self), self.path, self.given_options()))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -88,8 +86,8 @@ class Source:
             self.warnings.append(message)
 
 
-def _call(fn, kwargs):
-    return fn(**kwargs)
+def _reopen(cls, path: str, options: dict):
+    return cls(Path(path), **options)
 
 
 def files_fingerprint(paths) -> str:
@@ -104,11 +102,11 @@ def files_fingerprint(paths) -> str:
     return h.hexdigest()[:16]
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return name.rpartition(".")[2].lower() in IMAGE_EXTS and "." in name
 
 
-def _text(value: Any, lists: list[int]) -> str | None:
+def caption_of(value: Any, lists: list[int]) -> str | None:
     """A caption from a field value: str as is, bytes as UTF-8 (U+FFFD for bad bytes), a list's
     first item (counted in `lists`); missing or empty -> None (img2dataset writes "" for none)."""
     if isinstance(value, (list, tuple)):
@@ -121,7 +119,7 @@ def _text(value: Any, lists: list[int]) -> str | None:
     return str(value)
 
 
-def _label(value: Any) -> int | None:
+def label_of(value: Any) -> int | None:
     """An int class index, or None (missing, negative as in HF's -1, or not an integer)."""
     if isinstance(value, bool) or value is None:
         return None
@@ -132,9 +130,3 @@ def _label(value: Any) -> int | None:
     if number != value and str(number) != str(value).strip():
         return None
     return number if number >= 0 else None
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-

@@ -1,7 +1,9 @@
 """``folder`` sources: images found recursively (hidden entries skipped), sorted by relative path.
 
 uid = that path without extension (posix); captions from a JSON file {uid: caption}
-(``--captions``), labels from a JSON file {uid: class name or index} (``--labels``).
+(``--captions``), labels from a JSON file {uid: class name or index} (``--labels FILE``), or
+``--labels subdirs``: each image's class is the folder it sits in at the top level
+(``root/<class>/.../x.jpg``, torchvision's ImageFolder layout; class names sorted, as there).
 source_ref = the relative path.
 """
 
@@ -14,9 +16,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from featstore.errors import BadSample, SourceError
+from featstore.errors import BadSample, SourceError, one_line
 
-from .base import IMAGE_EXTS, Source, Record, _is_image_name, _one_line, _text, files_fingerprint
+from .base import IMAGE_EXTS, Source, Record, is_image_name, caption_of, files_fingerprint
+
+SUBDIRS = "subdirs"  # --labels subdirs: one class per top-level subdirectory
 
 class FolderSource(Source):
     """Images under a folder (recursive), with captions from a JSON file {uid: caption} and
@@ -32,11 +36,12 @@ class FolderSource(Source):
         self.root = path
         self.captions = None if captions is None else str(Path(captions).expanduser().resolve())
         self._captions = _load_json(Path(self.captions), "captions", "caption") if self.captions else {}
-        self.labels = None if labels is None else str(Path(labels).expanduser().resolve())
-        self._labels = self._load_labels(Path(self.labels)) if self.labels else {}
         self.files = _image_files(path)
         if not self.files:
             raise SourceError(f"no images in {path} (looked for {', '.join('.' + e for e in IMAGE_EXTS)})")
+        by_folder = labels == SUBDIRS and not Path(SUBDIRS).exists()  # (a file named "subdirs" is a file)
+        self.labels = SUBDIRS if by_folder else None if labels is None else str(Path(labels).expanduser().resolve())
+        self._labels = self._folder_labels() if by_folder else self._load_labels(Path(self.labels)) if self.labels else {}
 
     def _load_labels(self, path: Path) -> dict[str, int]:
         """{uid: index}; class names (strings) become indices into their sorted list (`label_names`)."""
@@ -55,8 +60,20 @@ class FolderSource(Source):
             out[str(k)] = v
         return out
 
+    def _folder_labels(self) -> dict[str, int]:
+        """{relative path: index of its top-level folder}; images at the top level get no label."""
+        classes = sorted({rel.split("/", 1)[0] for rel in self.files if "/" in rel})
+        if not classes:
+            raise SourceError(f"--labels {SUBDIRS}: {self.path} has no subfolders of images (root/<class>/image.jpg)")
+        self.label_names = classes
+        index = {c: i for i, c in enumerate(classes)}
+        loose = sum("/" not in rel for rel in self.files)
+        if loose:
+            self._warn(f"{loose} images sit at the top of {self.path}, in no class folder: label left empty")
+        return {rel: index[rel.split("/", 1)[0]] for rel in self.files if "/" in rel}
+
     def fingerprint(self) -> str:
-        extra = [p for p in (self.captions, self.labels) if p]
+        extra = [p for p in (self.captions, self.labels) if p and p != SUBDIRS]
         return files_fingerprint([self.root / rel for rel in self.files] + extra)
 
     def records(self) -> Iterator[Record]:
@@ -72,7 +89,7 @@ class FolderSource(Source):
             if key is not None:
                 used.add(key)
             label = self._labels.get(uid, self._labels.get(rel)) if self._labels else None
-            yield Record(uid, _text(self._captions.get(key), lists) if key else None, label, rel)
+            yield Record(uid, caption_of(self._captions.get(key), lists) if key else None, label, rel)
         unmatched = len(self._captions) - len(used)
         if unmatched:
             example = self.files[0].rpartition(".")[0]
@@ -103,7 +120,7 @@ def _image_files(root: Path) -> list[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for name in filenames:
-            if not name.startswith(".") and _is_image_name(name):
+            if not name.startswith(".") and is_image_name(name):
                 found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
     return sorted(found)
 
@@ -114,7 +131,7 @@ def _load_json(path: Path, what: str, value: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise SourceError(f"{what} file not found: {path}") from None
     except (OSError, ValueError) as err:
-        raise SourceError(f"cannot read {what} file {path}: {_one_line(err)}") from None
+        raise SourceError(f"cannot read {what} file {path}: {one_line(err)}") from None
     if not isinstance(data, dict):
         raise SourceError(f"{what} file {path} must hold a JSON object {{uid: {value}}}")
     return data

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from featstore.errors import BadSample, SourceError
+from featstore.errors import BadSample, SourceError, one_line
 
-from .base import Source, Record, _label, _one_line, _text, files_fingerprint
+from .base import Source, Record, label_of, caption_of, files_fingerprint
 
 class HFSource(Source):
     """A dataset saved with ``save_to_disk`` (a DatasetDict's "train" split)."""
@@ -60,7 +60,7 @@ class HFSource(Source):
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 - datasets raises many kinds for a bad folder
-            raise SourceError(f"cannot load the saved dataset at {path}: {_one_line(err)}") from None
+            raise SourceError(f"cannot load the saved dataset at {path}: {one_line(err)}") from None
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
                 splits = sorted(loaded)
@@ -89,8 +89,8 @@ class HFSource(Source):
                 if self.uid_field and (uid is None or uid == ""):
                     no_uid += 1
                 uid = str(index) if uid is None or uid == "" else str(uid)
-                caption = _text(batch[self._caption][j], lists) if self._caption else None
-                label = _label(batch[self._labelcol][j]) if self._labelcol else None
+                caption = caption_of(batch[self._caption][j], lists) if self._caption else None
+                label = label_of(batch[self._labelcol][j]) if self._labelcol else None
                 yield Record(uid, caption, label, f"hf:{index}")
         if no_uid:
             self._warn(f"{no_uid} rows have an empty {self.uid_field!r}: their uid is the row index")
@@ -164,7 +164,7 @@ class ParquetSource(HFSource):
         try:
             return datasets.load_dataset("parquet", data_files=files, split="train").with_format(None)
         except Exception as err:  # noqa: BLE001
-            raise SourceError(f"cannot read parquet source {path}: {_one_line(err)}") from None
+            raise SourceError(f"cannot read parquet source {path}: {one_line(err)}") from None
 
     def fingerprint(self) -> str:
         return files_fingerprint(self._files)

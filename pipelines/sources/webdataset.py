@@ -23,7 +23,7 @@ from typing import Any
 
 from featstore.errors import BadSample, SourceError
 
-from .base import IMAGE_EXTS, Source, Record, _label, _text
+from .base import IMAGE_EXTS, Source, Record, label_of, caption_of
 from .tars import open_tars
 
 NO_IMAGE = (-1, 0)  # the span of a sample without an image member
@@ -75,12 +75,12 @@ class WebDatasetSource(Source):
                 label = None
                 if self.label_column is not None:
                     raw = (meta or {}).get(self.label_column)
-                    label = _label(raw)
+                    label = label_of(raw)
                     bad_label += label is None
                 caption = small.get(self._text_ext)
                 count += 1
                 span = index.get(key)
-                yield Record(str(uid), _text(caption, [0]), label, f"{shard}:{key}",
+                yield Record(str(uid), caption_of(caption, [0]), label, f"{shard}:{key}",
                              span=NO_IMAGE if span is None else span[1:])
         if no_uid:
             field = self.uid_field or "uid"

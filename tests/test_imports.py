@@ -1,0 +1,154 @@
+"""The house rules of the code, checked on the source: no import cycles anywhere in featstore/,
+pipelines/, trainers/ and cli.py (imports inside functions count: a lazy import only hides a
+cycle), `featstore/` never imports pipelines/ or trainers/, nobody reaches into another module's
+private names, and `featstore --help` imports no heavy library.
+
+    python tests/test_imports.py      # prints the import graph's cycles, if any
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# source folder -> installed package (pyproject.toml's package-dir)
+PACKAGES = {"featstore": "featstore", "pipelines": "featstore.pipelines", "trainers": "featstore.trainers"}
+
+
+def modules() -> dict[str, str]:
+    """Installed module name -> source file, for every module of the package and cli.py."""
+    out = {"featstore.command.cli": os.path.join(ROOT, "cli.py")}
+    for folder, package in PACKAGES.items():
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            rel = os.path.relpath(dirpath, os.path.join(ROOT, folder))
+            prefix = package if rel == "." else package + "." + rel.replace(os.sep, ".")
+            for f in files:
+                if f.endswith(".py"):
+                    out[prefix if f == "__init__.py" else f"{prefix}.{f[:-3]}"] = os.path.join(dirpath, f)
+    return out
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports_of(name: str, path: str, known: dict[str, str]) -> list[tuple[str, str]]:
+    """(imported module, the name imported from it or '') for every import in the file, at any
+    depth but `if TYPE_CHECKING:` blocks, resolved to the package's modules."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    is_package = path.endswith("__init__.py")
+    here = name if is_package else name.rpartition(".")[0]
+    out = []
+
+    def visit(node):
+        if _type_checking_only(node):
+            return
+        if isinstance(node, ast.Import):
+            out.extend((a.name, "") for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = here.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                out.append((sub, "") if sub in known else (base, a.name))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return [(m, n) for m, n in out if m in known]
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: {m for m, _ in imports_of(name, path, known)} - {name} for name, path in known.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, out, counter = {}, {}, [], set(), [], [0]
+
+    def strongconnect(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(edges):
+        if v not in index:
+            strongconnect(v)
+    return out
+
+
+def test_no_import_cycles():
+    edges = graph()
+    assert len(edges) > 50 and "featstore.trainers.checkpoint" in edges  # the walk found the tree
+    assert cycles(edges) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_layers():
+    """featstore/ never imports pipelines/, trainers/ or the command; pipelines/ never trainers/."""
+    edges = graph()
+    for name, deps in edges.items():
+        if name.startswith("featstore.") and name.split(".")[1] not in ("pipelines", "trainers", "command"):
+            assert not {d for d in deps if d.startswith(("featstore.pipelines", "featstore.trainers", "featstore.command"))}, name
+        if name.startswith("featstore.pipelines"):
+            assert not {d for d in deps if d.startswith(("featstore.trainers", "featstore.command"))}, name
+
+
+def test_nobody_uses_another_modules_private_names():
+    known = modules()
+    offenders = []
+    for name, path in known.items():
+        for module, imported in imports_of(name, path, known):
+            if imported.startswith("_") and module != name:
+                offenders.append(f"{name} imports {module}.{imported}")
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                   for a in n.names if f"{n.module}.{a.name}" in known or n.module is None or n.level}
+        for n in ast.walk(tree):  # module.attribute: `checkpoint._read(...)`
+            if (isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+                    and isinstance(n.value, ast.Name) and n.value.id in aliases):
+                offenders.append(f"{name} uses {n.value.id}.{n.attr}")
+    assert offenders == []
+
+
+def test_help_imports_nothing_heavy():
+    """`featstore --help` loads click and the light choices module, not torch, zarr or transformers."""
+    code = ("import sys\nfrom featstore.command import cli\n"
+            "print(sorted(m for m in ('torch', 'zarr', 'numpy', 'transformers', 'PIL', 'pandas', 'datasets') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+if __name__ == "__main__":
+    found = cycles(graph())
+    print("\n".join(" -> ".join(c) for c in found) or "no import cycles")
