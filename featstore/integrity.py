@@ -4,7 +4,7 @@ Every block marker carries a sha256 of each array over its extent (`writer.check
 that trains on a feature set checks those before its first step, once per run: a shard changed
 on disk since it was written (bit rot, a bad copy, an edit) is refused with the block it is in,
 rather than served.  The blocks are read straight from their shard files where the layout allows
-(`shardfile.DirectShards`, memory speed), else through zarr.  `featstore verify` checks the
+(`shardfile.LocalShards`, memory speed), else through zarr.  `featstore verify` checks the
 same checksums and everything else besides.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import CorruptData
-from .shardfile import DirectShards
+from .shardfile import LocalShards
 from .writer import checksum
 
 
@@ -28,7 +28,8 @@ def check_blocks(store, names, arrays=("pooled", "valid")) -> int:
         for key in arrays:
             path = f"{fmt.FEATURES}/{name}/{key}"
             arr = fs.array(key)
-            direct = DirectShards.of(arr, store.rows_per_shard)
+            r = store.rows_per_shard
+            direct = LocalShards.of(arr, r)
             buf = None
             for block, marker in sorted(fs.markers().items()):
                 expected = (marker.get("checksums") or {}).get(path)
@@ -38,7 +39,8 @@ def check_blocks(store, names, arrays=("pooled", "valid")) -> int:
                 shape = (stop - start,) + tuple(arr.shape[1:])
                 if buf is None or buf.shape != shape:
                     buf = np.empty(shape, dtype=arr.dtype)
-                if direct is None or not direct.read(start, stop, buf):
+                b = start // r  # a block's rows [start, stop) lie in shard b
+                if direct is None or not direct.read(b, start - b * r, stop - b * r, buf):
                     buf = np.asarray(arr[start:stop])
                 if checksum(buf) != expected:
                     raise CorruptData(f"{path} block {block} (rows {start}-{stop}) in {store.path} does not match the "
