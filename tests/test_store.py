@@ -68,7 +68,8 @@ def test_identity_mismatch_is_refused_with_the_difference(tmp_path):
     with pytest.raises(IdentityMismatch) as e:
         store.create_feature_set("img", {"model": "other", "dim": 8}, 8)
     assert "model: 'synthetic-img' in the store vs 'other' now" in str(e.value)
-    assert "\n" not in str(e.value)
+    first, *details = str(e.value).splitlines()  # the refusal, then one indented line per differing key
+    assert "different identity" in first and details == ["  model: 'synthetic-img' in the store vs 'other' now"]
     store.create_feature_set("img", {"model": "synthetic-img", "dim": 8}, 8)  # same identity: fine
 
 

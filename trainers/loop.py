@@ -193,10 +193,13 @@ class StopOnInterrupt:
     `save_last(step)`), leaves, and `stop_here` raises `interrupted(...)`.  A second SIGINT raises
     KeyboardInterrupt at once (no checkpoint), which `error` turns into its own line.
 
-        interrupt = StopOnInterrupt(out_dir, save_last).start()
+        interrupt = StopOnInterrupt(out_dir, save_last, barrier=run.barrier).start()
         try:
-            while step < steps and not interrupt.requested:
-                ...one step; save_last(step) when due or interrupt.requested...
+            stop = interrupt.agree(run)
+            while step < steps and not stop:
+                ...one step...
+                stop = interrupt.agree(run)     # one decision for every rank
+                ...save_last(step) when due or stop...
             interrupt.stop_here(step, finished=step >= steps)
         except KeyboardInterrupt as e:
             raise interrupt.error(e, step) from None
@@ -204,9 +207,9 @@ class StopOnInterrupt:
             interrupt.stop()
     """
 
-    def __init__(self, out_dir: str, save_last, log=None):
+    def __init__(self, out_dir: str, save_last, log=None, barrier=None):
         self.requested = False
-        self.out_dir, self.save_last = out_dir, save_last
+        self.out_dir, self.save_last, self.barrier = out_dir, save_last, barrier
         self._previous = None
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -226,12 +229,22 @@ class StopOnInterrupt:
         self.requested = True
         self._log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once, without one)")
 
+    def agree(self, run) -> bool:
+        """Whether to stop after this step, the same on every rank (`run`: trainers.distributed.Dist):
+        a Ctrl-C seen by any rank stops them all at the same step.  Call it once per step, on
+        every rank, and use what it returns (it also becomes `requested`)."""
+        self.requested = run.any(self.requested)
+        return self.requested
+
     def stop_here(self, step: int, finished: bool) -> None:
         """After the loop: a run that stopped because it was asked to ends with `interrupted`
-        (its checkpoint is saved; at step 0, before any step, it is saved here)."""
+        (its checkpoint is saved; at step 0, before any step, it is saved here).  With several
+        ranks, every rank waits at `barrier` first, so none exits while rank 0 still saves."""
         if self.requested and not finished:
             if step == 0:
                 self.save_last(0)
+            if self.barrier is not None:
+                self.barrier()
             raise interrupted(step, self.out_dir)
 
     def error(self, exc: KeyboardInterrupt, step: int) -> Interrupted:

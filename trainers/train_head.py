@@ -95,7 +95,9 @@ def train_head(
     feature_sets["text"] = feature_sets["texts"][0]  # the one prompts are encoded with
     check_modalities(feature_sets["image"], feature_sets["texts"])
     check_one_backbone(feature_sets["texts"])
-    settings = {"store": store.meta.get("store_id") or os.path.abspath(store.path), "image": image, "text": ",".join(texts),
+    # the store by its id; by its path against a checkpoint that recorded none (saved before store ids)
+    by_id = not ckpt or bool(ckpt.state.get("store_id"))
+    settings = {"store": (store.meta.get("store_id") if by_id else None) or os.path.abspath(store.path), "image": image, "text": ",".join(texts),
            "precision": precision}
     if ckpt:  # a resumed run must see the same features and settings
         recorded = ckpt.state["feature_sets"]
@@ -189,14 +191,15 @@ def train_head(
         if run.is_main:
             checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
 
-    interrupt = loop.StopOnInterrupt(out_dir, save_last).start()
+    interrupt = loop.StopOnInterrupt(out_dir, save_last, barrier=run.barrier).start()
 
     try:
-        if step == 0:
+        if step == 0 and not ckpt:  # a run resumed from its step-0 checkpoint has validated already
             record = {"step": 0, "loss": None, "lr": 0.0, "world_size": run.world_size}
             validate_and_keep_best(record)
             metrics.log(record)
-        while step < cfg.steps and not stopped_early and not run.any(interrupt.requested):  # every rank stops together
+        stop = interrupt.agree(run)
+        while step < cfg.steps and not stopped_early and not stop:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -227,7 +230,8 @@ def train_head(
                 stopped_early = run.broadcast(cfg.patience is not None and bad_validations >= cfg.patience)
             if "val_loss" in record or step % cfg.log_every == 0:
                 metrics.log(record)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopped_early or interrupt.requested:
+            stop = interrupt.agree(run)  # Ctrl-C on any rank: every rank saves and stops at this step
+            if step % cfg.save_every == 0 or step == cfg.steps or stopped_early or stop:
                 save_last(step)
             loop.show(bar, record)
         interrupt.stop_here(step, finished=step >= cfg.steps or stopped_early)

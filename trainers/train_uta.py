@@ -105,7 +105,9 @@ def train_uta(
     store = Store.open(store_path)
     sources = describe_sources(store, teacher, pixels, cfg.student_input)
     notes: list[str] = []
-    settings = {"store": store.meta.get("store_id") or os.path.abspath(store.path), "teacher": teacher,
+    # the store by its id; by its path against a checkpoint that recorded none (saved before store ids)
+    by_id = not ckpt or bool(ckpt.state.get("store_id"))
+    settings = {"store": (store.meta.get("store_id") if by_id else None) or os.path.abspath(store.path), "teacher": teacher,
                 "input": sources["input"]["name"], "precision": precision}
     if ckpt:
         for role in ("teacher", "input"):
@@ -196,14 +198,15 @@ def train_uta(
         if run.is_main:
             checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
 
-    interrupt = loop.StopOnInterrupt(out_dir, save_last).start()
+    interrupt = loop.StopOnInterrupt(out_dir, save_last, barrier=run.barrier).start()
 
     try:
-        if step == 0:
+        if step == 0 and not ckpt:  # a run resumed from its step-0 checkpoint has validated already
             record = {"step": 0, "loss": None, "lr": 0.0, "world_size": run.world_size}
             validate_and_keep_best(record)
             metrics.log(record)
-        while step < cfg.steps and not run.any(interrupt.requested):  # every rank stops together
+        stop = interrupt.agree(run)
+        while step < cfg.steps and not stop:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -215,7 +218,8 @@ def train_uta(
                 validate_and_keep_best(record, final=step == cfg.steps)
             if "val_loss" in record or step % cfg.log_every == 0:
                 metrics.log(record)
-            if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:
+            stop = interrupt.agree(run)  # Ctrl-C on any rank: every rank saves and stops at this step
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
                 save_last(step)
             loop.show(bar, record)
         interrupt.stop_here(step, finished=step >= cfg.steps)
