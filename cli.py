@@ -43,7 +43,8 @@ def _friendly(fn):
         except Interrupted as e:
             if debug:
                 raise
-            click.echo(f"interrupted: {e}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops: rank 0 says so
+                click.echo(f"interrupted: {e}", err=True)
             sys.exit(130)
         except FeatstoreError as e:
             if debug:

@@ -28,10 +28,12 @@ with negatives from its own rows only, the step-1 loss is lower by ~log 2 (5.89 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -231,6 +233,38 @@ def test_batch_that_does_not_split_over_the_ranks_is_refused(head_runs, tmp_path
     assert r.returncode != 0
     assert "batch_size 63 (the global batch) does not split evenly over 2 processes" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_under_torchrun_saves_one_checkpoint_and_resume_finishes(head_runs, tmp_path):
+    """Ctrl-C in the terminal reaches torchrun and every rank: the ranks agree to stop at the same
+    step, rank 0 saves `last` there and alone says so (one line), and --resume finishes the run."""
+    sets = [s for s in head_runs["sets"] if not s.startswith(("batch_size=", "val_every="))]
+    sets += ["batch_size=64", "val_every=1000", "save_every=100000"]
+    out = tmp_path / "run"
+    common = ["train-head", "--store", head_runs["store"], "--image", "img", "--text", "txt", "--out", str(out),
+              *_sets(sets)]
+    args = [*common, "--steps", "100000", "--no-progress"]
+    cmd = [os.path.join(BIN, "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "featstore", *args]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT_S  # a guard against a hung test, not a timing assertion
+        while not ((out / "metrics.jsonl").exists() and len(_metrics(out)) > 3):
+            assert child.poll() is None and time.time() < deadline, child.communicate()
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: torchrun and both ranks get it
+        _, stderr = child.communicate(timeout=TIMEOUT_S)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    stopped = json.load(open(out / "last" / "checkpoint.json"))["step"]
+    ours = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert ours == [f"interrupted: stopped at step {stopped}, checkpoint saved in {out}/last: re-run the same "
+                    "command with --resume to continue from there"], stderr[-3000:]
+    assert max(r["step"] for r in _metrics(out)) == stopped and stopped > 0
+    _torchrun([*common, "--steps", str(stopped + 3), "--resume"], tmp_path)
+    assert json.load(open(out / "last" / "checkpoint.json"))["step"] == stopped + 3
 
 
 # ---- train-uta --------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ def train_head(
         if run.is_main:
             checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
 
-    interrupt = loop.StopOnInterrupt(out_dir, save_last, barrier=run.barrier).start()
+    interrupt = loop.StopOnInterrupt(out_dir, save_last, barrier=run.barrier,
+                                     log=None if run.is_main else (lambda msg: None)).start()
 
     try:
         if step == 0 and not ckpt:  # a run resumed from its step-0 checkpoint has validated already
