@@ -7,6 +7,7 @@ import torch
 from featstore.loader import Loader
 from featstore.store import Store
 from featstore.writer import write_block
+from loaderutil import assert_same, batches
 from servers import s3_server
 from storeutil import make_store
 
@@ -33,18 +34,6 @@ def stores(tmp_path_factory):
         fs.mkdir("bucket")
         fs.put(str(path), "bucket/s.zarr", recursive=True)
         yield local, Store.open("s3://bucket/s.zarr")
-
-
-def batches(loader):
-    return [{k: np.asarray(v) for k, v in b.items()} for b in loader]
-
-
-def assert_same(a, b):
-    assert len(a) == len(b) > 0
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def test_the_remote_store_is_read_by_ranged_shard_reads(stores):

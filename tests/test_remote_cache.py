@@ -13,6 +13,7 @@ from featstore.errors import ConfigError
 from featstore.loader import Loader
 from featstore.store import Store
 from featstore.writer import write_block
+from loaderutil import assert_same, batches
 from storeutil import make_store
 
 pytest.importorskip("moto.server")
@@ -51,18 +52,6 @@ def upload(s3, name: str) -> Store:
     server, path = s3
     server.fs.put(str(path), f"{BUCKET}/{name}", recursive=True)
     return Store.open(f"s3://{BUCKET}/{name}")
-
-
-def batches(loader):
-    return [{k: np.asarray(v) for k, v in b.items()} for b in loader]
-
-
-def assert_same(a, b):
-    assert len(a) == len(b) > 0
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def shard_gets(server, store_key: str = "s.zarr", arrays=CACHED) -> list[str]:

@@ -37,16 +37,14 @@ After that `extract --backbone <eva-clip> --tokens --pixels crops`, `train-uta` 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from featstore.errors import BackboneError, ConfigError, IdentityMismatch
+from featstore.pipelines.backbones.common import fingerprint, weight_files
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 WEIGHTS_HASH_METHOD = "sha256(name, size, first MiB, last MiB) per weight file"  # the registry's, see its identities
-_MIB = 1 << 20
 
 
 def text_side_name(teacher_name: str) -> str:
@@ -136,16 +134,4 @@ class SiglipTextTower:
 
 def _fingerprint(path: Path) -> str | None:
     """The registry's weights hash (WEIGHTS_HASH_METHOD) over the checkpoint's weight files."""
-    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.name}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(_MIB))
-            if size > _MIB:
-                f.seek(max(size - _MIB, _MIB))
-                h.update(f.read())
-    return "sha256:" + h.hexdigest()
+    return fingerprint(weight_files(Path(path)))
