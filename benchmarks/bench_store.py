@@ -68,6 +68,7 @@ SIZES = {  # rows, ShareLock's rows, remote rows, warm rounds, cold rounds, remo
     "quick": dict(n=R, sharelock=1_000, remote=R, warm=1, cold=1, remote_rounds=1),
 }
 ONCE = {"hf_iterable_torch"}  # slow: round 0, warm only
+COLD_RESIDENT_MAX = 0.05  # a cold round starts with at most this fraction of its files in the page cache
 
 
 # ---- one measurement ---------------------------------------------------------------------------
@@ -100,6 +101,9 @@ def measure(c, cold: bool, device, later: bool = False) -> dict:
     if cold:
         drop_cache(*files)
         extra["resident_after_drop"] = round(resident_fraction(*files), 4)
+        if extra["resident_after_drop"] > COLD_RESIDENT_MAX:  # a cold figure that was warm would be false
+            raise RuntimeError(f"{c.name}: {100 * extra['resident_after_drop']:.1f}% of its files still in the page "
+                               "cache after the drop (something maps them): no cold figure")
     elif files:
         warm_cache(*files)
     try:
@@ -164,6 +168,11 @@ def rounds(contenders, phases, runs: dict, device, unavailable: dict, later: boo
     (perf_counter seconds) no new round starts; the rounds left out go into `skipped`."""
     broken = set()
     for cold, k in phases:
+        if cold:  # a live mapping pins its pages in the page cache: nothing may hold one across a drop
+            for c in contenders:
+                if hasattr(c, "release"):
+                    c.release()
+            gc.collect()
         for r in range(k):
             if deadline is not None and time.perf_counter() > deadline:
                 print(f"  --budget spent: {'cold' if cold else 'warm'} round {r} and later ones not run", flush=True)

@@ -71,6 +71,8 @@ def test_prompt_features_cached_in_store(tmp_path_factory, tmp_path, fake_backbo
     group = zarr.open_group(store.path, mode="r")["prompts/txt"]  # plain zarr can read it
     assert sorted(group["text"][:]) == sorted(f"A photo of a {c}" for c in CLASS_NAMES)
     assert group["pooled"].shape == (10, 80) and group["pooled"].dtype == np.float16
+    assert tuple(group["pooled"].metadata.dimension_names) == ("prompt", "dim")
+    assert tuple(group["text"].metadata.dimension_names) == ("prompt",)
     assert group.attrs["identity"] == json.loads(json.dumps(fake_backbone.identity))
 
     fake_backbone.calls.clear()

@@ -232,9 +232,10 @@ def _read(group, identity: dict) -> dict[str, np.ndarray]:
 
 def _create(parent, name: str, identity: dict, pooled: np.ndarray):
     group = parent.create_group(name, attributes={"identity": identity, "n": 0})
-    group.create_array("text", shape=(0,), dtype=str, chunks=(4096,), fill_value="")
+    group.create_array("text", shape=(0,), dtype=str, chunks=(4096,), fill_value="",
+                       dimension_names=fmt.DIMS["prompts_text"])
     group.create_array("pooled", shape=(0, pooled.shape[1]), dtype=pooled.dtype, chunks=(1024, pooled.shape[1]),
-                       compressors=None, fill_value=0)
+                       compressors=None, fill_value=0, dimension_names=fmt.DIMS["prompts_pooled"])
     return group
 
 

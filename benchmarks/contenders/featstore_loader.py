@@ -26,10 +26,11 @@ LOADER = {"shuffle": True}  # + seed=data.seed (and pin_memory when batches go t
 
 def remote_loader_args(cache_dir) -> dict:
     """Extra Loader arguments of the featstore contender that reads the store over S3: the one
-    place to set them.  None today (main's Loader has no local cache for remote stores, so every
-    epoch reads over S3).  When it has one, return its arguments here with the cache in
-    `cache_dir`, which the contender empties before each first epoch (as the peers' caches)."""
-    return {}
+    place to set them.  `cache="disk"`, what the Loader's documentation recommends for training
+    from object storage (each shard object fetched whole once, later epochs read locally), with
+    the cache in `cache_dir`, which the contender empties before each first epoch (as the peers'
+    caches are)."""
+    return {"cache": "disk", "cache_dir": str(cache_dir)}
 
 
 def loader_defaults() -> dict:
@@ -151,6 +152,11 @@ class FeatstoreReused(Featstore):
     later epoch of the same Loader."""
 
     name = "featstore_reused"
+    cold = False  # its mapping keeps its pages resident: a later epoch of a live loader is warm by nature
+
+    def release(self) -> None:
+        """Before the cold rounds: drop the Loader (its mapping would pin the store's pages)."""
+        self.loader = None
 
     def build(self) -> None:  # reads the featstore contender's store
         self.loader = open_loader(self.path, self.data)
