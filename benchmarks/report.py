@@ -244,12 +244,18 @@ TITLES = {"store": "Store read path — `bench_store.py`", "extract": "Extractio
           "store.gpu": "Store read path on the GPU machine — `gpu.sh`", "train.gpu": "Training on the GPU machine — `gpu.sh`"}
 RENDER = {"store": render_store, "extract": render_extract, "train": render_train, "uta": render_uta, "gpu": render_gpu}
 NOTES = {  # what to keep in mind reading each table (no figures here: those come from the files)
-    "store": "`memmap` is the limit a page cache allows (one copy per byte, straight from the mapping, in the "
-             "Loader's own order); `ram` uses torch's row gather, which for float16 rows is several times slower "
-             "than numpy's. ShareLock's rate is per sample over its first rows (a file per sample and feature). "
-             "Cold figures depend on this VM's shared disk and vary the most.",
+    "store": "`memmap` is one copy per byte straight from the mapping, in the Loader's own order, gathered by "
+             "the consuming thread alone; featstore gathers the same way on a helper thread while the consumer "
+             "takes the previous batch, so with two cores it can pass the single-threaded memmap. `ram` uses "
+             "torch's row gather, which for float16 rows is several times slower than numpy's. ShareLock's rate "
+             "is per sample over its first rows (a file per sample and feature). Cold rounds drop the files "
+             "from the page cache first (a live mapping would pin them, so the reused Loader is released and has "
+             "no cold figure; a round whose files stay resident is refused); they depend on this VM's shared "
+             "disk and vary the most.",
     "extract": "`extract_vs_forward` is how much of the bare forward rate the whole job keeps (decode, forward "
-               "and block writes together). `hf_map` is "
+               "and block writes together). `write_behind_vs_sync` is the writer thread against writes on the "
+               "forward thread: on this CPU the forward pass already keeps both cores busy, so there is little "
+               "to hide writes behind; the thread is for a GPU forward, where the CPU waits. `hf_map` is "
                "the script a user would write with transformers and datasets, end to end like `extract_e2e`.",
     "train": "The same ShareLock training step fed from the store and from in-RAM tensors; the data path alone "
              "against ShareLock's staged per-sample .pt files read through a DataLoader with workers.",
