@@ -13,53 +13,54 @@ import json
 import click
 
 
+CONFIG = [
+    click.option("--config", "config_file", metavar="NAME|FILE", help="A built-in config (sharelock, uta, demo) or a YAML file."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable); unknown keys are refused."),
+    click.option("--steps", type=int, help="Optimizer steps (overrides the config)."),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True),
+    click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+    click.option("--json", "as_json", is_flag=True, help="Print the end summary as JSON."),
+    click.option("--no-progress", is_flag=True, help="No progress bar (into a log file it is redrawn at most every 30 s)."),
+]
+
+
+def _with(options):
+    """Apply a list of click options (shared by train-head and train-uta)."""
+    def deco(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def _print_train_summary(s: dict, as_json: bool) -> None:
+    if s.get("rank"):  # under torchrun only rank 0 reports
+        return
+    if as_json:
+        click.echo(json.dumps(s, indent=1, default=str))
+        return
+    best = s.get("best") or {}
+    final = s.get("final") or {}
+    click.echo(f"trained {s['step']}/{s['steps']} steps in {s['seconds']:.1f}s ({s['steps_per_s']:.2f} steps/s)"
+               + (" - stopped early" if s.get("stopped_early") else ""))
+    click.echo(f"  train rows {s['train_rows']:,}, val rows {s['val_rows']:,}, {s['params']:,} trainable parameters"
+               + (f", {s['world_size']} processes (DDP)" if s.get("world_size", 1) > 1 else ""))
+    if best:
+        click.echo(f"  best val_loss {best['val_loss']:.4f} at step {best['step']}")
+    shown = {k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "step"}
+    if shown:
+        click.echo("  final: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    for label, path in (s.get("files") or {}).items():
+        click.echo(f"  {label:<8} {path}")
+    for note in s.get("notes", []):
+        click.echo(f"  note: {note}")
+
+
 def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
     """Add the trainers' commands to `main`; `friendly` turns featstore errors into one line,
     `store` is the --store option, `echo_json` prints a summary as JSON."""
-    CONFIG = [
-        click.option("--config", "config_file", metavar="NAME|FILE", help="A built-in config (sharelock, uta, demo) or a YAML file."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable); unknown keys are refused."),
-        click.option("--steps", type=int, help="Optimizer steps (overrides the config)."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:K."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
-        click.option("--json", "as_json", is_flag=True, help="Print the end summary as JSON."),
-        click.option("--no-progress", is_flag=True, help="No progress bar (into a log file it is redrawn at most every 30 s)."),
-    ]
-
-
-    def _with(options):
-        def deco(fn):
-            for opt in reversed(options):
-                fn = opt(fn)
-            return fn
-
-        return deco
-
-
-    def _print_train_summary(s: dict, as_json: bool) -> None:
-        if s.get("rank"):  # under torchrun only rank 0 reports
-            return
-        if as_json:
-            echo_json(s)
-            return
-        best = s.get("best") or {}
-        final = s.get("final") or {}
-        click.echo(f"trained {s['step']}/{s['steps']} steps in {s['seconds']:.1f}s ({s['steps_per_s']:.2f} steps/s)"
-                   + (" - stopped early" if s.get("stopped_early") else ""))
-        click.echo(f"  train rows {s['train_rows']:,}, val rows {s['val_rows']:,}, {s['params']:,} trainable parameters"
-                   + (f", {s['world_size']} processes (DDP)" if s.get("world_size", 1) > 1 else ""))
-        if best:
-            click.echo(f"  best val_loss {best['val_loss']:.4f} at step {best['step']}")
-        shown = {k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "step"}
-        if shown:
-            click.echo("  final: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-        for label, path in (s.get("files") or {}).items():
-            click.echo(f"  {label:<8} {path}")
-        for note in s.get("notes", []):
-            click.echo(f"  note: {note}")
-
-
     @main.command("train-head")
     @store
     @click.option("--image", required=True, help="Image feature set name.")
@@ -77,7 +78,6 @@ def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
         s = run(store_path, image, text, out, config_file=config_file, overrides=list(overrides), steps=steps,
                 device=device, precision=precision, resume=resume, progress=not (as_json or no_progress))
         _print_train_summary(s, as_json)
-
 
     @main.command("train-uta")
     @store
@@ -106,7 +106,6 @@ def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
                        f" {st['input']} input, grid {st['grid']}x{st['grid']} (patch {st['patch_size']}), teacher grid "
                        f"{st['teacher_grid'][0]}x{st['teacher_grid'][1]}"
                        + (f" resized {st['grid_interpolation']}" if st["grid_interpolation"] else ""))
-
 
     @main.command("eval")
     @click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A train-head or train-uta run directory, or an imported ShareLock checkpoint.")
@@ -162,7 +161,6 @@ def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
                        f"R@1/5/10 {recalls('image')}%  text_retrieval (image->text) {recalls('text')}%")
         for note in r.get("notes", []):
             click.echo(f"  note: {note}")
-
 
     @main.command("import-sharelock")
     @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
