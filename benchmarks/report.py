@@ -251,7 +251,12 @@ NOTES = {  # what to keep in mind reading each table (no figures here: those com
              "is per sample over its first rows (a file per sample and feature). Cold rounds drop the files "
              "from the page cache first (a live mapping would pin them, so the reused Loader is released and has "
              "no cold figure; a round whose files stay resident is refused); they depend on this VM's shared "
-             "disk and vary the most.",
+             "disk and vary the most. Where `hf_iterable` passes featstore cold, it is its order: shards read one "
+             "after the other through a 1,000-row shuffle buffer (rows of a class-sorted shard stay together), so "
+             "a cold epoch is a sequential read of the disk, while featstore's batches mix runs from across the "
+             "whole store (the shuffle figure above); a larger `window` gives longer runs. litdata's later epoch "
+             "over S3 was far slower than its first in every round and we have not found why (litdata 0.2.76 "
+             "with moto): read that ratio as unexplained, not as a margin.",
     "extract": "`extract_vs_forward` is how much of the bare forward rate the whole job keeps (decode, forward "
                "and block writes together). `write_behind_vs_sync` is the writer thread against writes on the "
                "forward thread: on this CPU the forward pass already keeps both cores busy, so there is little "
