@@ -6,10 +6,8 @@ import torch
 
 from featstore.loader import Loader
 from featstore.store import Store
-from featstore.writer import write_block
-from loaderutil import assert_same, batches
+from loaderutil import assert_same, batches, mixed_store
 from servers import s3_server
-from storeutil import make_store
 
 s3fs = pytest.importorskip("s3fs")
 
@@ -22,13 +20,7 @@ def stores(tmp_path_factory):
     """(local store, the same store uploaded to S3), 45 rows in blocks of 16, a partial last
     block, invalid rows, int8 tokens with scales, a 128-d column (mapped when local)."""
     path = tmp_path_factory.mktemp("remote") / "s.zarr"
-    local = make_store(path, n=45, rows_per_shard=16, features={"t": 8}, tokens=(4, 8), token_dtype="int8",
-                       invalid_every=7)
-    local.create_feature_set("w", {"model": "wide"}, 128)
-    for b in range(local.n_blocks):
-        start, stop = local.block_range(b)
-        rng = np.random.default_rng(b)
-        write_block(local, "w", b, {"pooled": rng.standard_normal((stop - start, 128))}, np.ones(stop - start, bool))
+    local = mixed_store(path)
     with s3_server():
         fs = s3fs.S3FileSystem()
         fs.mkdir("bucket")

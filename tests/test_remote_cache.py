@@ -12,9 +12,7 @@ from featstore.cache import CacheFull, FetchFailed
 from featstore.errors import ConfigError
 from featstore.loader import Loader
 from featstore.store import Store
-from featstore.writer import write_block
-from loaderutil import assert_same, batches
-from storeutil import make_store
+from loaderutil import assert_same, batches, mixed_store
 
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -35,13 +33,7 @@ def s3(tmp_path_factory):
     from s3util import s3_server
 
     path = tmp_path_factory.mktemp("cache-src") / "s.zarr"
-    local = make_store(path, n=45, rows_per_shard=16, features={"t": 8}, tokens=(4, 8), token_dtype="int8",
-                       invalid_every=7)
-    local.create_feature_set("w", {"model": "wide"}, 128)
-    for b in range(local.n_blocks):
-        start, stop = local.block_range(b)
-        rng = np.random.default_rng(b)
-        write_block(local, "w", b, {"pooled": rng.standard_normal((stop - start, 128))}, np.ones(stop - start, bool))
+    mixed_store(path)
     with s3_server() as server:
         server.fs.mkdir(BUCKET)
         server.fs.put(str(path), f"{BUCKET}/s.zarr", recursive=True)

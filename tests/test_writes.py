@@ -18,6 +18,7 @@ from featstore.verify import verify
 from imagedata import encode, real_images, write_shard
 
 FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
+SLOW_FEATSTORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_featstore.py")  # block writes slowed
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
@@ -91,7 +92,8 @@ def test_ctrl_c_keeps_the_blocks_handed_over_then_a_rerun_completes(tmp_path, sh
     args = ["--source", str(shards), "--backbone", tiny_dinov2_path, "--name", "dino", "--rows-per-shard", "2",
             "--batch-size", "2"]
     store = tmp_path / "s.zarr"
-    proc = subprocess.Popen([FEATSTORE, "extract", "--store", str(store), *args, "--no-progress"],
+    # the real command with each block write slowed, so the signal lands mid-job on any machine
+    proc = subprocess.Popen([sys.executable, SLOW_FEATSTORE, "extract", "--store", str(store), *args, "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     progress = store / "_progress" / "dino"
     deadline = time.time() + 120

@@ -198,10 +198,17 @@ def load_config(config_file=None, overrides=(), base: Config | None = None) -> C
 
 
 def resolve_device(device) -> "torch.device":
-    """`device` as a torch.device, or a ConfigError naming the problem (the extract job's own check)."""
-    from featstore.pipelines.backbones.resolve import device as checked_device
+    """`device` as a torch.device, or a ConfigError naming the problem.  (The extract job has the
+    same check in pipelines/backbones/resolve.py; training never imports the backbone code.)"""
+    import torch
 
-    return checked_device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} asked for, but CUDA is not available here; use --device cpu")
+    return dev
 
 
 def _coerce(key: str, value, hint, where: str):

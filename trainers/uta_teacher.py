@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 
 from featstore.errors import BackboneError, ConfigError, IdentityMismatch
-from featstore.pipelines.backbones.common import fingerprint, weight_files
 
 WEIGHTS_HASH_METHOD = "sha256(name, size, first MiB, last MiB) per weight file"  # the registry's, see its identities
 
@@ -133,5 +132,8 @@ class SiglipTextTower:
 
 
 def _fingerprint(path: Path) -> str | None:
-    """The registry's weights hash (WEIGHTS_HASH_METHOD) over the checkpoint's weight files."""
+    """The registry's weights hash (WEIGHTS_HASH_METHOD) over the checkpoint's weight files (its
+    own function, imported here: training imports this module and never the backbone code)."""
+    from featstore.pipelines.backbones.common import fingerprint, weight_files
+
     return fingerprint(weight_files(Path(path)))
