@@ -17,9 +17,9 @@ from featstore.pipelines.extract import extract
 from featstore.store import Store
 from featstore.verify import verify
 from imagedata import bad_input_samples, encode, real_images, write_shard
+from signals import default_sigint
 
 FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
-SLOW_FEATSTORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_featstore.py")  # block writes slowed
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
@@ -314,11 +314,11 @@ def test_ctrl_c_with_decode_workers_is_one_line(tmp_path, shards, tiny_dinov2_pa
     """Ctrl-C reaches every process of the terminal's process group: the decode workers stay quiet
     (no traceback each), extract ends with its one line, and leaves a store `verify` passes (that a
     re-run then completes it is test_kill_mid_extract_then_rerun_gives_the_same_bytes)."""
-    # the real command with each block write slowed, so the signal lands mid-job on any machine
-    args = [sys.executable, SLOW_FEATSTORE, "extract", "--source", str(shards), "--backbone", tiny_dinov2_path,
-            "--name", "dino", "--rows-per-shard", "2", "--batch-size", "2", "--num-workers", "2", "--no-progress",
+    args = [FEATSTORE, "extract", "--source", str(shards), "--backbone", tiny_dinov2_path, "--name", "dino",
+            "--rows-per-shard", "2", "--batch-size", "2", "--num-workers", "2", "--no-progress",
             "--store", str(tmp_path / "s.zarr")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
     progress = tmp_path / "s.zarr" / "_progress" / "dino"
     deadline = time.time() + 300  # a guard against a hung test, not a timing assertion
     try:

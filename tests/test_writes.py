@@ -16,9 +16,9 @@ from featstore.pipelines.extract import extract
 from featstore.store import Store
 from featstore.verify import verify
 from imagedata import encode, real_images, write_shard
+from signals import default_sigint
 
 FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
-SLOW_FEATSTORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_featstore.py")  # block writes slowed
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
@@ -92,9 +92,8 @@ def test_ctrl_c_keeps_the_blocks_handed_over_then_a_rerun_completes(tmp_path, sh
     args = ["--source", str(shards), "--backbone", tiny_dinov2_path, "--name", "dino", "--rows-per-shard", "2",
             "--batch-size", "2"]
     store = tmp_path / "s.zarr"
-    # the real command with each block write slowed, so the signal lands mid-job on any machine
-    proc = subprocess.Popen([sys.executable, SLOW_FEATSTORE, "extract", "--store", str(store), *args, "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([FEATSTORE, "extract", "--store", str(store), *args, "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     progress = store / "_progress" / "dino"
     deadline = time.time() + 120
     while not (progress.exists() and any(n.endswith("-1.json") for n in os.listdir(progress))) \
