@@ -58,6 +58,11 @@ def num(v) -> str:
     return f"{v:.6g}" if out in ("1", "-1") else out  # 0.99997 stays 0.99997
 
 
+def span(s: dict) -> str:
+    """" (min–max)" of a figure's spread over rounds."""
+    return f" ({num(s.get('min'))}–{num(s.get('max'))})"
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(num(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
@@ -85,7 +90,7 @@ def render_store(d: dict) -> str:
             continue
         warm, cold = f.get(f"{name}_samples_per_s"), f.get(f"{name}_cold_samples_per_s")
         s = spread.get(name)
-        rng = f" ({num(s['min'])}–{num(s['max'])})" if s and s["rounds"] > 1 else ""
+        rng = span(s) if s and s["rounds"] > 1 else ""
         ours = name.startswith("featstore")
         rows.append([f"**{name}**" if ours else name, esc(c["settings"]), (num(warm) + rng) if warm else "–", num(cold),
                      "–" if ours else num(r.get(f"featstore_vs_{name}")),
@@ -141,12 +146,12 @@ def render_extract(d: dict) -> str:
     rows = []
     for name, how in p["contenders"].items():
         s = spread.get(name, {})
-        rows.append([name, esc(how), f"{num(f.get(f'{name}_images_per_s'))} ({num(s.get('min'))}–{num(s.get('max'))})"])
+        rows.append([name, esc(how), num(f.get(f"{name}_images_per_s")) + span(s)])
     for name, key in (("one_caption", "one_caption_per_s"), ("batched", "batched_captions_per_s")):
         s = spread.get(name, {})
         how = ("one caption per forward pass (ShareLock's script)" if name == "one_caption"
                else f"featstore's length-sorted batches of {p['caption_batch']} through the extract job")
-        rows.append([name, how, f"{num(f.get(key))} ({num(s.get('min'))}–{num(s.get('max'))})"])
+        rows.append([name, how, num(f.get(key)) + span(s)])
     for k in ("dask_1_workers_images_per_s", "dask_2_workers_images_per_s"):
         if k in f:
             rows.append([k.removesuffix("_images_per_s"), esc(p["dask"]), num(f[k])])
@@ -169,7 +174,7 @@ def render_train(d: dict) -> str:
     for name, how in p["contenders"].items():
         s_ = spread.get(name, {})
         unit = "steps/s" if keys[name].endswith("steps_per_s") else "samples/s"
-        rows.append([name, esc(how), f"{num(f.get(keys[name]))} {unit} ({num(s_.get('min'))}–{num(s_.get('max'))})"])
+        rows.append([name, esc(how), f"{num(f.get(keys[name]))} {unit}" + span(s_)])
     out.append(table(["contender", "how", "rate"], rows))
     out.append(table(["ratio", "value"], [[f"`{k}`", v] for k, v in r.items()]))
     return "\n\n".join(out)

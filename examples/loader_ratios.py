@@ -188,25 +188,36 @@ def main() -> None:
     print(json.dumps(result, indent=1))
 
 
-def remote(root: Path, n: int, rounds: int, ratios: dict) -> dict:
+def ensure_store(root: Path, n: int) -> None:
+    """root/store.zarr with n rows: kept when it is there already, else built afresh."""
+    if not (root / "store.zarr" / "zarr.json").exists() or Store.open(root / "store.zarr").n_rows != n:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        build(root, n)
+
+
+def upload_store(root: Path):
+    """Inside `servers.s3_server()`: root/store.zarr uploaded to s3://bench/store.zarr; returns
+    (the S3 filesystem, the local store, the remote store, the remote feature shard objects)."""
     import s3fs
 
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bench")
+    fs.put(str(root / "store.zarr"), "bench/store.zarr", recursive=True)
+    local, far = Store.open(root / "store.zarr"), Store.open("s3://bench/store.zarr")
+    return fs, local, far, [p for p in fs.find("bench/store.zarr/features") if "/c/" in p]
+
+
+def remote(root: Path, n: int, rounds: int, ratios: dict) -> dict:
     from servers import s3_server
 
     sub = root / "remote"
-    if not (sub / "store.zarr" / "zarr.json").exists() or Store.open(sub / "store.zarr").n_rows != n:
-        import shutil
-
-        shutil.rmtree(sub, ignore_errors=True)
-        sub.mkdir(parents=True)
-        build(sub, n)
+    ensure_store(sub, n)
     figures = {}
     with s3_server():
-        fs = s3fs.S3FileSystem()
-        fs.mkdir("bench")
-        fs.put(str(sub / "store.zarr"), "bench/store.zarr", recursive=True)
-        local, far = Store.open(sub / "store.zarr"), Store.open("s3://bench/store.zarr")
-        shards = [p for p in fs.find("bench/store.zarr/features") if "/c/" in p]
+        fs, local, far, shards = upload_store(sub)
         pairs = []
         for r in range(rounds):  # the server's own limit: every shard object, whole, concurrently
             theirs = rate(lambda: featstore_epoch(Loader(local, COLUMNS, BATCH, seed=r), False))

@@ -38,10 +38,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from loader_ratios import BATCH, COLUMNS, DIMS, build, featstore_epoch, warm  # noqa: E402
+from loader_ratios import BATCH, COLUMNS, DIMS, ensure_store, featstore_epoch, upload_store, warm  # noqa: E402
 
 from featstore.loader import Loader  # noqa: E402
-from featstore.store import Store  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -57,25 +56,16 @@ def main() -> None:
     ap.add_argument("--data-dir", default="bench_data/remote_ratios")
     ap.add_argument("--out", default=str(HERE / "results" / "remote_ratios.json"))
     args = ap.parse_args()
-    import s3fs
-
     from servers import s3_server
 
     root = Path(args.data_dir)
-    if not (root / "store.zarr" / "zarr.json").exists() or Store.open(root / "store.zarr").n_rows != args.rows:
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        build(root, args.rows)
+    ensure_store(root, args.rows)
     n = args.rows
     pairs: dict[str, list] = {k: [] for k in ("cache_first", "cache_later", "cache_next_loader", "direct",
                                               "whole_objects")}  # (remote, local) rates of one round
     setup: dict[str, list] = {"local": [], "cache_cold": [], "cache_warm": [], "direct": []}
     with s3_server():
-        fs = s3fs.S3FileSystem()
-        fs.mkdir("bench")
-        fs.put(str(root / "store.zarr"), "bench/store.zarr", recursive=True)
-        local, far = Store.open(root / "store.zarr"), Store.open("s3://bench/store.zarr")
-        shards = [p for p in fs.find("bench/store.zarr/features") if "/c/" in p]
+        fs, local, far, shards = upload_store(root)
         for r in range(args.rounds):
             made = time.perf_counter()
             mine = Loader(local, COLUMNS, BATCH, seed=r)
