@@ -197,12 +197,15 @@ def extract(store_path, source_path, as_json, no_progress, **options):
 @STORE
 @_friendly
 def upgrade(store_path):
-    """Convert a format-1 store to format 2 in place (sources, dimension names, row-level markers)."""
+    """Convert a store of an older format in place: format 1 -> 2 (sources, dimension names,
+    row-level markers), 2 -> 3 (samples re-sharded, the on-disk uid index built).  Rows and
+    features are unchanged."""
     from featstore.upgrade import upgrade as run_upgrade
 
     r = run_upgrade(store_path)
     click.echo(f"{store_path}: format {r['from']} -> {r['to']}; {r['sources']} sources recorded, "
-               f"{r['markers']} markers converted, {r['arrays']} arrays given dimension names")
+               f"{r['markers']} markers converted, {r['arrays']} arrays given dimension names, "
+               f"{r.get('resharded', 0)} sample arrays re-sharded, {r.get('indexed', 0):,} uids indexed")
 
 
 @main.command()

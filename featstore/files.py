@@ -71,6 +71,46 @@ class StoreFiles:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    def write_bytes(self, key: str, data) -> None:
+        """Write a binary file whole (atomically, like write_json)."""
+        path = self.path(key)
+        if self.fs is not None:
+            self.fs.pipe_file(path, bytes(data))
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def read_bytes(self, key: str, start: int | None = None, stop: int | None = None) -> bytes:
+        """Bytes [start, stop) of a file (all of it by default): one ranged request remotely."""
+        path = self.path(key)
+        if self.fs is not None:
+            return self.fs.cat_file(path, start=start, end=stop)
+        with open(path, "rb") as f:
+            f.seek(start or 0)
+            return f.read(-1 if stop is None else stop - (start or 0))
+
+    def read_ranges(self, key: str, starts, stops) -> list[bytes]:
+        """Bytes [start, stop) of one file for each pair: one open and a pread each locally, ranged
+        requests sent together remotely (fsspec's cat_ranges)."""
+        path = self.path(key)
+        starts, stops = [int(a) for a in starts], [int(b) for b in stops]
+        if self.fs is not None:
+            return self.fs.cat_ranges([path] * len(starts), starts, stops) if starts else []
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return [os.pread(fd, b - a, a) for a, b in zip(starts, stops)]
+        finally:
+            os.close(fd)
+
+    @property
+    def local(self) -> bool:
+        return self.fs is None
+
     def read_json(self, key: str):
         """The parsed file, or None when it does not exist."""
         path = self.path(key)

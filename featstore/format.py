@@ -1,11 +1,16 @@
-"""The store format (version 2): constants, dimension names and the one rule for chunk sizes.
+"""The store format (version 3): constants, dimension names and the one rule for chunk sizes.
 
 See DESIGN.md, "The store format".  Everything here is plain data so a reader can check a
 store against it by eye.
 """
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DEFAULT_ROWS_PER_SHARD = 4096
+# samples/ arrays: shards of whole row blocks holding at least this many rows (at 1.28B rows
+# about 20,000 files per array), chunks small enough that reading one row's uid (the uid index
+# checks its candidates) decodes a few KiB
+SAMPLE_SHARD_MIN_ROWS = 65536
+SAMPLE_CHUNK_ROWS = {"str": 1024, "int": 8192}
 
 SAMPLES = "samples"
 FEATURES = "features"
@@ -15,6 +20,8 @@ PROGRESS = "_progress"
 MANIFEST_MARKER = f"{PROGRESS}/manifest.json"
 LOCKS = f"{PROGRESS}/_locks"  # lock files (local stores) / lease objects (object storage)
 INDEX = "index.json"  # _progress/<feature set>/index.json: the compacted markers
+REGISTRATIONS = f"{PROGRESS}/registrations"  # one record per registration: <generation>.json
+UID_INDEX = "_index/uid"  # featstore.uidindex
 
 # The per-sample fields registered with the manifest.
 UID = "uid"
@@ -96,3 +103,19 @@ def block_range(block: int, rows_per_shard: int, n_rows: int) -> tuple[int, int]
 
 def n_blocks(n_rows: int, rows_per_shard: int) -> int:
     return -(-n_rows // rows_per_shard)
+
+
+def sample_shard_rows(rows_per_shard: int) -> int:
+    """Rows per shard of a samples/ array: whole row blocks, at least SAMPLE_SHARD_MIN_ROWS."""
+    return rows_per_shard * max(1, -(-SAMPLE_SHARD_MIN_ROWS // rows_per_shard))
+
+
+def sample_chunk_rows(rows_per_shard: int, is_str: bool) -> int:
+    """Rows per chunk of a samples/ array: divides its shard."""
+    shard = sample_shard_rows(rows_per_shard)
+    want = SAMPLE_CHUNK_ROWS["str" if is_str else "int"]
+    best = 1
+    for d in range(1, min(shard, want) + 1):
+        if shard % d == 0:
+            best = d
+    return best

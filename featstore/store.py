@@ -30,6 +30,8 @@ from .errors import (ConfigError, FormatTooNew, FormatTooOld, NotAStore, ReadOnl
                      UnknownFeatureSet)
 from .featureset import FeatureSet, identity_diff, jsonable  # noqa: F401 - re-exported
 from .files import StoreFiles, is_url, now
+from .strings import strings_at
+from .uidindex import UidIndex, equal_pairs
 
 STR_FIELDS = fmt.STR_FIELDS
 _now = now  # old names, kept for callers
@@ -44,16 +46,16 @@ class Store:
         self.root = root
         self.mode = mode
         self.files = StoreFiles(self.path)
-        self._uid_index: tuple[np.ndarray, np.ndarray] | None = None
         # whether the store carries consolidated metadata, seen before this view writes anything
         # (zarr drops it from zarr.json when the root's attrs are rewritten)
         self._consolidated = mode != "r" and self.has_consolidated()
 
     # ---- open / create -------------------------------------------------------------------
     @classmethod
-    def create(cls, path, rows_per_shard: int = fmt.DEFAULT_ROWS_PER_SHARD) -> "Store":
+    def create(cls, path, rows_per_shard: int = fmt.DEFAULT_ROWS_PER_SHARD, *, uid_hash_bits: int = 64) -> "Store":
         """Create a new store at `path`, or open it if it is already a store (keeping its own
-        rows_per_shard).  Two processes creating the same store at once get one store."""
+        rows_per_shard).  Two processes creating the same store at once get one store.
+        `uid_hash_bits` < 64 makes the uid index's hash tiny (tests force collisions with it)."""
         path = _normpath(path)
         if int(rows_per_shard) < 1:
             raise ConfigError(f"rows_per_shard must be >= 1, not {rows_per_shard}")
@@ -78,6 +80,7 @@ class Store:
             root = zarr.create_group(path, zarr_format=3, overwrite=False, attributes=attrs)
             root.require_group(fmt.SAMPLES)
             root.require_group(fmt.FEATURES)
+            UidIndex.create(files, hash_bits=uid_hash_bits)
         return cls.open(path, mode="r+")
 
     @classmethod
@@ -155,6 +158,11 @@ class Store:
     def block_range(self, block: int) -> tuple[int, int]:
         return fmt.block_range(block, self.rows_per_shard, self.n_rows)
 
+    def block_sizes(self) -> np.ndarray:
+        """Rows of every block now (int64; the last may be short)."""
+        r = self.rows_per_shard
+        return np.minimum(r, self.n_rows - np.arange(self.n_blocks, dtype=np.int64) * r)
+
     @property
     def sources(self) -> list[dict]:
         """Every source rows were registered from (`samples/source` indexes this list)."""
@@ -175,51 +183,94 @@ class Store:
             return np.asarray(arr[0:0])
         return np.asarray(arr[start:stop])
 
+    def samples_at(self, field_name: str, rows) -> np.ndarray:
+        """Values of a per-sample field at `rows` (any order): reads only the chunks they fall in
+        (string fields straight from their shard files, `featstore.strings`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        arr = self.root[f"{fmt.SAMPLES}/{field_name}"]
+        if np.dtype(arr.dtype).kind == "T":
+            return strings_at(arr, rows)
+        return np.asarray(arr.get_coordinate_selection(rows)) if len(rows) else np.asarray(arr[:0])
+
     def uids(self) -> np.ndarray:
         if self.n_rows == 0:
             return np.array([], dtype=str)
         return self.samples(fmt.UID)
 
-    def _index(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._uid_index is None or len(self._uid_index[0]) != self.n_rows:
-            uids = self.uids().astype(object).astype(str)  # fixed-width: fast sort + searchsorted
-            order = np.argsort(uids, kind="stable")
-            self._uid_index = (uids[order], order)
-        return self._uid_index
+    def uid_index(self) -> UidIndex | None:
+        """The store's uid index as committed now (`featstore.uidindex`); None before format 3."""
+        return UidIndex.open(self.files)
 
     def rows_of(self, uids) -> np.ndarray:
-        """Row index of each uid (vectorized); -1 where the store has no such uid."""
-        query = np.asarray(uids).astype(object).astype(str)
-        if self.n_rows == 0 or query.size == 0:
-            return np.full(query.shape, -1, dtype=np.int64)
-        sorted_uids, order = self._index()
-        pos = np.searchsorted(sorted_uids, query)
-        pos_c = np.minimum(pos, len(sorted_uids) - 1)
-        found = sorted_uids[pos_c] == query
-        return np.where(found, order[pos_c], -1).astype(np.int64)
+        """Row index of each uid (vectorized); -1 where the store has no such uid.  Reads only
+        the index files that hold the queries' hashes and the uids of the candidate rows."""
+        return self.lookup_rows(uids, self.uid_index(), self.n_rows)
+
+    def lookup_rows(self, uids, index: UidIndex | None, limit: int, hashes: np.ndarray | None = None) -> np.ndarray:
+        """`rows_of` through a given index (a registration's, with its uncommitted runs), for
+        rows < `limit`; rows the index does not cover yet are hashed from samples/uid.  `hashes`:
+        the queries' index hashes when the caller has them already."""
+        query = _strings(uids)
+        out = np.full(query.shape, -1, dtype=np.int64)
+        if limit == 0 or query.size == 0:
+            return out
+        if index is None:  # a store from before the uid index: one sorted copy, in memory
+            return self._rows_of_unindexed(query, limit)
+        h = index.hash(query) if hashes is None else np.asarray(hashes, np.uint64)
+        qpos, rows = index.candidates(h)
+        covered = index.covered
+        if covered < limit:  # registered but not indexed (an old store's tail): hash those uids now
+            th = index.hash(self.samples(fmt.UID, covered, limit))
+            order = np.argsort(th, kind="stable")
+            tq, tpos = equal_pairs(th[order], h)
+            qpos, rows = np.r_[qpos, tq], np.r_[rows, covered + order[tpos]]
+        keep = rows < limit
+        qpos, rows = qpos[keep], rows[keep]
+        if not len(rows):
+            return out
+        wanted, inverse = np.unique(rows, return_inverse=True)
+        stored = self.samples_at(fmt.UID, wanted)
+        match = np.asarray(stored)[inverse] == query[qpos]
+        qpos, rows = qpos[match], rows[match]
+        out[qpos[::-1]] = rows[::-1]  # uids are unique: at most one match each (first wins if not)
+        return out
+
+    def _rows_of_unindexed(self, query: np.ndarray, limit: int) -> np.ndarray:
+        uids = self.samples(fmt.UID, 0, limit)
+        order = np.argsort(uids, kind="stable")
+        pos = np.minimum(np.searchsorted(uids[order], query), len(order) - 1)
+        found = uids[order][pos] == query
+        return np.where(found, order[pos], -1).astype(np.int64)
 
     def register(self, uids, captions=None, labels=None, source_refs=None, label_names=None, *,
-                 source: dict | None = None, update_metadata: bool = False) -> dict:
+                 source: dict | None = None, update_metadata: bool = False, **batching) -> dict:
         """Append the new uids as rows and fill metadata of the known ones (`featstore.register`)."""
         from .register import register
 
         return register(self, uids, captions=captions, labels=labels, source_refs=source_refs,
-                        label_names=label_names, source=source, update_metadata=update_metadata)
+                        label_names=label_names, source=source, update_metadata=update_metadata, **batching)
 
     def manifest_record(self) -> dict:
-        return self.files.read_json(fmt.MANIFEST_MARKER) or {"duplicates": [], "registrations": []}
+        """Every registration's record and the duplicate uids they rejected (tools read all of
+        them: one small file per registration, plus the single record of older stores)."""
+        rec = self.files.read_json(fmt.MANIFEST_MARKER) or {"duplicates": [], "registrations": []}
+        names = [n for n in self.files.list(fmt.REGISTRATIONS) if n.endswith(".json")]
+        for name in sorted(names, key=lambda n: int(n.split(".")[0]) if n.split(".")[0].isdigit() else -1):
+            one = self.files.read_json(f"{fmt.REGISTRATIONS}/{name}") or {}
+            rec["duplicates"] += one.pop("duplicate_uids", [])
+            rec["registrations"].append(one)
+        seen: set = set()  # a re-run of the same manifest rejects the same duplicates again: count them once
+        rec["duplicates"] = [d for d in rec["duplicates"]
+                             if (d["uid"], d["source_ref"]) not in seen and not seen.add((d["uid"], d["source_ref"]))]
+        return rec
 
-    def record_manifest(self, source: str, result: dict) -> None:
-        """Keep the duplicate uids a registration rejected, and what it registered (store lock held)."""
-        rec = self.manifest_record()
-        seen = {(d["uid"], d["source_ref"]) for d in rec["duplicates"]}
-        rec["duplicates"] += [{**d, "source": result.get("source_id")} for d in result["duplicates"]
-                              if (d["uid"], d["source_ref"]) not in seen]
-        rec["registrations"].append(
-            {"source": source, "source_id": result.get("source_id"), "registered": result["registered"],
-             "already_present": result["already_present"], "duplicates": len(result["duplicates"]), "at": now()}
-        )
-        self.files.write_json(fmt.MANIFEST_MARKER, rec)
+    def record_manifest(self, source: str, result: dict, generation: int) -> None:
+        """Keep what one registration did and the duplicate uids it rejected, in a file of its
+        own (`_progress/registrations/<generation>.json`): O(this registration), store lock held."""
+        self.files.write_json(f"{fmt.REGISTRATIONS}/{int(generation)}.json", {
+            "source": source, "source_id": result.get("source_id"), "registered": result["registered"],
+            "already_present": result["already_present"], "duplicates": len(result["duplicates"]), "at": now(),
+            "duplicate_uids": [{**d, "source": result.get("source_id")} for d in result["duplicates"]]})
 
     # ---- feature sets --------------------------------------------------------------------
     def feature_set_names(self) -> list[str]:
@@ -326,6 +377,15 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.path!r}, rows={self.n_rows}, rows_per_shard={self.rows_per_shard}, features={self.feature_set_names()})"
+
+
+def _strings(values) -> np.ndarray:
+    """Uids as a numpy string array (StringDType), without a Python object per element where
+    they already are numpy strings."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "TU":
+        return arr.astype(np.dtypes.StringDType()) if arr.dtype.kind == "U" else arr
+    return np.array([str(v) for v in arr.reshape(-1).tolist()], dtype=np.dtypes.StringDType()).reshape(arr.shape)
 
 
 def _normpath(path) -> str:

@@ -1,4 +1,8 @@
-"""`featstore upgrade`: convert a format-1 store to format 2 in place, under the store lock.
+"""`featstore upgrade`: convert a store of an older format to the current one in place, under the store lock.
+
+Format 2 -> 3: samples/ arrays are re-sharded (one shard per SAMPLE_SHARD_MIN_ROWS rows, not
+per row block) and the uid index (`featstore.uidindex`) is built from samples/uid; no row of
+any array changes.  Format 1 -> 2 first, where needed:
 
 What format 1 did not record is not invented:
 - sources: one entry per path in the manifest record's registrations, type "auto" (detected
@@ -18,8 +22,10 @@ import numpy as np
 
 from . import format as fmt
 from .errors import ConfigError
-from .progress import Progress
+from .progress import Progress, upgrade_progress
+from .register import BATCH_ROWS
 from .store import Store
+from .uidindex import COMPACT_FACTOR, UidIndex
 from .writer import block_checksums
 
 _DIMS_BY_NAME = {"pooled": fmt.DIMS["pooled"], "valid": fmt.DIMS["valid"], "tokens": fmt.DIMS["tokens"],
@@ -30,39 +36,99 @@ def upgrade(path) -> dict:
     store = Store.open(path, mode="r+", allow_old=True)
     if store.format >= fmt.FORMAT_VERSION:
         raise ConfigError(f"{store.path} already has store format {store.format}: nothing to upgrade")
+    out = {"from": store.format, "to": fmt.FORMAT_VERSION, "sources": len(store.sources), "markers": 0,
+           "markers_dropped": 0, "arrays": 0}
     with store.lock():
         store = store.fresh()
-        old = store.format
-        n = store.n_rows
-        record = store.manifest_record()
-        sources, ids = [], np.full(n, -1, dtype=np.int32)
-        by_location: dict[str, int] = {}
-        row = 0
-        for reg in record.get("registrations", []):
-            loc = str(reg.get("source", ""))
-            if loc not in by_location:
-                by_location[loc] = len(sources)
-                sources.append({"id": len(sources), "type": "auto", "location": loc, "options": {},
-                                "fingerprint": None, "registered_at": reg.get("at"), "rows": 0,
-                                "upgraded_from_format": old})
-            k = int(reg.get("registered", 0))
-            sid = by_location[loc]
-            ids[row:min(row + k, n)] = sid
-            sources[sid]["rows"] += max(0, min(row + k, n) - row)
-            row += k
-        _set_samples_source(store, ids)
-        arrays = _name_dimensions(store)
-        converted, dropped = 0, 0
-        for name in store.feature_set_names():
-            c, d = _convert_markers(store, name)
-            converted, dropped = converted + c, dropped + d
-        meta = store.meta
-        meta.update(format=fmt.FORMAT_VERSION, sources=sources, store_id=meta.get("store_id") or uuid.uuid4().hex,
-                    generation=int(meta.get("generation", 0)) + 1)
-        store.root.attrs["featstore"] = meta
-        store.keep_consolidated()
-    return {"from": old, "to": fmt.FORMAT_VERSION, "sources": len(sources), "markers": converted,
-            "markers_dropped": dropped, "arrays": arrays}
+        if store.format < 2:
+            out.update(_to_format_2(store))
+            store = store.fresh()
+        out.update(_to_format_3(store))
+    return out
+
+
+def _to_format_2(store: Store) -> dict:
+    old = store.format
+    n = store.n_rows
+    record = store.manifest_record()
+    sources, ids = [], np.full(n, -1, dtype=np.int32)
+    by_location: dict[str, int] = {}
+    row = 0
+    for reg in record.get("registrations", []):
+        loc = str(reg.get("source", ""))
+        if loc not in by_location:
+            by_location[loc] = len(sources)
+            sources.append({"id": len(sources), "type": "auto", "location": loc, "options": {},
+                            "fingerprint": None, "registered_at": reg.get("at"), "rows": 0,
+                            "upgraded_from_format": old})
+        k = int(reg.get("registered", 0))
+        sid = by_location[loc]
+        ids[row:min(row + k, n)] = sid
+        sources[sid]["rows"] += max(0, min(row + k, n) - row)
+        row += k
+    _set_samples_source(store, ids)
+    arrays = _name_dimensions(store)
+    converted, dropped = 0, 0
+    for name in store.feature_set_names():
+        c, d = _convert_markers(store, name)
+        converted, dropped = converted + c, dropped + d
+    meta = store.meta
+    meta.update(format=2, sources=sources, store_id=meta.get("store_id") or uuid.uuid4().hex,
+                generation=int(meta.get("generation", 0)) + 1)
+    store.root.attrs["featstore"] = meta
+    store.keep_consolidated()
+    return {"sources": len(sources), "markers": converted, "markers_dropped": dropped, "arrays": arrays}
+
+
+def _to_format_3(store: Store) -> dict:
+    """samples/ arrays re-sharded to whole groups of row blocks (`fmt.sample_shard_rows`), and
+    the uid index built from samples/uid, a batch of rows at a time (every row byte unchanged)."""
+    resharded = sum(_reshard(store, field) for field in store.sample_fields())
+    store.files.remove_tree(fmt.UID_INDEX)  # a partial index of an interrupted upgrade
+    index = UidIndex.create(store.files)
+    n = store.n_rows
+    for a in range(0, n, BATCH_ROWS):
+        b = min(n, a + BATCH_ROWS)
+        index.add(index.hash(store.samples(fmt.UID, a, b)), np.arange(a, b))
+    index.compact(COMPACT_FACTOR * max(1, n))
+    index.commit(n)
+    for name in store.feature_set_names():  # block pointers and blocks.npy (`featstore.progress`)
+        upgrade_progress(store.files, name)
+    meta = store.meta
+    meta.update(format=3, generation=int(meta.get("generation", 0)) + 1)
+    store.root.attrs["featstore"] = meta
+    store.keep_consolidated()
+    return {"resharded": resharded, "indexed": n}
+
+
+def _reshard(store: Store, field: str) -> int:
+    """Rewrite samples/<field> with the format-3 shards, through a complete copy beside it (a kill
+    at any point leaves either the original or the finished copy, which a re-run resumes from)."""
+    group = store.root[fmt.SAMPLES]
+    tmp = f"_{field}_resharding"
+    want = fmt.sample_shard_rows(store.rows_per_shard)
+    if field in group and group[field].shards and group[field].shards[0] == want and tmp not in group:
+        return 0
+    if tmp in group and not group[tmp].attrs.get("complete"):
+        del group[tmp]
+    if tmp not in group:
+        _copy(group[field], group, tmp, store.rows_per_shard, want).attrs["complete"] = True
+    if field in group:
+        del group[field]
+    _copy(group[tmp], group, field, store.rows_per_shard, want)
+    del group[tmp]
+    return 1
+
+
+def _copy(src, group, name: str, rows_per_shard: int, shard: int):
+    is_str = src.dtype.kind not in "biuf"
+    dst = group.create_array(name, shape=src.shape, dtype=str if is_str else src.dtype,
+                             chunks=(fmt.sample_chunk_rows(rows_per_shard, is_str),), shards=(shard,),
+                             fill_value=src.fill_value, dimension_names=fmt.DIMS["valid"],
+                             attributes={k: v for k, v in src.attrs.items() if k != "complete"})
+    for a in range(0, src.shape[0], shard):
+        dst[a : a + shard] = src[a : a + shard]
+    return dst
 
 
 def _set_samples_source(store: Store, ids: np.ndarray) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from . import format as fmt
 from .progress import done_ranges, mask_of
 from .store import Store
+from .strings import unique_counts
 from .writer import block_checksums
 
 
@@ -53,14 +54,16 @@ def _check_samples(store: Store, problems: list, notes: list) -> None:
     if n and fmt.UID not in store.sample_fields():
         problems.append(f"the store has {n} rows but no samples/uid")
         return
-    uids = store.uids().astype(object).astype(str)
+    uids = store.uids()
     if n:
-        values, counts = np.unique(uids, return_counts=True)
+        values, counts = unique_counts(uids)  # not np.unique: see there
         if (counts > 1).any():
             dup = values[counts > 1]
             problems.append(f"{len(dup)} uids appear more than once, e.g. {', '.join(map(str, dup[:3]))}")
         if (uids == "").any():
             problems.append(f"{int((uids == '').sum())} registered rows have an empty uid")
+        if store.format >= 3:
+            _check_uid_index(store, uids, problems)
     sources = store.sources
     if store.format >= 2 and n:
         if fmt.SOURCE not in store.sample_fields():
@@ -204,3 +207,21 @@ def _check_feature_set(store: Store, name: str, problems: list, notes: list) -> 
     if done_rows < n:
         notes.append(f"features/{name}: {n - done_rows:,} of {n:,} rows still to do")
     return checked
+
+
+def _check_uid_index(store, uids, problems: list[str], batch: int = 1 << 20) -> None:
+    """Every row is found at its own uid through the uid index (a batch of rows at a time)."""
+    index = store.uid_index()
+    if index is None:
+        problems.append("the store is format 3 but has no uid index (_index/uid): run featstore upgrade")
+        return
+    lost = 0
+    example = None
+    for a in range(0, len(uids), batch):
+        got = store.lookup_rows(uids[a : a + batch], index, store.n_rows)
+        bad = np.flatnonzero(got != np.arange(a, a + len(got)))
+        lost += len(bad)
+        if len(bad) and example is None:
+            example = int(a + bad[0])
+    if lost:
+        problems.append(f"the uid index does not lead to {lost} rows, e.g. row {example} ({str(uids[example])!r})")

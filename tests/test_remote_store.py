@@ -173,4 +173,4 @@ def test_progress_reads_cost_the_same_few_requests_whatever_the_number_of_blocks
         cost[rows_per_shard] = sorted((r.method, r.key.removeprefix(prefix), r.is_listing)
                                       for r in s3.requests if r.touches(prefix))
     assert cost[1] == cost[3], cost
-    assert len(cost[1]) <= 8, cost[1]  # today: a listing and the index, three times (plan, summary, compaction)
+    assert len(cost[1]) <= 8, cost[1]  # a listing and blocks.npy or the index: plan, summary, compaction

@@ -118,7 +118,7 @@ def test_plain_zarr_and_dask_read_the_store_without_featstore(tmp_path):
     code = f"""
 import sys, zarr, dask.array as da, numpy as np
 g = zarr.open_group({str(tmp_path / 's.zarr')!r}, mode="r")
-assert g.attrs["featstore"]["format"] == 2
+assert g.attrs["featstore"]["format"] == 3
 uids = g["samples/uid"][:]
 x = da.from_zarr(g["features/img/pooled"])
 assert x.shape == (50, 8), x.shape

@@ -59,14 +59,15 @@ def test_format1_reads_refuses_writes_and_upgrades(tmp_path):
     out = subprocess.run([FEATSTORE, "inspect", "--store", str(path)], capture_output=True, text=True, check=True).stdout
     assert "format 1" in out
     out = subprocess.run([FEATSTORE, "upgrade", "--store", str(path)], capture_output=True, text=True, check=True).stdout
-    assert "format 1 -> 2" in out and "2 markers converted" in out
+    assert "format 1 -> 3" in out and "2 markers converted" in out and "20 uids indexed" in out
     st = Store.open(path, mode="r+")
-    assert st.format == 2 and st.sources[0]["location"] == "/data/shards" and st.sources[0]["rows"] == 20
+    assert st.format == 3 and st.sources[0]["location"] == "/data/shards" and st.sources[0]["rows"] == 20
     assert st.samples("source").tolist() == [0] * 20
     fs = st.feature_set("img")
     assert fs.usable_rows().tolist() == [True] * 16 + [False] * 4
     np.testing.assert_array_equal(np.asarray(fs.array("pooled")[:16]), x[:16])
-    assert sorted(os.listdir(path / "_progress" / "img")) == ["0-1.json", "1-1.json"]
+    assert sorted(os.listdir(path / "_progress" / "img")) == ["0-1.json", "1-1.json", "blocks.npy", "index.json", "latest", "layout"]
+    assert sorted(os.listdir(path / "_progress" / "img" / "latest")) == ["0.json", "1.json"]  # O(1) block writes
     assert zarr.open_group(str(path), mode="r")["features/img/pooled"].metadata.dimension_names == fmt.DIMS["pooled"]
     result = verify(st)
     assert result["ok"], result["problems"]

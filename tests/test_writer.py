@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -123,7 +124,9 @@ def test_rows_of_a_block_from_two_writers_are_merged_byte_for_byte(tmp_path):
     np.testing.assert_array_equal(pooled[[1, 3]], (-x[[1, 3]]).astype(np.float16))
     assert (pooled[5:] == 0).all()
     assert store.feature_set("img").usable_rows().tolist() == [True] * 5 + [False] * 3
-    assert sorted(os.listdir(tmp_path / "s.zarr" / "_progress" / "img")) == ["0-2.json"]  # the old version is gone
+    folder = tmp_path / "s.zarr" / "_progress" / "img"
+    assert sorted(n for n in os.listdir(folder) if n.endswith(".json")) == ["0-2.json"]  # the old version is gone
+    assert json.loads((folder / "latest" / "0.json").read_text()) == {"version": 2}  # the block's pointer
     assert verify(store)["ok"], verify(store)["problems"]
 
 
