@@ -97,6 +97,43 @@ class FeatureSet:
     def markers(self) -> dict[int, dict]:
         return self.progress.markers()
 
+    def done_summary(self) -> tuple[np.ndarray, list[int]]:
+        """(rows done per block, the blocks done only in part) from the block summary: O(blocks)."""
+        nb, r = self.store.n_blocks, self.store.rows_per_shard
+        rec = self.progress.summary(nb)
+        size = self.store.block_sizes()
+        current = (rec["version"] >= 0) & (rec["start"] == np.arange(nb) * r)
+        done = np.where(current, np.minimum(rec["n_done"], size), 0)
+        whole = current & (rec["stop"] - rec["start"] == size) & (done == size)
+        return done, np.flatnonzero(current & ~whole & (done > 0)).tolist()
+
+    def todo_rows(self) -> np.ndarray:
+        """Rows not done yet, in order: O(blocks + the rows returned) (partial blocks' markers read)."""
+        done, partial = self.done_summary()
+        partial = set(partial)
+        out = []
+        for b in np.flatnonzero(done < self.store.block_sizes()).tolist():
+            start, stop = self.store.block_range(b)
+            if b in partial:
+                m = self.progress.latest(b)
+                out.append(start + np.flatnonzero(~mask_of(done_ranges(m), start, stop)))
+            else:
+                out.append(np.arange(start, stop))
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+    def is_done(self, rows, summary: tuple | None = None) -> np.ndarray:
+        """Whether each of `rows` is done: O(blocks + len(rows)) (partial blocks' markers read);
+        `summary`: a `done_summary()` just read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        done, partial = summary or self.done_summary()
+        blk = rows // self.store.rows_per_shard
+        out = (done == self.store.block_sizes())[blk] if len(rows) else np.zeros(0, bool)
+        for b in set(partial) & set(np.unique(blk).tolist()):
+            start, stop = self.store.block_range(b)
+            sel = blk == b
+            out[sel] = mask_of(done_ranges(self.progress.latest(b)), start, stop)[rows[sel] - start]
+        return out
+
     def done_mask(self, markers: dict[int, dict] | None = None) -> np.ndarray:
         """Boolean (n_rows,): rows a marker names as done."""
         markers = self.markers() if markers is None else markers
@@ -196,6 +233,7 @@ def create(store: "Store", name: str, identity: dict, dim: int, *, tokens=None, 
         "views": views if views > 1 else None,
         "created": now(),
     })
+    Progress(store.files, name).start()  # its markers all get pointers: writes never list the folder
     return FeatureSet(store, name, group)
 
 

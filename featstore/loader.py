@@ -43,7 +43,9 @@ from . import cache as disk_cache
 from .cache import DiskCache
 from .errors import CheckpointError, ConfigError
 from .files import is_url
-from .readpath import Column, Reader, attach_sources, make_column, served_rows
+from .epoch import EpochOrder, RankEpoch, RankWindows
+from .readpath import Column, Reader, attach_sources, make_column
+from .served import served_set
 from .store import Store
 from .stream import BatchStream
 from .torchdata import DataLoaderEpochs, rank_and_world
@@ -51,6 +53,7 @@ from .views import check_mode, views_of
 
 _aligned_empty = aligned_empty  # benchmarks import it from here
 DEFAULT_WINDOW_BYTES = 256 << 20
+DEFAULT_WINDOW_ROWS_MAX = 1 << 20  # a default window never holds more rows than this per rank
 
 
 class Loader(torch.utils.data.IterableDataset):
@@ -63,7 +66,7 @@ class Loader(torch.utils.data.IterableDataset):
     pinned, ready for non_blocking copies.
 
     The shuffle window is set per rank in rows (`window`) or bytes (`window_bytes`, default
-    256 MiB of the asked columns): `k = window // batch_size` batches are mixed from runs of
+    256 MiB of the asked columns, at most 2^20 rows): `k = window // batch_size` batches are mixed from runs of
     `min(k, rows_per_shard)` rows.  A bigger window only makes reads longer, not the mix better
     (that is a full permutation's already); buffers, where a column needs them, hold at most
     `buffer_bound` bytes.  `window_blocks` is the deprecated spelling of `window` in blocks.
@@ -162,8 +165,8 @@ class Loader(torch.utils.data.IterableDataset):
         self._window_arg, self._window_bytes = window, window_bytes
         self.columns = self._columns()
         self.views = self._check_views()
-        self.served, self._usable = served_rows(store, self.columns, rows)
-        self._fingerprint = order_.fingerprint(self.served)
+        self.served = served_set(store, [c.feature_set for c in self.columns if c.feature_set], rows)
+        self._usable, self._fingerprint = self.served.usable, self.served.fingerprint()
         self._attach()
 
     # ---- columns, served rows, sources -------------------------------------------------------------
@@ -196,7 +199,7 @@ class Loader(torch.utils.data.IterableDataset):
         disk = None
         if self.cache == "disk":
             disk = DiskCache(self.cache_dir, self.cache_limit, self.download_threads)
-        attach_sources(self.columns, self.store, self.served, cache=self.cache, direct=self.direct, disk=disk)
+        attach_sources(self.columns, self.store, self.served.blocks(), cache=self.cache, direct=self.direct, disk=disk)
 
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
@@ -207,6 +210,7 @@ class Loader(torch.utils.data.IterableDataset):
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
         self.store = Store.open(d["store"])
+        self.served.rebind(self.store)
         self.columns = self._columns()
         self._attach()
 
@@ -215,6 +219,7 @@ class Loader(torch.utils.data.IterableDataset):
         event loops); the served set (and a RAM cache) stay as they were."""
         ram = {s.key: s.ram for c in self.columns for s in c.sources()}
         self.store = Store.open(self.store.path)
+        self.served.rebind(self.store)
         self.columns = self._columns(ram)
         self._attach()
 
@@ -230,7 +235,10 @@ class Loader(torch.utils.data.IterableDataset):
         if self._window_arg is not None:
             return int(self._window_arg)
         row_bytes = sum(s.row_bytes for c in self.columns for s in c.sources())
-        return max(self.batch_size, (self._window_bytes or DEFAULT_WINDOW_BYTES) // max(1, row_bytes))
+        rows = (self._window_bytes or DEFAULT_WINDOW_BYTES) // max(1, row_bytes)
+        if self._window_bytes is None:  # small rows: the window's row indices, not its bytes, bound memory
+            rows = min(rows, DEFAULT_WINDOW_ROWS_MAX)
+        return max(self.batch_size, rows)
 
     @property
     def batches_per_window(self) -> int:
@@ -242,20 +250,23 @@ class Loader(torch.utils.data.IterableDataset):
         return order_.window_shape(self.window, self.batch_size, self.store.rows_per_shard)[1]
 
     def order(self) -> np.ndarray:
-        """The global order of this epoch (every served row once)."""
-        return order_.epoch_order(self.served, seed=self.seed, epoch=self.epoch, rows_per_shard=self.store.rows_per_shard,
+        """The global order of this epoch (every served row once), materialized: O(rows), for
+        tools and tests (iterating computes only this rank's windows, `rank_epoch`)."""
+        return order_.epoch_order(self.served.rows(), seed=self.seed, epoch=self.epoch, rows_per_shard=self.store.rows_per_shard,
                                   batch_size=self.batch_size, world_size=self.world_size, window_rows=self.window,
                                   mode=self.mode)
 
-    def batch_rows(self) -> list[np.ndarray]:
-        """This rank's batches of this epoch, as arrays of store rows."""
-        return order_.rank_batches(self.order(), rank=self.rank, world_size=self.world_size,
-                                   batch_size=self.batch_size, drop_last=self.drop_last)
+    def rank_epoch(self) -> RankEpoch:
+        """This rank's batches of this epoch, each computable alone (`featstore.epoch`)."""
+        order = EpochOrder(len(self.served), seed=self.seed, epoch=self.epoch, rows_per_shard=self.store.rows_per_shard,
+                           batch_size=self.batch_size, world_size=self.world_size, window_rows=self.window,
+                           mode=self.mode)
+        return RankEpoch(order, rank=self.rank, drop_last=self.drop_last)
 
-    def _windows(self) -> list[np.ndarray]:
-        """This rank's epoch as read windows (rows of `batches_per_window` batches each)."""
-        b, k = self.batch_rows(), self.batches_per_window
-        return [np.concatenate(b[i : i + k]) for i in range(0, len(b), k)]
+    def batch_rows(self) -> list[np.ndarray]:
+        """This rank's batches of this epoch, as arrays of store rows (all of them: O(rows / ranks))."""
+        mine = self.rank_epoch()
+        return mine.rows(range(len(mine)), self.served.select)
 
     def shuffle_quality(self, labels=None) -> float:
         """Per-batch label entropy of this epoch's batches over a full permutation's (see
@@ -319,17 +330,17 @@ class Loader(torch.utils.data.IterableDataset):
         self.epoch, self.offset = int(epoch), 0
 
     # ---- iterating -----------------------------------------------------------------------------------
-    def _remaining(self) -> list[np.ndarray] | None:
-        """This rank's batches from `offset` on; None when resumed exactly at an epoch's end."""
-        batches = self.batch_rows()
-        sizes = np.cumsum([0] + [len(b) for b in batches])
-        at = np.searchsorted(sizes, self.offset)
-        if at >= len(sizes) or sizes[at] != self.offset:
+    def _remaining(self) -> tuple[RankEpoch, range] | None:
+        """This rank's epoch and its batches from `offset` on; None when resumed exactly at an
+        epoch's end."""
+        mine = self.rank_epoch()
+        at = mine.offset_batch(self.offset)
+        if at is None:
             raise CheckpointError(f"loader offset {self.offset} is not at a batch boundary of this rank's epoch "
-                                  f"({sizes[-1]} rows in batches of {self.batch_size})")
-        if at == len(batches) and self.offset:
+                                  f"({self.num_rows} rows in batches of {self.batch_size})")
+        if at == len(mine) and self.offset:
             return None
-        return batches[at:]
+        return mine, range(at, len(mine))
 
     def __iter__(self):
         if os.getpid() != self._pid:
@@ -344,12 +355,12 @@ class Loader(torch.utils.data.IterableDataset):
             if self.pin_memory:
                 raise ConfigError("a Loader with pin_memory=True cannot pin inside DataLoader workers: "
                                   "use loader.dataloader(num_workers=...) or DataLoader(pin_memory=True)")
+        mine, todo = todo
+        if info is not None:
             todo = todo[info.id :: info.num_workers]
-        k = self.batches_per_window
-        windows = [todo[i : i + k] for i in range(0, len(todo), k)]
+        windows = RankWindows(mine, todo, self.batches_per_window, self.served.select)
         sources = [s for c in self.columns for s in c.sources()]
         disk_cache.fetch_in_read_order(sources, windows, self.store.rows_per_shard)  # cache="disk" only
-        uids = self.store.uids() if self.with_uids else None
         views = None
         if self.views > 1 and self.view != "all":
             views = views_of(self.view, seed=self.seed, epoch=self.epoch, views=self.views)
@@ -360,8 +371,8 @@ class Loader(torch.utils.data.IterableDataset):
                                   read_threads=self.read_threads))
         try:
             for item in stream:
-                if uids is not None:
-                    item["uid"] = [str(u) for u in uids[item["row"].numpy()]]
+                if self.with_uids:
+                    item["uid"] = self.store.samples_at(fmt.UID, item["row"].numpy()).tolist()
                 self.offset += item["row"].shape[0]
                 yield item
         finally:

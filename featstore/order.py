@@ -7,11 +7,12 @@
 Everything below depends only on (seed, epoch, the served rows, rows_per_shard, batch size,
 world size, window, mode); nothing on timing, workers or the read path.
 
-Shuffled (the default), an epoch is built from *runs*: `run` consecutive store rows inside one
-row block (reads stay contiguous: a run is one read, never per-row indexing).  With
+Shuffled (the default), an epoch is built from *runs*: `run` consecutive served rows (reads stay
+contiguous: a run is one read, or two where it crosses a block, never per-row indexing).  With
 `k = window_rows // batch_size` batches in a window (per rank) and `run = min(k, rows_per_shard)`:
 
-1. the runs are put in a seeded random order;
+1. the whole runs are put in a seeded random order (a keyed bijection, `featstore.permute`, so any
+   run's place is computable alone); a short last run stays last;
 2. consecutive runs make a window of `k` global batches (`k * batch_size * world_size` rows);
 3. the window's rows, listed run by run, are dealt round-robin to its `k` global batches, so a
    global batch holds at most one row of any run: its rows come from `batch_size * world_size`
@@ -40,6 +41,8 @@ import hashlib
 
 import numpy as np
 
+from .permute import Permutation
+
 MODES = ("window", "full", "sequential")
 
 
@@ -51,30 +54,38 @@ def window_shape(window_rows: int, batch_size: int, rows_per_shard: int) -> tupl
 
 def epoch_order(served: np.ndarray, *, seed: int, epoch: int, rows_per_shard: int, batch_size: int,
                 world_size: int = 1, window_rows: int | None = None, mode: str = "window") -> np.ndarray:
-    """All served rows (sorted store rows) in this epoch's global order, each once."""
+    """All served rows (sorted store rows) in this epoch's global order, each once: the
+    materialized reference (O(rows)); `featstore.epoch.EpochOrder` computes the same order
+    lazily, window by window, and the Loader uses that."""
     served = np.asarray(served, dtype=np.int64)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if mode == "sequential" or len(served) == 0:
         return served.copy()
-    rng = np.random.default_rng([int(seed), int(epoch)])
     if mode == "full":
-        return rng.permutation(served)
-    g = int(batch_size) * int(world_size)
-    k, run = window_shape(window_rows if window_rows is not None else len(served), batch_size, rows_per_shard)
-    r = int(rows_per_shard)
-    run_id = (served // r) * (-(-r // run)) + (served % r) // run
-    starts = np.flatnonzero(np.r_[True, run_id[1:] != run_id[:-1]])
-    lengths = np.diff(np.r_[starts, len(served)])
-    perm = rng.permutation(len(starts))
-    # the served rows, run after run in the permuted run order
-    first = np.repeat(starts[perm] - np.r_[0, np.cumsum(lengths[perm])[:-1]], lengths[perm])
-    listed = served[first + np.arange(len(served))]
+        return full_permutation(served, seed, epoch)
+    n, g = len(served), int(batch_size) * int(world_size)
+    k, run = window_shape(window_rows if window_rows is not None else n, batch_size, rows_per_shard)
+    whole = n // run
+    perm = run_permutation(whole, seed, epoch)(np.arange(whole))
+    # the served rows, run after run in the permuted run order (the short last run stays last)
+    listed = served[np.concatenate([(perm[:, None] * run + np.arange(run)).reshape(-1), np.arange(whole * run, n)])]
     out = np.empty_like(listed)
     w = k * g
-    for a in range(0, len(listed), w):
-        out[a : a + w] = _deal(listed[a : a + w], max(1, -(-min(w, len(listed) - a) // g)))
+    for a in range(0, n, w):
+        out[a : a + w] = _deal(listed[a : a + w], max(1, -(-min(w, n - a) // g)))
     return out
+
+
+def full_permutation(served: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """mode="full": a full random permutation of the served rows (materialized: the RAM cache
+    holds every column anyway)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(served)
+
+
+def run_permutation(n_runs: int, seed: int, epoch: int) -> Permutation:
+    """The keyed bijection that orders an epoch's whole runs."""
+    return Permutation(n_runs, (int(seed), int(epoch)))
 
 
 def _deal(rows: np.ndarray, nb: int) -> np.ndarray:

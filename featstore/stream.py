@@ -12,6 +12,7 @@ once every batch of the window is gathered.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -22,14 +23,22 @@ _TODO, _CLAIMED, _DONE = 0, 1, 2
 
 
 class BatchStream:
-    """Iterate once: the batches of `windows` (lists of row arrays), in order."""
+    """Iterate once: the batches of `windows`, in order.  `windows` is a sequence of windows
+    (each a list of row arrays), or one that computes a window when asked and says how many
+    batches each holds (`featstore.epoch.RankWindows`: `sizes()`): a window's batches are then
+    computed when the window is prepared, in the read pool, and dropped once it is served."""
 
-    def __init__(self, reader: Reader, windows: list[list], *, ahead: int, read_ahead: int, read_threads: int):
+    def __init__(self, reader: Reader, windows, *, ahead: int, read_ahead: int, read_threads: int):
         self.reader = reader
-        self.windows = [Window(list(w)) for w in windows]
-        self.jobs = [(wi, rows) for wi, w in enumerate(windows) for rows in w]
-        self.left = [len(w) for w in windows]  # batches of each window not gathered yet
-        self.state = [_TODO] * len(self.jobs)
+        self.source = windows
+        sizes = windows.sizes() if hasattr(windows, "sizes") else [len(w) for w in windows]
+        self.firsts = [0]  # the first job (batch) of each window
+        for k in sizes:
+            self.firsts.append(self.firsts[-1] + k)
+        self.n_jobs = self.firsts[-1]
+        self.windows: dict[int, Window] = {}  # started, not yet served whole
+        self.left = list(sizes)  # batches of each window not gathered yet
+        self.state = bytearray(self.n_jobs)  # _TODO / _CLAIMED / _DONE per batch
         self.results: dict[int, object] = {}
         self.ahead, self.read_ahead, self.read_threads = max(1, ahead), read_ahead, read_threads
         self.cond = threading.Condition()
@@ -38,28 +47,37 @@ class BatchStream:
         self.stopped = False
         self.pool: ThreadPoolExecutor | None = None
 
+    def _job(self, j: int) -> tuple[int, int]:
+        """(window, batch within it) of job j."""
+        wi = bisect.bisect_right(self.firsts, j) - 1
+        return wi, j - self.firsts[wi]
+
     # ---- under self.cond ---------------------------------------------------------------------
     def _claim(self) -> int | None:
         """The first unclaimed batch within `ahead` of the consumer (marked claimed), or None."""
-        for j in range(self.next, min(self.next + self.ahead, len(self.jobs))):
+        for j in range(self.next, min(self.next + self.ahead, self.n_jobs)):
             if self.state[j] == _TODO:
                 self.state[j] = _CLAIMED
-                self._start_windows(self.jobs[j][0])
+                self._start_windows(self._job(j)[0])
                 return j
         return None
 
     def _start_windows(self, wi: int) -> None:
-        while self.started < len(self.windows) and self.started <= wi + self.read_ahead:
-            self.reader._start(self.windows[self.started], self.pool)
+        while self.started < len(self.left) and self.started <= wi + self.read_ahead:
+            i = self.started
+            w = Window(None, make=lambda i=i: list(self.source[i]))
+            self.windows[i] = w
+            self.reader._start(w, self.pool)
             self.started += 1
 
     # ---- outside it ----------------------------------------------------------------------------
     def _gather(self, j: int) -> None:
-        wi, rows = self.jobs[j]
-        w = self.windows[wi]
+        wi, bi = self._job(j)
+        with self.cond:
+            w = self.windows[wi]
         try:
             w.wait()
-            item = self.reader.gather(w, rows)
+            item = self.reader.gather(w, w.batches[bi])
         except BaseException as e:  # raised in the consumer when it reaches this batch
             item = e
         with self.cond:
@@ -71,6 +89,8 @@ class BatchStream:
             futures_wait([f for f in (w.prepared,) if f is not None])
             futures_wait(w.futures)
             self.reader._release(w)
+            with self.cond:
+                del self.windows[wi]
 
     def _helper(self) -> None:
         while True:
@@ -86,7 +106,7 @@ class BatchStream:
         helper = threading.Thread(target=self._helper, name="featstore-gather", daemon=True)
         helper.start()
         try:
-            for i in range(len(self.jobs)):
+            for i in range(self.n_jobs):
                 while True:
                     with self.cond:
                         if self.state[i] == _DONE:

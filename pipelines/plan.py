@@ -73,32 +73,30 @@ def _items(store: Store, rows: np.ndarray, records: list[Record] | None, source:
 
 def from_source(store: Store, fs: FeatureSet, source: Source, source_id: int, records: list[Record]) -> dict:
     """The work for `--source X`: {"items", "held", "todo_elsewhere"}."""
-    todo = ~fs.done_mask()  # the progress read of planning: a listing and the index
-    rows, held_records = rows_held(store, records)
-    want = todo[rows] if len(rows) else np.zeros(0, bool)
-    held = np.zeros(store.n_rows, bool)
-    held[rows] = True
+    rows, held_records = rows_held(store, records)  # the uid index: O(records)
+    summary = fs.done_summary()  # the block summary: O(blocks)
+    want = ~fs.is_done(rows, summary)  # and partial blocks' markers
+    done = int(summary[0].sum())
     if fs.field == "caption":
         items = _items(store, rows[want], None, None, None)
     else:
         items = _items(store, rows[want], [r for r, w in zip(held_records, want) if w], source.spec(), source_id)
-    return {"items": items, "held": int(len(rows)), "todo_elsewhere": int((todo & ~held).sum()),
-            "rows_done": int((~todo).sum())}
+    return {"items": items, "held": int(len(rows)), "todo_elsewhere": int(store.n_rows - done - want.sum()),
+            "rows_done": done}
 
 
 def from_recorded(store: Store, fs: FeatureSet, log=print) -> dict:
     """The work with no --source: every row to do, from the source that registered it.
     {"items", "gone": [one line per source that cannot be opened], "not_held", "no_source"}."""
-    todo = np.flatnonzero(~fs.done_mask())
+    todo = fs.todo_rows()  # O(blocks + rows to do)
     done = int(store.n_rows - len(todo))
     if fs.field == "caption":
         return {"items": _items(store, todo, None, None, None), "gone": [], "not_held": 0, "no_source": 0,
                 "rows_done": done}
-    ids = store.samples(fmt.SOURCE)[todo] if fmt.SOURCE in store.sample_fields() else np.full(len(todo), -1)
+    ids = store.samples_at(fmt.SOURCE, todo) if fmt.SOURCE in store.sample_fields() else np.full(len(todo), -1)
     ids = np.asarray(ids, dtype=np.int64)
     sources = {int(s["id"]): s for s in store.sources}
     items, gone, not_held = [], [], 0
-    uids = store.uids()
     no_source = int((ids < 0).sum())
     for sid in sorted(set(ids.tolist()) - {-1}):
         rows = todo[ids == sid]
@@ -115,7 +113,7 @@ def from_recorded(store: Store, fs: FeatureSet, log=print) -> dict:
         if source.fingerprint() != entry.get("fingerprint"):
             log(f"warning: source #{sid} ({entry['location']}) changed since it was registered; "
                 "its rows are matched by uid to what it holds now")
-        found_records = [record_of.get(str(u)) for u in uids[rows]]
+        found_records = [record_of.get(str(u)) for u in store.samples_at(fmt.UID, rows).tolist()]
         found = np.array([r is not None for r in found_records], bool)
         not_held += int((~found).sum())
         items += _items(store, rows[found], [r for r in found_records if r is not None], source.spec(), sid)

@@ -38,14 +38,14 @@ def test_reads_are_runs_and_a_global_batch_takes_one_row_per_run():
     window = 5 * batch
     k, run = window_shape(window, batch, r)
     order = epoch_order(served, seed=3, epoch=2, rows_per_shard=r, batch_size=batch, world_size=world, window_rows=window)
-    run_id = (order // r) * (-(-r // run)) + (order % r) // run
+    run_id = np.searchsorted(served, order) // run  # a run: `run` consecutive served rows
     g = batch * world
     full_windows = len(order) // (k * g) * (k * g)
     for i in range(0, full_windows, g):  # inside full windows: never two rows of one run in a global batch
         assert len(np.unique(run_id[i : i + g])) == g
     # each rank reads only its own runs: rank 0's first window touches about its share of them
     mine = np.concatenate(rank_batches(order, rank=0, world_size=world, batch_size=batch, drop_last=True)[:k])
-    runs_of_mine = np.unique((mine // r) * (-(-r // run)) + (mine % r) // run)
+    runs_of_mine = np.unique(np.searchsorted(served, mine) // run)
     assert len(runs_of_mine) <= 1.5 * batch < g  # interleaved ranks would each touch all g runs
 
 

@@ -53,7 +53,7 @@ def test_each_shard_index_is_fetched_once_and_runs_are_single_requests(stores):
     for _ in range(2):  # two epochs
         assert sum(len(b["row"]) for b in loader) == len(loader.served)
     index_requests = remote.n_blocks  # one per shard, over both epochs
-    runs = 2 * len(np.unique(loader.served // 2))  # at most one ranged read per run and epoch
+    runs = 2 * len(np.unique(loader.served.rows() // 2))  # at most one ranged read per run and epoch
     assert reader.index_fetches == index_requests
     assert reader.requests - index_requests <= runs
 
