@@ -224,10 +224,16 @@ class StopOnInterrupt:
             self._previous = None
 
     def _handle(self, signum, frame) -> None:
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
         if self.requested:
+            # torchrun forwards the terminal's Ctrl-C to every rank, which got it already: that
+            # second SIGINT is the same request (torchrun kills ranks that take over 30 s)
+            if under_torchrun:
+                return
             raise KeyboardInterrupt
         self.requested = True
-        self._log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once, without one)")
+        again = "" if under_torchrun else " (Ctrl-C again to stop at once, without one)"
+        self._log(f"\ninterrupt: saving a checkpoint after this step{again}")
 
     def agree(self, run) -> bool:
         """Whether to stop after this step, the same on every rank (`run`: trainers.distributed.Dist):
