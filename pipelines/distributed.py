@@ -82,18 +82,23 @@ def extract_item_task(spec: ExtractSpec, item: dict) -> dict:
     return {"marker": marker, "worker": _worker_name(), "seconds": time.perf_counter() - t0}
 
 
+# A local cluster lives on loopback: the only reason a connection is slow there is a loaded
+# machine (workers importing torch on busy cores), which is not a reason to fail the job
+LOCAL_TIMEOUTS = {"distributed.comm.timeouts.connect": "300s", "distributed.comm.timeouts.tcp": "300s"}
+
+
 def start_local_cluster(workers: int, device: str):
-    from dask.distributed import LocalCluster
+    import dask
+    from dask.distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
-    if not device.startswith("cuda"):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
-    from dask.distributed import Nanny, Scheduler, SpecCluster
-
-    specs = {
-        i: {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
-        for i in range(workers)
-    }
-    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
+    with dask.config.set(LOCAL_TIMEOUTS):  # the nannies hand this config to their workers
+        if not device.startswith("cuda"):
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        specs = {
+            i: {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+            for i in range(workers)
+        }
+        return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
 
 
 def run_items(spec: ExtractSpec, items: list, *, workers: int | None = None, scheduler: str | None = None,
@@ -101,12 +106,15 @@ def run_items(spec: ExtractSpec, items: list, *, workers: int | None = None, sch
     """Compute work items on a cluster; returns (markers, per-worker stats)."""
     from dask.distributed import Client, as_completed
 
+    import dask
+
     cluster = None
     if scheduler:
         client = Client(scheduler)
     else:
         cluster = start_local_cluster(int(workers), spec.device)
-        client = Client(cluster)
+        with dask.config.set(LOCAL_TIMEOUTS):
+            client = Client(cluster)
     log(f"dask: {len(client.scheduler_info()['workers'])} workers ({'scheduler ' + scheduler if scheduler else 'local cluster'})")
     markers = []
     per_worker: dict[str, dict] = collections.defaultdict(lambda: {"items": 0, "rows": 0, "seconds": 0.0})
