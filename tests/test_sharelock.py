@@ -104,7 +104,8 @@ def test_api_encode_text_runs_the_recorded_backbone_once(tmp_path_factory, monke
     b = sl.encode_text("a photo of a three.")
     assert loads == ["txt"]  # loaded lazily, once
     raw = fake.encode_texts(["a photo of a three."])["pooled"].half().float()  # as stored: fp16
-    assert torch.allclose(b, sl.encode_text_features(raw)) and torch.allclose(a[0], b[0])
+    # a batch of two and a batch of one differ in the last float bits (blocked matmuls)
+    assert torch.allclose(b, sl.encode_text_features(raw), atol=1e-6) and torch.allclose(a[0], b[0], atol=1e-6)
 
 
 def test_load_options_from_identity():
