@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the suite in TEST_WORKERS processes, a test file to a process (its module fixtures built once);
+# the tests wait on events, never on time, so they hold on a machine this busy
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --out demo_out
