@@ -93,3 +93,20 @@ def test_readme_measured_section_is_what_report_py_makes_from_the_results():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_bench_scale_measures_every_size_and_fits_the_curve(tmp_path):
+    """bench_scale as issue 18's figures are made, on tiny sizes: a store grown through two sizes,
+    each operation timed in fresh processes, the fitted slopes and the plot written."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--sizes", "3000,6000", "--rounds", "1",
+           "--rows-per-shard", "1024", "--writers-at", "0", "--dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads((tmp_path / "out" / "scale.json").read_text())
+    assert [p["rows"] for p in d["sizes"]] == [3000, 6000] and [g["to"] for g in d["growth"]] == [3000, 6000]
+    for p in d["sizes"]:
+        for what in ("add_1000", "lookup_1000", "loader_first"):
+            assert p[what]["seconds"] > 0 and p[what]["anon_above_mib"] is not None
+        assert p["files"]["_index/uid"] > 0
+    assert {"per_million_rows", "at_1_28B", "per_doubling", "at_1_28B_log"} <= set(d["fit"]["add_1000"]["seconds"])
+    assert d["registration"]["rows_per_s"] > 0 and (tmp_path / "out" / "scale.png").stat().st_size > 0
