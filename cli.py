@@ -200,7 +200,7 @@ def upgrade(store_path):
     """Convert a store of an older format in place: format 1 -> 2 (sources, dimension names,
     row-level markers), 2 -> 3 (samples re-sharded, the on-disk uid index built).  Rows and
     features are unchanged."""
-    from featstore.upgrade import upgrade as run_upgrade
+    from featstore.tools.upgrade import upgrade as run_upgrade
 
     r = run_upgrade(store_path)
     click.echo(f"{store_path}: format {r['from']} -> {r['to']}; {r['sources']} sources recorded, "
@@ -234,7 +234,7 @@ add_commands(main, friendly=_friendly, store=STORE, echo_json=_echo_json)
 @_friendly
 def inspect(store_path, as_json, plot_path):
     """Show rows, blocks, feature sets, coverage, failures by reason, bytes and identities."""
-    from featstore import inspect as insp
+    from featstore.tools import inspect as insp
     from featstore.store import Store
 
     store = Store.open(store_path)
@@ -256,7 +256,7 @@ def inspect(store_path, as_json, plot_path):
 def verify(store_path, as_json):
     """Check markers against data (checksums), uid uniqueness, NaN/inf and attrs; exit 1 on problems."""
     from featstore.store import Store
-    from featstore.verify import verify as run_verify
+    from featstore.tools.verify import verify as run_verify
 
     result = run_verify(Store.open(store_path))
     if as_json:
@@ -291,7 +291,7 @@ def rm(store_path, name):
 @_friendly
 def export(store_path, name, out, array, view):
     """Export a feature set's valid rows with their uids, as npy or parquet."""
-    from featstore.export import export as run_export
+    from featstore.tools.export import export as run_export
     from featstore.store import Store
 
     result = run_export(Store.open(store_path), name, out, array, view=view)

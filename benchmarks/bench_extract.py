@@ -6,7 +6,7 @@
     faster of fp32 and bf16 here, probed first) for every contender:
       forward      the backbone's forward pass alone on pre-made uint8 tensors
       extract      featstore's block runner: tar → decode+preprocess → forward → store (block
-                   writes on a writer thread behind the forward pass: pipelines/writes.py)
+                   writes on a writer thread behind the forward pass: pipelines/write_behind.py)
       extract_tokens       the same storing the patch tokens as int8 (token x channel, quantized
                            on the writer thread), and `_sync`: with the writes on the forward thread
       extract_e2e  the whole job as `featstore extract` runs it (prepare: manifest + model load, then run)
@@ -328,7 +328,7 @@ def main() -> None:
                   "extract": "BlockRunner.run over the tar (decode thread, forward, block writes on the writer "
                              "thread behind the forward pass), backbone loaded",
                   "extract_tokens": "the same with --tokens --token-dtype int8: token x channel quantization and the "
-                                    "block writes on the writer thread (pipelines/writes.py, one block in flight)",
+                                    "block writes on the writer thread (pipelines/write_behind.py, one block in flight)",
                   "extract_tokens_sync": "the same with writes_in_flight=0: quantization and writes on the forward thread",
                   "extract_e2e": "featstore.pipelines.extract.extract(): manifest, model load, run",
                   "hf_map": "AutoModel + AutoImageProcessor; load_dataset('webdataset') → map(batched=True, "

@@ -125,7 +125,7 @@ def fit(sizes, values) -> dict:
 
 def fill_features(store, name: str = "f", dim: int = 4) -> int:
     """Feature set `name` (dim-4 fp16) over every block not yet written; returns blocks written."""
-    from featstore.writer import write_block
+    from featstore.core.writes import write_block
 
     fs = store.create_feature_set(name, {"model": "bench-scale", "dim": dim}, dim)
     done, _ = fs.done_summary()

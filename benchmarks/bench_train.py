@@ -40,7 +40,7 @@ from featstore.trainers.distributed import Dist
 from featstore.trainers.loading import train_loader
 from featstore.trainers.sharelock import ShareLockModel, count_parameters
 from featstore.trainers.text_sets import train_text
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 
 PRESETS = {
     # rows, image dim, text dim, head width, batch, timed steps per round, ShareLock data-path batches per

@@ -55,7 +55,7 @@ from common import (bench_parser, data_dir, device_string, drop_cache, print_tab
 from featstore.loader import Loader
 from featstore.store import Store
 from featstore.tokens import dequantize_int8, encode_tokens
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 from uta_student import D, PREPROCESS, SEED, T, block_tokens, real_token_fidelity, student_steps, student_store
 
 BATCH = 256

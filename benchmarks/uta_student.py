@@ -20,7 +20,7 @@ from featstore.trainers.distributed import Dist
 from featstore.trainers.loading import train_loader
 from featstore.trainers.train_uta import param_groups, train_step
 from featstore.trainers.uta import UTAConfig, UTAStudent, count_parameters, loader_columns, resolve_arch
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 
 SEED = 0
 T, D = 196, 512  # CLIP ViT-B/16 at 224: 14x14 patch tokens in the 512-d joint space

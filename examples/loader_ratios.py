@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from featstore.loader import Loader  # noqa: E402
 from featstore.store import Store  # noqa: E402
-from featstore.writer import write_block  # noqa: E402
+from featstore.core.writes import write_block  # noqa: E402
 
 DIMS = {"img": 768, "txt": 4096}
 COLUMNS = {k: f"features/{k}/pooled" for k in DIMS}

@@ -42,8 +42,16 @@ class IdentityMismatch(FeatstoreError, ValueError):
     """Writing or reading a feature set whose identity differs from the recorded one."""
 
 
-class UnknownFeatureSet(FeatstoreError, LookupError):
-    """A feature set (or pixels array, or column) that the store does not have."""
+class NotInStore(FeatstoreError, LookupError):
+    """Something named that the store does not have (the message says what it has)."""
+
+
+class UnknownFeatureSet(NotInStore):
+    """A feature set that the store does not have."""
+
+
+class UnknownArray(NotInStore):
+    """An array, column, sample field or pixels set that the store does not have."""
 
 
 class ConfigError(FeatstoreError, ValueError):
@@ -107,6 +115,26 @@ class BadSample(FeatstoreError):
 
     def __reduce__(self):  # pickles across processes (Dask) with reason and detail intact
         return (type(self), (self.reason, self.detail))
+
+
+class UnreadableRows(FeatstoreError, ValueError):
+    """Rows that neither featstore's shard reader nor zarr can read (a damaged shard)."""
+
+
+class StoreChanged(FeatstoreError, RuntimeError):
+    """A block served in part was rewritten after the loader counted its rows."""
+
+    def __init__(self, block: int, path: str):
+        super().__init__(f"{path}: block {block} was rewritten (an extract wrote more rows) after this loader "
+                         "counted its served rows: make a new Loader to serve the store as it is now")
+
+
+class CacheFull(FeatstoreError, OSError):
+    """The disk cache cannot hold the shards a loader reads (its limit, or the disk)."""
+
+
+class FetchFailed(FeatstoreError, OSError):
+    """A shard object could not be fetched into the disk cache, or changed while it was."""
 
 
 def one_line(err: BaseException) -> str:

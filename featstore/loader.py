@@ -6,16 +6,16 @@
         batch["image"], batch["text"], batch["row"]
 
 - Which rows: those in finished blocks, `valid` in every asked feature set, and in `rows`.
-- In what order: `featstore.order` (a pure function of seed, epoch, rank, world size, the served
+- In what order: `featstore.read.order` (a pure function of seed, epoch, rank, world size, the served
   rows, batch size and window): rows of a batch come from runs scattered over the whole store;
   every rank gets the same number of batches.  `cache="ram"` holds the columns in memory and
   uses a full random permutation; `shuffle=False` serves store order.
-- How it reads: `featstore.readpath` (one copy from mapped shard files when local, ranged reads
+- How it reads: `featstore.read.reader` (one copy from mapped shard files when local, ranged reads
   with read-ahead when remote, zarr otherwise; a remote store with `cache="disk"`: its shard
-  objects fetched whole into a local cache, `featstore.cache`, and mapped from there);
-  `featstore.stream`: a helper thread gathers up to `prefetch` batches ahead, and a consumer
+  objects fetched whole into a local cache, `featstore.read.cache`, and mapped from there);
+  `featstore.read.stream`: a helper thread gathers up to `prefetch` batches ahead, and a consumer
   that runs out gathers the next one itself.
-- Stored views (`featstore.views`): columns with a view axis (extract --views K) serve one view
+- Stored views (`featstore.read.views`): columns with a view axis (extract --views K) serve one view
   per row, `view=k` (0: the centre crop) or `view="epoch"` (a pure function of seed, epoch and
   row, the same in every column of the batch, served as `batch["view"]`), or all of them
   (`view="all"`); reads take just that view's bytes of each row.
@@ -35,23 +35,22 @@ import warnings
 import numpy as np
 import torch
 
-from . import format as fmt
-from . import loader_state
-from . import order as order_
-from .buffers import BatchMemory, Buffers, aligned_empty
-from . import cache as disk_cache
-from .cache import DiskCache
-from .errors import CheckpointError, ConfigError
-from .files import is_url
-from .epoch import EpochOrder, RankEpoch, RankWindows
-from .readpath import Column, Reader, attach_sources, make_column
-from .served import served_set
-from .store import Store
-from .stream import BatchStream
-from .torchdata import DataLoaderEpochs, rank_and_world
-from .views import check_mode, views_of
+from featstore.core import format as fmt
+from featstore.read import state as loader_state
+from featstore.read import order as order_
+from featstore.read.buffers import BatchMemory, Buffers
+from featstore.read import cache as disk_cache
+from featstore.read.cache import DiskCache
+from featstore.errors import CheckpointError, ConfigError
+from featstore.core.files import is_url
+from featstore.read.epoch import EpochOrder, RankEpoch, RankWindows
+from featstore.read.reader import Column, Reader, attach_sources, make_column
+from featstore.read.served import served_set
+from featstore.store import Store
+from featstore.read.stream import BatchStream
+from featstore.read.torch_adapters import DataLoaderEpochs, rank_and_world
+from featstore.read.views import check_mode, views_of
 
-_aligned_empty = aligned_empty  # benchmarks import it from here
 DEFAULT_WINDOW_BYTES = 256 << 20
 DEFAULT_WINDOW_ROWS_MAX = 1 << 20  # a default window never holds more rows than this per rank
 
@@ -74,15 +73,15 @@ class Loader(torch.utils.data.IterableDataset):
     Every rank gets the same number of batches (so DDP never hangs): with `drop_last`, full
     batches only; without, every served row once, the last step's rows split between the ranks,
     and only if fewer rows than ranks are left, a rank repeats a row of the epoch's start (see
-    `featstore.order`).
+    `featstore.read.order`).
     `direct=False` reads everything through zarr (the same bytes; tests compare them).
     `cache="disk"` (a store on object storage): each shard object the columns need is fetched
     whole, once, into `cache_dir` (default `$FEATSTORE_CACHE_DIR`, else
     `$XDG_CACHE_HOME/featstore`), `download_threads` at a time in the epoch's read order, and
     read from there as a local store is; `cache_limit` bytes bound the directory (least recently
     used entries of other loaders are evicted; a loader that cannot fit is refused).  The first
-    epoch runs at the server's speed, later epochs and loaders at local speed (`featstore.cache`).
-    `view`: how columns with stored views are served (`featstore.views`): None refuses them,
+    epoch runs at the server's speed, later epochs and loaders at local speed (`featstore.read.cache`).
+    `view`: how columns with stored views are served (`featstore.read.views`): None refuses them,
     "all" gives (batch, K, ...), an int k view k of every row, "epoch" one view per row per epoch
     ((epoch + h(seed, row)) mod K, so every row sees each view once in K epochs); with one view
     per row the batch also holds `view` (int64).  Columns without a view axis are served as
@@ -257,7 +256,7 @@ class Loader(torch.utils.data.IterableDataset):
                                   mode=self.mode)
 
     def rank_epoch(self) -> RankEpoch:
-        """This rank's batches of this epoch, each computable alone (`featstore.epoch`)."""
+        """This rank's batches of this epoch, each computable alone (`featstore.read.epoch`)."""
         order = EpochOrder(len(self.served), seed=self.seed, epoch=self.epoch, rows_per_shard=self.store.rows_per_shard,
                            batch_size=self.batch_size, world_size=self.world_size, window_rows=self.window,
                            mode=self.mode)
@@ -270,7 +269,7 @@ class Loader(torch.utils.data.IterableDataset):
 
     def shuffle_quality(self, labels=None) -> float:
         """Per-batch label entropy of this epoch's batches over a full permutation's (see
-        `featstore.order.shuffle_quality`); labels default to the store's `label` field."""
+        `featstore.read.order.shuffle_quality`); labels default to the store's `label` field."""
         labels = self.store.samples(fmt.LABEL) if labels is None else np.asarray(labels)
         rows = np.concatenate([b for b in self.batch_rows() if len(b) == self.batch_size] or [np.zeros(0, np.int64)])
         return order_.shuffle_quality(labels[rows], self.batch_size, seed=self.seed)

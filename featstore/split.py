@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from .errors import ConfigError
+from featstore.errors import ConfigError
 
 
 def uid_fraction(uids, salt: str = "featstore-split") -> np.ndarray:

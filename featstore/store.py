@@ -7,9 +7,9 @@
 `attrs.featstore` holds the format, the row grid, `n_rows` (the commit point of a registration:
 arrays may be longer after a crash mid-registration; the next registration overwrites the tail),
 the store's identity (`store_id`, `created`, `generation`, bumped by every registration) and
-`sources`, every source rows were registered from (`featstore.register`).  Registration,
+`sources`, every source rows were registered from (`featstore.core.registration`).  Registration,
 feature-set creation and manifest updates hold the store lock (`Store.lock`); feature rows are
-written one whole row block at a time by `featstore.writer` under that block's lock.
+written one whole row block at a time by `featstore.core.writes` under that block's lock.
 
 Every open reads the metadata fresh, never through consolidated metadata; a store that carries
 consolidated metadata has it rewritten after every change, so plain-zarr readers that use it
@@ -24,18 +24,17 @@ import uuid
 import numpy as np
 import zarr
 
-from . import featureset as fsets
-from . import format as fmt
-from .errors import (ConfigError, FormatTooNew, FormatTooOld, NotAStore, ReadOnlyStore, StoreNotFound,
-                     UnknownFeatureSet)
-from .featureset import FeatureSet, identity_diff, jsonable  # noqa: F401 - re-exported
-from .files import StoreFiles, is_url, now
-from .strings import strings_at
-from .uidindex import UidIndex, equal_pairs
+from featstore.core import featureset as fsets
+from featstore.core import format as fmt
+from featstore.errors import (ConfigError, FormatTooNew, FormatTooOld, NotAStore, ReadOnlyStore, StoreNotFound,
+                              UnknownArray, UnknownFeatureSet)
+from featstore.core.featureset import FeatureSet
+from featstore.core.identity import jsonable
+from featstore.core.files import StoreFiles, is_url, now
+from featstore.core.strings import strings_at
+from featstore.core.uidindex import UidIndex, equal_pairs
 
 STR_FIELDS = fmt.STR_FIELDS
-_now = now  # old names, kept for callers
-_is_url = is_url
 
 
 class Store:
@@ -119,12 +118,12 @@ class Store:
 
     def lock(self):
         """The store lock: registration, feature-set creation and manifest updates hold it."""
-        self._require_writable()
+        self.require_writable()
         return self.files.lock("store", "the store")
 
     def block_lock(self, name: str, block: int):
         """The lock of one row block of one feature set (the read-back -> write -> marker cycle)."""
-        self._require_writable()
+        self.require_writable()
         return self.files.lock(f"{name}.{block}", f"block {block} of features/{name}")
 
     # ---- the row grid --------------------------------------------------------------------
@@ -177,7 +176,7 @@ class Store:
         try:
             arr = self.root[f"{fmt.SAMPLES}/{field_name}"]
         except KeyError:
-            raise UnknownFeatureSet(f"the store has no sample field '{field_name}'") from None
+            raise UnknownArray(f"the store has no sample field '{field_name}'") from None
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         if stop <= start:
             return np.asarray(arr[0:0])
@@ -185,7 +184,7 @@ class Store:
 
     def samples_at(self, field_name: str, rows) -> np.ndarray:
         """Values of a per-sample field at `rows` (any order): reads only the chunks they fall in
-        (string fields straight from their shard files, `featstore.strings`)."""
+        (string fields straight from their shard files, `featstore.core.strings`)."""
         rows = np.asarray(rows, dtype=np.int64)
         arr = self.root[f"{fmt.SAMPLES}/{field_name}"]
         if np.dtype(arr.dtype).kind == "T":
@@ -198,7 +197,7 @@ class Store:
         return self.samples(fmt.UID)
 
     def uid_index(self) -> UidIndex | None:
-        """The store's uid index as committed now (`featstore.uidindex`); None before format 3."""
+        """The store's uid index as committed now (`featstore.core.uidindex`); None before format 3."""
         return UidIndex.open(self.files)
 
     def rows_of(self, uids) -> np.ndarray:
@@ -244,8 +243,8 @@ class Store:
 
     def register(self, uids, captions=None, labels=None, source_refs=None, label_names=None, *,
                  source: dict | None = None, update_metadata: bool = False, **batching) -> dict:
-        """Append the new uids as rows and fill metadata of the known ones (`featstore.register`)."""
-        from .register import register
+        """Append the new uids as rows and fill metadata of the known ones (`featstore.core.registration`)."""
+        from featstore.core.registration import register
 
         return register(self, uids, captions=captions, labels=labels, source_refs=source_refs,
                         label_names=label_names, source=source, update_metadata=update_metadata, **batching)
@@ -293,13 +292,13 @@ class Store:
         int8 tokens get `token_scaling` (`featstore.tokens`): "token" (one scale per token, the
         default here so existing callers keep their layout) or "token_channel" (what extraction
         gives new feature sets).  `views` K > 1 stores K views per row on a `view` axis after
-        `row` (with view_crops and view_flips; `featstore.featureset`); 1 is the plain layout.
+        `row` (with view_crops and view_flips; `featstore.core.featureset`); 1 is the plain layout.
 
         A feature set of the same name made with a different identity is refused, showing the
         difference.  Arrays are sharded on the store's row grid, chunks sized by row width.
         Runs under the store lock, so two processes creating the same name get one feature set.
         """
-        self._require_writable()
+        self.require_writable()
         fsets.check_name(name)
         identity = jsonable(identity)
         with self.lock():
@@ -311,7 +310,7 @@ class Store:
                 self.root = cur.root
                 return FeatureSet(self, name, fs.group)
             if pixels and pixels in cur.pixels_names():
-                from .errors import IdentityMismatch
+                from featstore.errors import IdentityMismatch
 
                 raise IdentityMismatch(f"pixels '{pixels}' already exist in {self.path}: pick another pixels name")
             fs = fsets.create(cur, name, identity, dim, tokens=tokens, token_dtype=token_dtype, dtype=dtype,
@@ -329,13 +328,13 @@ class Store:
     def pixels(self, name: str) -> zarr.Array:
         if name not in self.pixels_names():
             have = ", ".join(self.pixels_names()) or "none"
-            raise UnknownFeatureSet(f"the store has no pixels '{name}' (it has: {have})")
+            raise UnknownArray(f"the store has no pixels '{name}' (it has: {have})")
         return self.root[f"{fmt.PIXELS}/{name}"]
 
     def remove_feature_set(self, name: str) -> None:
         """Delete a feature set, the pixels written with it, its markers, and the prompt features
         eval cached for it (`prompts/<name>`)."""
-        self._require_writable()
+        self.require_writable()
         with self.lock():
             cur = self.fresh()
             fs = cur.feature_set(name)
@@ -356,7 +355,7 @@ class Store:
         except KeyError:
             node = None
         if not isinstance(node, zarr.Array):
-            raise UnknownFeatureSet(f"the store has no array '{path}'")
+            raise UnknownArray(f"the store has no array '{path}'")
         return node
 
     # ---- consolidated metadata -----------------------------------------------------------
@@ -371,7 +370,7 @@ class Store:
             zarr.consolidate_metadata(self.path, zarr_format=3)
             self._consolidated = True
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
         if self.mode == "r":
             raise ReadOnlyStore(f"{self.path} was opened read-only: open it with mode='r+' to write")
 

@@ -70,7 +70,12 @@ def quantize_int8_token_channel(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray, dtype=np.float16, channel_scale: np.ndarray | None = None) -> np.ndarray:
-    """q * scale[..., None] (per token), times channel_scale[..., None, :] when given (token x channel)."""
+    """q * scale[..., None] (per token), times channel_scale[..., None, :] when given (token x channel).
+    numpy arrays give `dtype`; torch tensors (the training step's, on their device) give float32
+    there, one fused multiply per scale."""
+    if not isinstance(q, np.ndarray) and hasattr(q, "unsqueeze"):
+        x = q.float() * scale.float().unsqueeze(-1)
+        return x * channel_scale.float().unsqueeze(-2) if channel_scale is not None else x
     x = q.astype(np.float32) * scale.astype(np.float32)[..., None]
     if channel_scale is not None:
         x *= channel_scale.astype(np.float32)[..., None, :]

@@ -3,7 +3,7 @@
     one item:  read the rows' image bytes from their source (a reader thread, one item ahead; or
                their captions from the store) -> decode+preprocess in a pool, running ahead of the forward pass -> backbone
                forward in batches (autocast) -> handed to the writer thread (`writes`), which
-               quantizes int8 tokens and runs `featstore.writer.write_rows` (under the block's
+               quantizes int8 tokens and runs `featstore.core.writes.write_rows` (under the block's
                lock: done rows read back, the whole block written, then its marker) while the
                forward pass computes the next item
 
@@ -30,18 +30,18 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
-from featstore import format as fmt
+from featstore.core import format as fmt
 from featstore.errors import BadSample
 from featstore.store import Store
 from featstore.tokens import check_fidelity, encode_tokens
-from featstore.writer import write_rows
+from featstore.core.writes import write_rows
 
 from . import plan
 from .backbones import Backbone, load_backbone
 from .preprocess import Preprocess, load_and_preprocess
 from .sources import open_source
 from .views import ViewSpec, decode_views
-from .writes import WriteBehind
+from .write_behind import WriteBehind
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Run extraction work items on a Dask cluster: one task per work item (rows of one row block).
 
 The coordinator has already registered every row and created every array (`extract.prepare`);
-a task computes its rows and writes them under its block's lock (`featstore.writer`), so two
+a task computes its rows and writes them under its block's lock (`featstore.core.writes`), so two
 tasks of one block, or a task Dask runs twice (a worker presumed dead comes back, or a worker
 dies and the task is retried elsewhere), lose nothing and never write a row twice.
 

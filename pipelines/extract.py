@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import time
 
-import torch
 
-from featstore import format as fmt
+from featstore.core import format as fmt
+from featstore.device import resolve_device
 from featstore.errors import ConfigError, ExtractFailed, SourceError
-from featstore.featureset import check_name, check_same, jsonable
-from featstore.progress import Progress
+from featstore.core.featureset import check_name, check_same, jsonable
+from featstore.core.progress import Progress
 from featstore.store import Store, store_exists
 
 from . import plan
@@ -57,8 +57,7 @@ def _check_options(field, token_dtype, dtype, precision, batch_size, pixels, tok
         raise ConfigError(f"--rows-per-shard must be >= 1, not {rows_per_shard}")
     if (pixels or tokens) and field != "image":
         raise ConfigError("--pixels and --tokens only apply to --field image")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device here")
+    resolve_device(device)
     if source_path is None:
         given = [k for k, v in source_options.items() if v is not None]
         if given or update_metadata:
@@ -109,9 +108,9 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         check_name(name)
     view_spec = _view_spec(views, field, view_seed=view_seed, view_scale=view_scale, view_ratio=view_ratio,
                            view_flip=view_flip)
-    existing = Store.open(store_path) if _store_exists(store_path) else None
+    # writable and of the current format, or a clear refusal now; this one object serves the job
+    existing = Store.open(store_path, mode="r+") if _store_exists(store_path) else None
     if existing is not None:
-        Store.open(store_path, mode="r+")  # writable and of the current format, or a clear refusal now
         if rows_per_shard is not None and rows_per_shard != existing.rows_per_shard:
             raise ConfigError(f"{store_path} has rows_per_shard {existing.rows_per_shard}; --rows-per-shard "
                               f"{rows_per_shard} cannot take effect on an existing store: omit it")
@@ -151,7 +150,7 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         if label_column and not any(r.label is not None for r in records):
             raise ConfigError(f"--label-column {label_column}: no sample of {source_path} has an integer label there")
 
-    store = Store.create(store_path, rows_per_shard=rows_per_shard or fmt.DEFAULT_ROWS_PER_SHARD)
+    store = existing or Store.create(store_path, rows_per_shard=rows_per_shard or fmt.DEFAULT_ROWS_PER_SHARD)
     registered = {"registered": 0, "duplicates": [], "records": records}
     if source is not None:
         labels_ = [r.label for r in records]

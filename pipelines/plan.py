@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from featstore import format as fmt
+from featstore.core import format as fmt
 from featstore.errors import FeatstoreError, SourceError
-from featstore.featureset import FeatureSet
+from featstore.core.featureset import FeatureSet
 from featstore.store import Store
 
 from .sources import Record, Source, open_source

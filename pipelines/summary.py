@@ -22,7 +22,7 @@ def summarize_run(store, spec, markers: list[dict], registered: dict | None, sec
     valid = sum(w.get("valid", 0) for w in writes)
     cur = store.fresh()
     fs = cur.feature_set(spec.name)
-    progress = fs.markers()  # read once: a listing and the index (`featstore.progress`)
+    progress = fs.markers()  # read once: a listing and the index (`featstore.core.progress`)
     done = fs.done_mask(progress)
     usable = done & np.asarray(fs.array("valid")[: cur.n_rows]) if cur.n_rows else done
     registered = registered or {}

@@ -3,7 +3,7 @@ and two such lists equal."""
 
 import numpy as np
 
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 from storeutil import make_store
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from featstore.store import Store
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 
 LATENT, IMAGE_DIM, TEXT_DIM, N_CLASSES = 12, 48, 80, 10
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from featstore.store import Store
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 
 
 def block_features(name: str, block: int, n: int, dim: int) -> np.ndarray:

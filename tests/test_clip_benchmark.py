@@ -31,7 +31,7 @@ from featstore.trainers import prompts
 from featstore.trainers.evaluate import evaluate
 from featstore.trainers.sharelock import ShareLock
 from featstore.trainers.train_head import train_head
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 
 from sharelock_data import M, image_view, one_thread
 

@@ -11,7 +11,7 @@ import zarr
 
 from featstore.pipelines.extract import extract
 from featstore.store import Store
-from featstore.verify import verify
+from featstore.tools.verify import verify
 from imagedata import encode, real_images, write_shard
 
 QUIET = dict(progress=False, log=lambda *_: None)

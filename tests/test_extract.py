@@ -15,7 +15,7 @@ import zarr
 from featstore.errors import ConfigError, IdentityMismatch
 from featstore.pipelines.extract import extract
 from featstore.store import Store
-from featstore.verify import verify
+from featstore.tools.verify import verify
 from imagedata import bad_input_samples, encode, real_images, write_shard
 from signals import default_sigint
 
@@ -227,9 +227,9 @@ def test_cli_summary_and_one_line_errors(tmp_path, shards):
 
 # ---- int8 tokens: token x channel for new feature sets, per-token ones kept -----------------------------
 def test_int8_tokens_get_token_x_channel_scaling_checked_per_block(tmp_path, shards, tiny_dinov2_path):
-    from featstore import format as fmt
-    from featstore.export import export
-    from featstore.inspect import summarize
+    from featstore.core import format as fmt
+    from featstore.tools.export import export
+    from featstore.tools.inspect import summarize
     from featstore.tokens import MIN_COSINE, dequantize_int8
 
     store = tmp_path / "s.zarr"

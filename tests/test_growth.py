@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 from featstore.store import Store
-from featstore.verify import verify
+from featstore.tools.verify import verify
 from imagedata import encode, real_images, write_shard
 from readonly import read_only_prefix
 

@@ -23,7 +23,7 @@ from featstore.store import Store
 from featstore.trainers.evaluate import evaluate
 from featstore.trainers.import_sharelock import import_sharelock
 from featstore.trainers.sharelock import ShareLock, load_checkpoint
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 
 import omegaconf  # a test dependency, only to build the fixture the way ShareLock's train.py makes its config
 

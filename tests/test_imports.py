@@ -31,21 +31,16 @@ def modules() -> dict[str, str]:
     return out
 
 
-def _type_checking_only(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def imports_of(name: str, path: str, known: dict[str, str]) -> list[tuple[str, str]]:
     """(imported module, the name imported from it or '') for every import in the file, at any
-    depth but `if TYPE_CHECKING:` blocks, resolved to the package's modules."""
+    depth, `if TYPE_CHECKING:` blocks and imports inside functions included (each only hides a
+    cycle), resolved to the package's modules."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     is_package = path.endswith("__init__.py")
     here = name if is_package else name.rpartition(".")[0]
     out = []
 
     def visit(node):
-        if _type_checking_only(node):
-            return
         if isinstance(node, ast.Import):
             out.extend((a.name, "") for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -125,6 +120,38 @@ def test_layers():
             assert not {d for d in deps if d.startswith(("featstore.pipelines", "featstore.trainers", "featstore.command"))}, name
         if name.startswith("featstore.pipelines"):
             assert not {d for d in deps if d.startswith(("featstore.trainers", "featstore.command"))}, name
+
+
+# featstore/'s rooms (docs/DESIGN.md): what each may import of featstore itself.  errors and
+# tokens are leaves every room may use; device is the jobs' device check.
+LEAVES = ("featstore.errors", "featstore.tokens")
+ROOMS = {
+    "featstore.core": ("featstore.core", *LEAVES),
+    "featstore.read": ("featstore.core", "featstore.read", *LEAVES),
+    "featstore.store": ("featstore.core", *LEAVES),
+    "featstore.loader": ("featstore.core", "featstore.read", "featstore.store", *LEAVES),
+    "featstore.tools": ("featstore.core", "featstore.read", "featstore.store", "featstore.tools", *LEAVES),
+}
+
+
+def room_of(name: str) -> str | None:
+    return next((r for r in ROOMS if name == r or name.startswith(r + ".")), None)
+
+
+def test_rooms():
+    """core/ imports only itself (and the leaves), read/ the core, the store the core, the Loader
+    the read path and the store, tools/ all of them; nobody but the command imports tools/."""
+    edges = graph()
+    wrong = []
+    for name, deps in edges.items():
+        for d in deps:
+            room = room_of(name)
+            if room and d.startswith("featstore.") and not d.startswith(ROOMS[room]) and d != room:
+                wrong.append(f"{name} imports {d}")
+            if d.startswith("featstore.tools") and room != "featstore.tools" and name != "featstore.command.cli":
+                wrong.append(f"{name} imports {d} (only the command runs tools)")
+    assert wrong == []
+    assert {room_of(n) for n in edges} >= set(ROOMS)  # every room has modules
 
 
 def test_nobody_uses_another_modules_private_names():

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.errors import CheckpointError, ConfigError, FeatstoreError, UnknownFeatureSet
-from featstore import loader_state
+from featstore.errors import CheckpointError, ConfigError, FeatstoreError, UnknownArray, UnknownFeatureSet
+from featstore.read import state as loader_state
 from featstore.loader import Loader
 from featstore.split import split_by_uid
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 from storeutil import block_features, fill_feature_set, make_store
 
 N, R = 203, 16
@@ -168,7 +168,7 @@ def test_int8_tokens_come_back_dequantized(tmp_path):
 def test_unknown_columns_and_bad_options_are_clear(store):
     with pytest.raises(UnknownFeatureSet, match="no feature set 'nope'"):
         Loader(store, ["features/nope/pooled"], 4)
-    with pytest.raises(UnknownFeatureSet, match="is not a column"):
+    with pytest.raises(UnknownArray, match="is not a column"):
         Loader(store, ["whatever"], 4)
     with pytest.raises(ConfigError, match="full permutation"):
         Loader(store, ["features/a/pooled"], 4, cache="ram", window=64)

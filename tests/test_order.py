@@ -1,9 +1,9 @@
-"""The epoch order (featstore.order): mixing, the rank rule, purity.  Pure functions, no store."""
+"""The epoch order (featstore.read.order): mixing, the rank rule, purity.  Pure functions, no store."""
 
 import numpy as np
 import pytest
 
-from featstore.order import (batches_per_rank, epoch_order, rank_batches, shuffle_quality, window_shape)
+from featstore.read.order import (batches_per_rank, epoch_order, rank_batches, shuffle_quality, window_shape)
 
 
 def block_window_order(served, seed, r, blocks_per_window=4):

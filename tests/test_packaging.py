@@ -27,7 +27,7 @@ def test_wheel_holds_only_the_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     files = [n for n in names if ".dist-info/" not in n]
     assert {n.split("/")[0] for n in files} == {"featstore"}
-    assert {n.split("/")[1] for n in files if n.count("/") > 1} == {"command", "configs", "pipelines", "trainers"}
+    assert {n.split("/")[1] for n in files if n.count("/") > 1} == {"command", "configs", "core", "pipelines", "read", "tools", "trainers"}
     assert [n for n in files if n.startswith("featstore/command/")] == ["featstore/command/cli.py"]
     assert {"featstore/configs/sharelock.yaml", "featstore/configs/uta.yaml", "featstore/configs/demo.yaml",
             "featstore/trainers/data/classnames.json", "featstore/trainers/data/templates.json"} <= set(files)

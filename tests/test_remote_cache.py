@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-from featstore.cache import CacheFull, FetchFailed
+from featstore.errors import CacheFull, FetchFailed
 from featstore.errors import ConfigError
 from featstore.loader import Loader
 from featstore.store import Store

@@ -75,9 +75,9 @@ def test_extract_grow_and_verify_a_store_on_s3(s3_env, shards, tiny_llama_path):
     r = cli(s3_env, "extract", "--store", url, "--source", b, "--backbone", tiny_llama_path, "--name", "txt",
             "--field", "caption", "--no-progress")
     assert r.returncode == 0 and "coverage: 10 of 10 rows done (10 usable)" in r.stdout, r.stdout + r.stderr
-    from featstore.inspect import summarize
+    from featstore.tools.inspect import summarize
     from featstore.store import Store
-    from featstore.verify import verify
+    from featstore.tools.verify import verify
 
     st = Store.open(url)  # what `featstore verify` / `inspect` run, in this process
     assert verify(st)["ok"], verify(st)["problems"]

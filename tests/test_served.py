@@ -1,15 +1,15 @@
-"""The Loader's O(blocks) setup: served rows from block summaries (featstore.served) and the
-epoch order computed lazily per rank and window (featstore.epoch), each checked against its
+"""The Loader's O(blocks) setup: served rows from block summaries (featstore.read.served) and the
+epoch order computed lazily per rank and window (featstore.read.epoch), each checked against its
 O(rows) reference: the masks read whole, and order.epoch_order materialized."""
 
 import numpy as np
 import pytest
 
-from featstore import order as order_
-from featstore.epoch import EpochOrder, RankEpoch
+from featstore.read import order as order_
+from featstore.read.epoch import EpochOrder, RankEpoch
 from featstore.loader import Loader
-from featstore.served import served_set
-from featstore.writer import write_rows
+from featstore.read.served import served_set
+from featstore.core.writes import write_rows
 from storeutil import block_features, fill_feature_set, make_store
 
 N, R = 331, 16
@@ -106,7 +106,7 @@ def test_a_class_sorted_store_still_mixes(tmp_path):
 def test_a_block_rewritten_after_setup_is_refused_not_served_wrong(tmp_path):
     """A partial block's rows are read when a batch needs them: if an extract rewrote the block
     since the loader counted it, iterating stops with one line instead of serving other rows."""
-    from featstore.served import StoreChanged
+    from featstore.errors import StoreChanged
 
     s = make_store(tmp_path / "s.zarr", n=64, rows_per_shard=16)
     fill_feature_set(s, "f", 4, blocks=[0, 1, 3])

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from featstore import format as fmt
+from featstore.core import format as fmt
 from featstore.errors import FormatTooNew, IdentityMismatch, NotAStore, StoreNotFound, UnknownFeatureSet
 from featstore.store import Store
 from storeutil import make_store

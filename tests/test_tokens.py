@@ -161,7 +161,7 @@ def test_token_channel_beats_per_channel_alone_on_high_norm_tokens(residual_stre
 def _token_channel_store(path):
     from featstore.store import Store
     from featstore.tokens import encode_tokens
-    from featstore.writer import write_block
+    from featstore.core.writes import write_block
 
     store = Store.create(path, rows_per_shard=4)
     store.register([f"u{i}" for i in range(8)])

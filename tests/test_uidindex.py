@@ -1,4 +1,4 @@
-"""The on-disk uid index (featstore.uidindex, featstore.uidhash): it agrees with a dict, through
+"""The on-disk uid index (featstore.core.uidindex, featstore.core.uidhash): it agrees with a dict, through
 collisions, growth and compaction, concurrent writers and a kill -9 mid-registration."""
 
 import os
@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from featstore import uidhash, uidindex
+from featstore.core import uidhash
+
+from featstore.core import uidindex
 from featstore.store import Store
-from featstore.verify import verify
+from featstore.tools.verify import verify
 
 
 def random_uids(rng, n, prefix=""):
@@ -124,12 +126,12 @@ def test_kill_9_mid_registration_then_a_rerun_completes_it(tmp_path):
 
 
 def test_stored_uids_read_straight_from_shards_are_zarrs(tmp_path):
-    """featstore.strings reads candidates' uids from the shard files: the same strings as zarr,
+    """featstore.core.strings reads candidates' uids from the shard files: the same strings as zarr,
     unicode, empty chunks and a shard not written included; a damaged shard index is refused."""
     import zarr
 
     from featstore.errors import FeatstoreError
-    from featstore.strings import strings_at
+    from featstore.core.strings import strings_at
 
     arr = zarr.create_array(tmp_path / "a.zarr", shape=(5000,), shards=(2048,), chunks=(256,), dtype=str,
                             fill_value="")

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import zarr
 
-from featstore import format as fmt
+from featstore.core import format as fmt
 from featstore.store import Store
-from featstore.verify import verify
-from featstore.writer import checksum
+from featstore.tools.verify import verify
+from featstore.core.writes import checksum
 
 FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
 

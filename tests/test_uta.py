@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from featstore.errors import CheckpointError, ConfigError, IdentityMismatch, Interrupted, UnknownFeatureSet
+from featstore.errors import CheckpointError, ConfigError, IdentityMismatch, Interrupted, UnknownArray
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
@@ -334,7 +334,7 @@ def test_bad_arguments_fail_before_work(digits, main_run, tmp_path):
         train_uta(store_path, "clip-text", "crops", tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match="--pixels"):
         train_uta(store_path, "clip", None, tmp_path / "c", progress=False)
-    with pytest.raises(UnknownFeatureSet, match="nope"):
+    with pytest.raises(UnknownArray, match="no pixels .nope."):
         train_uta(store_path, "clip", "nope", tmp_path / "d", progress=False)
     with pytest.raises(ConfigError, match="student"):
         train_uta(store_path, "clip", "crops", tmp_path / "e", student="huge", progress=False)

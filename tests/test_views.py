@@ -11,15 +11,15 @@ import pytest
 import zarr
 
 from featstore.errors import CheckpointError, ConfigError, IdentityMismatch
-from featstore.export import export
-from featstore.inspect import format_summary, summarize
+from featstore.tools.export import export
+from featstore.tools.inspect import format_summary, summarize
 from featstore.loader import Loader
 from featstore.pipelines.extract import extract
 from featstore.pipelines.preprocess import Preprocess, decode_image
 from featstore.pipelines.views import EVA02_RATIO, EVA02_SCALE, view_box_pixels
 from featstore.store import Store
 from featstore.tokens import dequantize_int8
-from featstore.verify import verify
+from featstore.tools.verify import verify
 from imagedata import encode, real_images, write_shard
 from sharelock_data import one_thread
 

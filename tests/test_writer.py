@@ -11,15 +11,15 @@ import pytest
 import zarr
 
 from featstore.store import Store
-from featstore.verify import verify
-from featstore.writer import write_block, write_rows
+from featstore.tools.verify import verify
+from featstore.core.writes import write_block, write_rows
 from storeutil import block_features, make_store
 
 WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from featstore.store import Store
-    from featstore.writer import write_block
+    from featstore.core.writes import write_block
     from storeutil import block_features
     import numpy as np
     store = Store.open({path!r}, mode="r+")
@@ -131,7 +131,7 @@ def test_rows_of_a_block_from_two_writers_are_merged_byte_for_byte(tmp_path):
 
 
 def test_progress_reads_cost_a_listing_and_the_index(tmp_path):
-    from featstore.progress import Progress
+    from featstore.core.progress import Progress
 
     store = make_store(tmp_path / "s.zarr", n=64, rows_per_shard=8, features={"img": 4})
     reads = []

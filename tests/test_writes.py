@@ -1,4 +1,4 @@
-"""Block writes on a writer thread behind the forward pass (pipelines/writes.py), through `extract`
+"""Block writes on a writer thread behind the forward pass (pipelines/write_behind.py), through `extract`
 on real images with the tiny saved DINOv2: the bytes of the synchronous path, a failed write stops
 the job in one line and a re-run completes, Ctrl-C keeps every block handed over."""
 
@@ -14,7 +14,7 @@ import zarr
 
 from featstore.pipelines.extract import extract
 from featstore.store import Store
-from featstore.verify import verify
+from featstore.tools.verify import verify
 from imagedata import encode, real_images, write_shard
 from signals import default_sigint
 

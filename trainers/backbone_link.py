@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from featstore.errors import CheckpointError, IdentityMismatch
-from featstore.identity import identity_diff, lines
+from featstore.core.identity import identity_diff, lines
 
 # Keys of a stored identity that say how it was stored or what else was kept, not what the pooled
 # features are: a backbone loaded only to encode pooled features may differ in them.

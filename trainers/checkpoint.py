@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from featstore.errors import CheckpointError, IdentityMismatch
-from featstore.identity import identity_diff, lines
+from featstore.core.identity import identity_diff, lines
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "checkpoint.json"
 

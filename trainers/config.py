@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 
 import yaml
 
+from featstore.device import resolve_device  # noqa: F401 - the trainers' name for it
 from featstore.errors import ConfigError
 
 
@@ -195,20 +196,6 @@ def load_config(config_file=None, overrides=(), base: Config | None = None) -> C
         cfg = apply(cfg, values, str(config_file))
     sets = dict(parse_set(item) for item in overrides or ())
     return apply(cfg, sets, "--set") if sets else cfg.validate()
-
-
-def resolve_device(device) -> "torch.device":
-    """`device` as a torch.device, or a ConfigError naming the problem.  (The extract job has the
-    same check in pipelines/backbones/resolve.py; training never imports the backbone code.)"""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device} asked for, but CUDA is not available here; use --device cpu")
-    return dev
 
 
 def _coerce(key: str, value, hint, where: str):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featstore import format as fmt
+from featstore.core import format as fmt
 from featstore.errors import CheckpointError, ConfigError
 from featstore.loader import Loader
 from featstore.store import Store

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featstore import format as fmt
+from featstore.core import format as fmt
 from featstore.errors import BackboneError, ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def shuffle_window(cfg) -> dict:
     """The Loader keyword for a config's `shuffle_window` (None: the Loader's own default, sized in
     bytes).  The window is this rank's read window in rows: batches mix rows from across the whole
-    served set at any size (featstore/order.py); a larger window means longer contiguous reads and
+    served set at any size (featstore/read/order.py); a larger window means longer contiguous reads and
     more memory."""
     value = getattr(cfg, "shuffle_window", None)
     return {} if value is None else {"window": int(value)}

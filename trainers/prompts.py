@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import zarr
 
-from featstore import format as fmt
+from featstore.core import format as fmt
 from featstore.errors import ConfigError, FormatTooOld, ReadOnlyStore
-from featstore.identity import canonical
+from featstore.core.identity import canonical
 from featstore.store import Store
 
 _DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from featstore.errors import ConfigError, IdentityMismatch
-from featstore.identity import identity_diff, lines
+from featstore.core.identity import identity_diff, lines
 
 from .backbone_link import NOT_POOLED
 

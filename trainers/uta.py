@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from featstore.errors import CheckpointError, ConfigError, IdentityMismatch
-from featstore.identity import identity_diff, lines
+from featstore.core.identity import identity_diff, lines
+from featstore.tokens import dequantize_int8
 
 from . import checkpoint
 from .config import ConfigBase, need
@@ -304,14 +305,13 @@ def batch_pooled(batch: dict, dev) -> torch.Tensor | None:
 
 
 def on_device(batch: dict, key: str, dev) -> torch.Tensor:
+    """batch[key] on `dev`; int8 tokens served raw with their scales are dequantized there."""
     x = batch[key].to(dev, non_blocking=True)
-    scale = batch.get(f"{key}_scale")
-    if scale is not None:
-        x = x.float() * scale.to(dev, non_blocking=True).float().unsqueeze(-1)
-    channel = batch.get(f"{key}_channel_scale")
-    if channel is not None:  # token x channel int8 (featstore.tokens)
-        x = x * channel.to(dev, non_blocking=True).float().unsqueeze(-2)
-    return x
+    scale, channel = batch.get(f"{key}_scale"), batch.get(f"{key}_channel_scale")
+    if scale is None:
+        return x
+    channel = channel.to(dev, non_blocking=True) if channel is not None else None  # token x channel int8
+    return dequantize_int8(x, scale.to(dev, non_blocking=True), channel_scale=channel)
 
 
 def loader_columns(input_column: str, teacher: str, *, int8_on_device: bool, store, pooled: bool = False) -> tuple[dict, bool]:
@@ -334,12 +334,12 @@ def loader_columns(input_column: str, teacher: str, *, int8_on_device: bool, sto
 
 
 def _has_array(store, path: str) -> bool:
-    from featstore.errors import UnknownFeatureSet
+    from featstore.errors import NotInStore
 
     try:
         store.array(path)
         return True
-    except UnknownFeatureSet:
+    except NotInStore:
         return False
 
 

@@ -1,6 +1,6 @@
 """UTA on stored views (`extract --views K`): what train-uta checks and says about a teacher's views.
 
-The training loader serves one view per image per epoch (`featstore.views`, `Loader(view="epoch")`):
+The training loader serves one view per image per epoch (`featstore.read.views`, `Loader(view="epoch")`):
 the same view of an image in its pixels, teacher tokens and teacher pooled embedding.  Validation and
 `featstore eval` read view 0, the centre crop.  Here: the warning of a run longer than its views,
 the refusal of `hflip` on views that are already mirrored, and the crop geometry (preprocessing +

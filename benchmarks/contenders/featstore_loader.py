@@ -16,7 +16,7 @@ import numpy as np
 
 from featstore.loader import Loader
 from featstore.store import Store
-from featstore.writer import write_block
+from featstore.core.writes import write_block
 
 from . import DIMS, Contender, Data
 

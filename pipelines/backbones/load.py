@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from featstore.device import resolve_device
 from featstore.errors import BackboneError, ConfigError
 
 from .base import PRECISIONS, Backbone, LoadOptions
 from .registry import RECIPES, REGISTRY, list_backbones
-from .resolve import clean_name, device, download, looks_like_hub_id, recipe_for, resolve_alias, resolve_path
+from .resolve import clean_name, download, looks_like_hub_id, recipe_for, resolve_alias, resolve_path
 
 
 def load_backbone(
@@ -41,7 +42,7 @@ def load_backbone(
         raise ConfigError(f"max_length must be >= 1, got {max_length}")
     opt = LoadOptions(pooling, layer, bool(tokens), bool(token_projection), device, precision,
                       bool(trust_remote_code), max_length, modality, prefix or "")
-    dev = _device(device)
+    dev = resolve_device(device)
 
     name = str(name_or_path)
     entry = REGISTRY.get(name)
@@ -65,4 +66,3 @@ def load_backbone(
     return RECIPES[recipe](src, opt, dev)
 
 
-_device = device  # the keyword `device` shadows the helper inside load_backbone

@@ -23,16 +23,6 @@ from .common import TOKENIZER_FILES, architecture, is_dual, package_version
 IMAGE_RECIPES = ("dinov2", "clip-vision", "siglip-vision", "image")
 
 
-def device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} asked for, but CUDA is not available here; use --device cpu")
-    return dev
-
-
 def looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", name) is not None
 

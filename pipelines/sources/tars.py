@@ -22,6 +22,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from featstore.core.files import is_url
 from featstore.errors import SourceError
 
 from .base import files_fingerprint
@@ -29,10 +30,6 @@ from .base import files_fingerprint
 STREAM_BLOCK = 16 << 20  # bytes per GET while streaming a remote tar for its manifest
 MERGE_GAP = 256 << 10  # members closer than this are read in one ranged GET
 MAX_RANGE = 32 << 20  # ... up to this many bytes per GET
-
-
-def is_url(path) -> bool:
-    return "://" in str(path)
 
 
 def open_tars(path) -> "LocalTars | RemoteTars":

@@ -39,8 +39,8 @@ import re
 
 import numpy as np
 
-from . import format as fmt
-from .files import StoreFiles
+from featstore.core import format as fmt
+from featstore.core.files import StoreFiles
 
 _NAME = re.compile(r"^(\d+)(?:-(\d+))?\.json$")
 BLOCKS = "blocks.npy"

@@ -21,7 +21,7 @@ MANIFEST_MARKER = f"{PROGRESS}/manifest.json"
 LOCKS = f"{PROGRESS}/_locks"  # lock files (local stores) / lease objects (object storage)
 INDEX = "index.json"  # _progress/<feature set>/index.json: the compacted markers
 REGISTRATIONS = f"{PROGRESS}/registrations"  # one record per registration: <generation>.json
-UID_INDEX = "_index/uid"  # featstore.uidindex
+UID_INDEX = "_index/uid"  # featstore.core.uidindex
 
 # The per-sample fields registered with the manifest.
 UID = "uid"

@@ -21,7 +21,7 @@ import posixpath
 import socket
 import time
 
-from .errors import ReadOnlyStore, StoreBusy
+from featstore.errors import ReadOnlyStore, StoreBusy
 
 
 def is_url(path: str) -> bool:
@@ -185,7 +185,7 @@ class StoreFiles:
 
 
 def _locks() -> str:
-    from .format import LOCKS
+    from featstore.core.format import LOCKS
 
     return LOCKS
 

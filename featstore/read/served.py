@@ -4,7 +4,7 @@
     len(served)                    # rows served (finished and valid in every asked feature set)
     served.select(np.arange(10))   # the 0th..9th served rows in store order, as store rows
 
-Served index i is the i-th served row in store order; the epoch order (`featstore.epoch`) is
+Served index i is the i-th served row in store order; the epoch order (`featstore.read.epoch`) is
 computed in served-index space and `select` turns the indices a batch needs into store rows.
 
 What a Loader pays to set up: each feature set's block summary (`Progress.summary`: 40 bytes a
@@ -24,8 +24,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .errors import FeatstoreError
-from .progress import done_ranges, mask_of
+from featstore.errors import StoreChanged
+from featstore.core.progress import done_ranges, mask_of
 
 _KEEP_MASKS = 256  # partial-block masks kept between selects
 
@@ -104,14 +104,6 @@ class ServedSet:
         h.update(np.ascontiguousarray(self.counts, dtype="<i8").tobytes())
         h.update(np.ascontiguousarray([[b, *v] for b, v in sorted(self._versions.items())], "<i8").tobytes())
         return h.hexdigest()
-
-
-class StoreChanged(FeatstoreError, RuntimeError):
-    """A block served in part was rewritten after the loader counted its rows."""
-
-    def __init__(self, block: int, path: str):
-        super().__init__(f"{path}: block {block} was rewritten (an extract wrote more rows) after this loader "
-                         "counted its served rows: make a new Loader to serve the store as it is now")
 
 
 def usable_in_block(store, names: list[str], b: int, versions: tuple | None = None) -> np.ndarray:

@@ -5,7 +5,7 @@ with a training step finds its next batch ready.  A consumer that is faster than
 (nothing else to do) never sleeps waiting for it: it gathers the next batch nobody has claimed
 itself, in its own thread, and only waits when every batch it could take is already being
 gathered.  Batches come out in order either way; their gathers release the GIL, so on several
-cores both threads copy at once.  Windows (`featstore.readpath.Window`) are started
+cores both threads copy at once.  Windows (`featstore.read.reader.Window`) are started
 `read_ahead` windows ahead of the first batch claimed in them, and their buffers handed back
 once every batch of the window is gathered.
 """
@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
-from .readpath import Reader, Window
+from featstore.read.reader import Reader, Window
 
 _TODO, _CLAIMED, _DONE = 0, 1, 2
 
@@ -25,7 +25,7 @@ _TODO, _CLAIMED, _DONE = 0, 1, 2
 class BatchStream:
     """Iterate once: the batches of `windows`, in order.  `windows` is a sequence of windows
     (each a list of row arrays), or one that computes a window when asked and says how many
-    batches each holds (`featstore.epoch.RankWindows`: `sizes()`): a window's batches are then
+    batches each holds (`featstore.read.epoch.RankWindows`: `sizes()`): a window's batches are then
     computed when the window is prepared, in the read pool, and dropped once it is served."""
 
     def __init__(self, reader: Reader, windows, *, ahead: int, read_ahead: int, read_threads: int):
@@ -67,7 +67,7 @@ class BatchStream:
             i = self.started
             w = Window(None, make=lambda i=i: list(self.source[i]))
             self.windows[i] = w
-            self.reader._start(w, self.pool)
+            self.reader.start(w, self.pool)
             self.started += 1
 
     # ---- outside it ----------------------------------------------------------------------------
@@ -88,7 +88,7 @@ class BatchStream:
         if last:  # every batch of the window is a copy now: its buffers can be reused
             futures_wait([f for f in (w.prepared,) if f is not None])
             futures_wait(w.futures)
-            self.reader._release(w)
+            self.reader.release(w)
             with self.cond:
                 del self.windows[wi]
 

@@ -11,7 +11,7 @@ Shuffled (the default), an epoch is built from *runs*: `run` consecutive served 
 contiguous: a run is one read, or two where it crosses a block, never per-row indexing).  With
 `k = window_rows // batch_size` batches in a window (per rank) and `run = min(k, rows_per_shard)`:
 
-1. the whole runs are put in a seeded random order (a keyed bijection, `featstore.permute`, so any
+1. the whole runs are put in a seeded random order (a keyed bijection, `featstore.read.permute`, so any
    run's place is computable alone); a short last run stays last;
 2. consecutive runs make a window of `k` global batches (`k * batch_size * world_size` rows);
 3. the window's rows, listed run by run, are dealt round-robin to its `k` global batches, so a
@@ -41,7 +41,7 @@ import hashlib
 
 import numpy as np
 
-from .permute import Permutation
+from featstore.read.permute import Permutation
 
 MODES = ("window", "full", "sequential")
 
@@ -55,7 +55,7 @@ def window_shape(window_rows: int, batch_size: int, rows_per_shard: int) -> tupl
 def epoch_order(served: np.ndarray, *, seed: int, epoch: int, rows_per_shard: int, batch_size: int,
                 world_size: int = 1, window_rows: int | None = None, mode: str = "window") -> np.ndarray:
     """All served rows (sorted store rows) in this epoch's global order, each once: the
-    materialized reference (O(rows)); `featstore.epoch.EpochOrder` computes the same order
+    materialized reference (O(rows)); `featstore.read.epoch.EpochOrder` computes the same order
     lazily, window by window, and the Loader uses that."""
     served = np.asarray(served, dtype=np.int64)
     if mode not in MODES:

@@ -14,10 +14,10 @@ import os
 
 import numpy as np
 
-from .errors import ConfigError
-from .store import Store
-from .tokens import dequantize_int8
-from .views import view_count
+from featstore.errors import ConfigError
+from featstore.store import Store
+from featstore.tokens import dequantize_int8
+from featstore.read.views import view_count
 
 
 def export(store: Store, name: str, out: str, array: str = "pooled", view: int | None = None) -> dict:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import format as fmt
-from .progress import done_ranges, mask_of
-from .store import Store
-from .strings import unique_counts
-from .writer import block_checksums
+from featstore.core import format as fmt
+from featstore.core.progress import done_ranges, mask_of
+from featstore.store import Store
+from featstore.core.strings import unique_counts
+from featstore.core.writes import block_checksums
 
 
 def verify(store: Store) -> dict:
@@ -90,7 +90,7 @@ def _check_samples(store: Store, problems: list, notes: list) -> None:
 def _layout_problem(fs) -> str | None:
     """The arrays the feature set's layout needs, with the right shapes and dimension names: an
     int8 token layout's scales (`featstore.tokens`), and with K stored views a view axis of K
-    after `row` in every per-view array plus view_crops and view_flips (`featstore.format.dims`)."""
+    after `row` in every per-view array plus view_crops and view_flips (`featstore.core.format.dims`)."""
     k = fs.views
     per = (k,) if k > 1 else ()
     n = 0  # rows are checked against n_rows elsewhere; here only what one row holds

@@ -6,7 +6,7 @@
         writes.submit(item.block, job)   # waits only while `in_flight` blocks are still unwritten
     markers = writes.finish()            # every marker, in submission order
 
-While the writer thread quantizes and writes block k (`featstore.writer.write_rows`: the block's
+While the writer thread quantizes and writes block k (`featstore.core.writes.write_rows`: the block's
 shards whole, then its marker), the forward thread computes block k+1.  At most `in_flight`
 computed blocks wait for or are in the writer, so memory stays bounded at `in_flight + 1` blocks
 (the one being computed).  `in_flight=0` writes on the calling thread: the synchronous path, which

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import format as fmt
-from .errors import FormatTooOld, MetadataConflict
-from .files import now
-from .identity import jsonable
-from .uidindex import COMPACT_FACTOR, UidIndex
+from featstore.core import format as fmt
+from featstore.errors import FormatTooOld, MetadataConflict
+from featstore.core.files import now
+from featstore.core.identity import jsonable
+from featstore.core.uidindex import COMPACT_FACTOR, UidIndex
 
 
 BATCH_ROWS = 1 << 20  # uids looked up, appended and indexed at a time: memory follows the batch
@@ -38,7 +38,7 @@ def register(store, uids, *, captions=None, labels=None, source_refs=None, label
     `batch_rows`: each batch is looked up in the uid index (with the runs of earlier batches),
     its new uids appended and indexed; everything commits together at the end (index, then
     n_rows), so a kill at any point registers nothing twice and loses nothing committed."""
-    store._require_writable()
+    store.require_writable()
     n_in = len(uids)
     for name, values in (("source_refs", source_refs), ("captions", captions), ("labels", labels)):
         if values is not None and len(values) != n_in:
@@ -216,7 +216,7 @@ def _label_names_conflict(store, names) -> str | None:
 
 def _reset_caption_features(store, rows: np.ndarray) -> dict[str, int]:
     """Send `rows` back to to-do in every feature set computed from captions."""
-    from .writer import reset_rows
+    from featstore.core.writes import reset_rows
 
     out = {}
     for name in store.feature_set_names():

@@ -21,10 +21,10 @@ import hashlib
 
 import numpy as np
 
-from . import format as fmt
-from .files import now, owner
-from .progress import done_ranges, mask_of, ranges_of
-from .tokens import merge_fidelity
+from featstore.core import format as fmt
+from featstore.core.files import now, owner
+from featstore.core.progress import done_ranges, mask_of, ranges_of
+from featstore.tokens import merge_fidelity
 
 
 def checksum(data: np.ndarray) -> str:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import format as fmt
-from .errors import CorruptData
-from .shardfile import LocalShards
-from .writer import checksum
+from featstore.core import format as fmt
+from featstore.errors import CorruptData
+from featstore.core.shardfile import LocalShards
+from featstore.core.writes import checksum
 
 
 def check_blocks(store, names, arrays=("pooled", "valid")) -> int:

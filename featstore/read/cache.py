@@ -22,7 +22,7 @@ serve from there), for featstore's own shard objects:
   epoch reads the blocks: a read window waits only for its own.  Processes sharing a cache
   (DataLoader workers, the ranks of a node) lock each entry while one of them fetches it.
 - **Read like a local store.** A fetched shard is mapped into its array's view
-  (`featstore.mapping`), so batches are one np.take from the page cache: the local store's
+  (`featstore.read.mapping`), so batches are one np.take from the page cache: the local store's
   one-copy path (a layout that cannot be mapped is read with pread into window buffers).  The
   first epoch runs at the server's speed; later epochs, and later loaders, at local speed.
 - **Bounded.** `cache_limit` bytes (default: no limit of its own; the disk keeps 1 GiB free).
@@ -31,7 +31,7 @@ serve from there), for featstore's own shard objects:
   anything is fetched.  The whole loader's shards are kept (epochs re-read all of them).
 
 This module reads arrays from the cache (`CachedShards`, `attach`); the directory itself (entries,
-room, one object's fetch) is `featstore.cache_dir`.
+room, one object's fetch) is `featstore.read.disk_cache`.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from .cache_dir import CacheFull, DiskCache, FetchFailed, object_version, remove  # noqa: F401 - CacheFull re-exported
-from .errors import ConfigError
-from .mapping import MappedArray
-from .shardfile import LocalShards, ShardLayout
+from featstore.errors import FetchFailed
+from featstore.read.disk_cache import DiskCache, object_version, remove
+from featstore.errors import ConfigError
+from featstore.read.mapping import MappedArray
+from featstore.core.shardfile import LocalShards, ShardLayout
 
 
 class CachedShards:

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from .shardfile import LocalShards
+from featstore.core.shardfile import LocalShards
 
 _PAGE = mmap.PAGESIZE
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000

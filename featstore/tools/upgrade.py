@@ -1,7 +1,7 @@
 """`featstore upgrade`: convert a store of an older format to the current one in place, under the store lock.
 
 Format 2 -> 3: samples/ arrays are re-sharded (one shard per SAMPLE_SHARD_MIN_ROWS rows, not
-per row block) and the uid index (`featstore.uidindex`) is built from samples/uid; no row of
+per row block) and the uid index (`featstore.core.uidindex`) is built from samples/uid; no row of
 any array changes.  Format 1 -> 2 first, where needed:
 
 What format 1 did not record is not invented:
@@ -20,13 +20,13 @@ import uuid
 
 import numpy as np
 
-from . import format as fmt
-from .errors import ConfigError
-from .progress import Progress, upgrade_progress
-from .register import BATCH_ROWS
-from .store import Store
-from .uidindex import COMPACT_FACTOR, UidIndex
-from .writer import block_checksums
+from featstore.core import format as fmt
+from featstore.errors import ConfigError
+from featstore.core.progress import Progress, upgrade_progress
+from featstore.core.registration import BATCH_ROWS
+from featstore.store import Store
+from featstore.core.uidindex import COMPACT_FACTOR, UidIndex
+from featstore.core.writes import block_checksums
 
 _DIMS_BY_NAME = {"pooled": fmt.DIMS["pooled"], "valid": fmt.DIMS["valid"], "tokens": fmt.DIMS["tokens"],
                  "tokens_scale": fmt.DIMS["tokens_scale"], "tokens_channel_scale": fmt.DIMS["tokens_channel_scale"]}
@@ -92,7 +92,7 @@ def _to_format_3(store: Store) -> dict:
         index.add(index.hash(store.samples(fmt.UID, a, b)), np.arange(a, b))
     index.compact(COMPACT_FACTOR * max(1, n))
     index.commit(n)
-    for name in store.feature_set_names():  # block pointers and blocks.npy (`featstore.progress`)
+    for name in store.feature_set_names():  # block pointers and blocks.npy (`featstore.core.progress`)
         upgrade_progress(store.files, name)
     meta = store.meta
     meta.update(format=3, generation=int(meta.get("generation", 0)) + 1)

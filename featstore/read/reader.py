@@ -3,21 +3,21 @@
 Each array a batch needs (an int8 token column also needs its scales) is a `Source`:
 
 - **ram** (`cache="ram"`): the whole array in memory; a batch is one `np.take` by store row.
-- **mapped** (local store, default layout: `featstore.mapping`): the shard files mapped side by
+- **mapped** (local store, default layout: `featstore.read.mapping`): the shard files mapped side by
   side; a batch is one `np.take` from the page cache into the batch tensor, the one copy a numpy
   memmap gather makes.  Read-ahead asks the kernel for the next window's runs (madvise).
 - **buffered**: everything else.  The runs of the next `read_ahead` windows are read into
   page-aligned window buffers by `read_threads` threads (local shard files with preadv, remote
   shard objects with concurrent ranged GETs, or zarr's `array[a:b]` for any other layout; never
   per-row indexing), and batches are gathered from them.  Buffers are reused from window to
-  window; batch tensors never alias them (their own memory, `featstore.buffers.BatchMemory`,
+  window; batch tensors never alias them (their own memory, `featstore.read.buffers.BatchMemory`,
   is recycled only once nothing references a batch), so a consumer may keep any part of one.
 
-A window is `k` consecutive batches of this rank (see `featstore.order`); its runs are the row
+A window is `k` consecutive batches of this rank (see `featstore.read.order`); its runs are the row
 ranges covering their rows, gaps inside a block included while they add at most as many rows as
 the window needs (so a window's buffer holds at most 2x its rows).
 
-Stored views (`featstore.views`): a column that serves one of its K views per row reads *view
+Stored views (`featstore.read.views`): a column that serves one of its K views per row reads *view
 rows*, `row * K + view` (`ShardLayout.split_views`): one view of a row is one contiguous range of
 the row's bytes, so runs, buffers and ranged reads cover just the views served; a mapping or RAM
 cache is indexed the same way.  Every such column of a batch serves the same view of a row.
@@ -31,18 +31,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import format as fmt
-from .buffers import STR_ROW_BYTES, BatchMemory, Buffers
-from .errors import ConfigError, FeatstoreError, UnknownFeatureSet
-from .mapping import MappedArray
-from .remote import RemoteShards
-from .shardfile import LocalShards
-from .tokens import dequantize_int8
-from .views import view_count
-
-class UnreadableRows(FeatstoreError, ValueError):
-    """Rows that neither featstore's shard reader nor zarr can read (a damaged shard)."""
-
+from featstore.core import format as fmt
+from featstore.read.buffers import STR_ROW_BYTES, BatchMemory, Buffers
+from featstore.errors import ConfigError, UnknownArray, UnreadableRows
+from featstore.read.mapping import MappedArray
+from featstore.read.remote import RemoteShards
+from featstore.core.shardfile import LocalShards
+from featstore.tokens import dequantize_int8
+from featstore.read.views import view_count
 
 TORCH_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}
 
@@ -54,11 +50,11 @@ class Source:
     key: str
     array: object  # the zarr array
     ram: np.ndarray | None = None
-    mapped: object = None  # featstore.mapping.MappedArray
-    local: object = None  # featstore.shardfile.LocalShards
-    remote: object = None  # featstore.remote.RemoteShards
+    mapped: object = None  # featstore.read.mapping.MappedArray
+    local: object = None  # featstore.core.shardfile.LocalShards
+    remote: object = None  # featstore.read.remote.RemoteShards
     views: int = 1  # K > 1: one view of each row is served (the array's view axis is split off)
-    cached: object = None  # featstore.cache.CachedShards (cache="disk"; with `mapped` or `local` set)
+    cached: object = None  # featstore.read.cache.CachedShards (cache="disk"; with `mapped` or `local` set)
 
     @property
     def dtype(self) -> np.dtype:
@@ -122,7 +118,7 @@ def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None
     """The column at `path` (features/<name>/<array>, pixels/<name> or samples/<field>); int8
     tokens served dequantized also read their scales: `tokens_scale`, and `tokens_channel_scale`
     where the feature set's scaling is token x channel (`featstore.tokens`; never the token scale
-    alone there).  `ram`: RAM-cached arrays to keep.  `view` (`featstore.views`): how an array
+    alone there).  `ram`: RAM-cached arrays to keep.  `view` (`featstore.read.views`): how an array
     with a view axis is served ("all": as stored; a view number or "epoch": one view per row);
     None refuses such an array."""
     parts = path.split("/")
@@ -133,7 +129,7 @@ def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None
     elif parts[0] == fmt.PIXELS and len(parts) == 2:
         fs_name = store.pixels(parts[1]).attrs.get("feature_set")
     elif parts[0] != fmt.SAMPLES:
-        raise UnknownFeatureSet(f"'{path}' is not a column (features/<name>/<array>, pixels/<name> or samples/<field>)")
+        raise UnknownArray(f"'{path}' is not a column (features/<name>/<array>, pixels/<name> or samples/<field>)")
     array = store.array(path)
     k = view_count(array)
     if k > 1 and view is None:
@@ -156,11 +152,11 @@ def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None
 def attach_sources(columns: list[Column], store, blocks: np.ndarray, *, cache: str | None, direct: bool,
                    disk=None) -> None:
     """Decide how each source is read: RAM cache, mapped shards, shard reads (local, remote), zarr;
-    with cache="disk", the shard objects of a remote store fetched into `disk` (`featstore.cache`).
+    with cache="disk", the shard objects of a remote store fetched into `disk` (`featstore.read.cache`).
     `blocks`: the blocks holding served rows."""
     r, n = store.rows_per_shard, store.n_rows
     if cache == "disk":
-        from .cache import attach
+        from featstore.read.cache import attach
 
         attach([s for c in columns for s in c.sources()], store, blocks, disk)
     for c in columns:
@@ -239,7 +235,7 @@ class Window:
 
 # ---- reading -----------------------------------------------------------------------------------
 class Reader:
-    """Reads windows of a set of columns and gathers batches from them (`featstore.stream`
+    """Reads windows of a set of columns and gathers batches from them (`featstore.read.stream`
     decides which thread does what when)."""
 
     def __init__(self, columns: list[Column], rows_per_shard: int, *, read_threads: int, read_ahead: int,
@@ -256,7 +252,7 @@ class Reader:
         """`rows` in the row space of a split view axis of `k` views (store rows for k = 1)."""
         return rows if k == 1 else rows * k + self.views_of(rows)
 
-    def _start(self, w: Window, pool: ThreadPoolExecutor) -> Window:
+    def start(self, w: Window, pool: ThreadPoolExecutor) -> Window:
         """Prepare and read window `w` in the pool (off the thread that gathers batches)."""
         w.prepared = pool.submit(self._prepare, w, pool)
         return w
@@ -285,7 +281,7 @@ class Reader:
                     w.futures.append(pool.submit(_read, s, self.r * k, runs.starts[part], runs.stops[part],
                                                  runs.offsets[part], buf))
 
-    def _release(self, w: Window) -> None:
+    def release(self, w: Window) -> None:
         for key, buf in w.buffers.items():
             self.buffers.put(key, buf)
         w.buffers = {}

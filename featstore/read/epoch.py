@@ -6,11 +6,11 @@
     mine.rows(range(10, 20), select)      # batches 10..19 of rank 1, as store rows
 
 Positions and indices here are in *served index* space: the i-th served row in store order is
-served index i (`featstore.served.ServedSet.select` turns them into store rows).  The order is
-the one `featstore.order.epoch_order` materializes (its docstring has the rules), computed in
+served index i (`featstore.read.served.ServedSet.select` turns them into store rows).  The order is
+the one `featstore.read.order.epoch_order` materializes (its docstring has the rules), computed in
 O(asked positions) work and memory: the window of a position and its place among the window's
 dealt groups are arithmetic, the run it falls in is one evaluation of the keyed run permutation
-(`featstore.permute`).  A rank never builds the epoch, only the windows it reads, and resuming
+(`featstore.read.permute`).  A rank never builds the epoch, only the windows it reads, and resuming
 computes the batch a saved offset falls in directly.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .order import MODES, batches_per_rank, full_permutation, run_permutation, window_shape
+from featstore.read.order import MODES, batches_per_rank, full_permutation, run_permutation, window_shape
 
 _PIECE = 1 << 16  # positions computed at once
 
@@ -67,7 +67,7 @@ class EpochOrder:
 
 
 class RankEpoch:
-    """One rank's batches of an epoch, each computable alone (`featstore.order.rank_batches`'
+    """One rank's batches of an epoch, each computable alone (`featstore.read.order.rank_batches`'
     rule: the same number on every rank)."""
 
     def __init__(self, order: EpochOrder, *, rank: int, drop_last: bool):
@@ -117,7 +117,7 @@ class RankEpoch:
 
 class RankWindows:
     """Batches `batch_ids` (a range) of one rank, in read windows of `k` batches, each window's
-    store rows computed only when it is asked for (`featstore.stream.BatchStream` asks when it
+    store rows computed only when it is asked for (`featstore.read.stream.BatchStream` asks when it
     prepares the window): a rank holds O(window) of the epoch, never all of it."""
 
     def __init__(self, epoch: RankEpoch, batch_ids: range, k: int, select):

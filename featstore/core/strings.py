@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from .errors import FeatstoreError
-from .shardfile import google_crc32c, local_base
+from featstore.errors import FeatstoreError
+from featstore.core.shardfile import google_crc32c, local_base
 
 _MISSING = np.uint64(2**64 - 1)
 

@@ -8,28 +8,25 @@
 With K > 1 stored views per image (extract --views K) every per-view array has a `view` axis
 after `row` (pooled (row, view, dim), tokens (row, view, token, token_dim), ...), and
 view_crops (row, view, box) float32 / view_flips (row, view) bool record each view's crop;
-`valid` stays per row (`featstore.format.dims`).
+`valid` stays per row (`featstore.core.format.dims`).
 
-Which rows are done comes from the block markers (`featstore.progress`); `usable_rows()` is
+Which rows are done comes from the block markers (`featstore.core.progress`); `usable_rows()` is
 done & valid, which every reader (the loader, export, eval) serves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 
-from . import format as fmt
-from .errors import ConfigError, IdentityMismatch, UnknownFeatureSet
-from .files import now
-from .identity import identity_diff, jsonable, lines
-from .progress import Progress, done_ranges, mask_of
-
-if TYPE_CHECKING:
-    from .store import Store
+from featstore.core import format as fmt
+from featstore.errors import ConfigError, IdentityMismatch, UnknownArray
+from featstore.core.files import now
+from featstore.core.identity import identity_diff, jsonable, lines
+from featstore.core.progress import Progress, done_ranges, mask_of
+from featstore.core.storeview import StoreView
 
 
 def check_name(name: str) -> None:
@@ -41,7 +38,7 @@ def check_name(name: str) -> None:
 class FeatureSet:
     """One backbone's outputs over the store's rows: `features/<name>/`."""
 
-    store: "Store"
+    store: StoreView
     name: str
     group: zarr.Group = field(repr=False)
 
@@ -88,7 +85,7 @@ class FeatureSet:
         try:
             return self.group[key]
         except KeyError:
-            raise UnknownFeatureSet(f"feature set '{self.name}' has no '{key}' array") from None
+            raise UnknownArray(f"feature set '{self.name}' has no '{key}' array") from None
 
     # ---- progress --------------------------------------------------------------------------
     def marker(self, block: int) -> dict | None:
@@ -173,7 +170,7 @@ def _scaling_of(attrs: dict) -> str | None:
     return attrs.get("token_scaling") or "token"
 
 
-def create(store: "Store", name: str, identity: dict, dim: int, *, tokens=None, token_dtype="float16",
+def create(store: StoreView, name: str, identity: dict, dim: int, *, tokens=None, token_dtype="float16",
            dtype="float16", pixels=None, pixels_shape=None, pixels_identity=None, compressors=None,
            token_scaling: str = "token", views: int = 1) -> FeatureSet:
     """Create `features/<name>` on the store's row grid (the caller holds the store lock and has

@@ -1,7 +1,7 @@
 """Stored views on the read side: which arrays have a view axis, and which view a row serves.
 
 A feature set extracted with `--views K` holds K views per image on a `view` axis right after
-`row` (`featstore.format.dims`).  A reader asks for one of four things (`Loader(view=...)`):
+`row` (`featstore.core.format.dims`).  A reader asks for one of four things (`Loader(view=...)`):
 
     None      the plain layout; refused for a column with a view axis (say which view you mean)
     "all"     every view: the column as stored, (batch, K, ...)
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import format as fmt
-from .errors import ConfigError
+from featstore.core import format as fmt
+from featstore.errors import ConfigError
 
 MODES = ("all", "epoch")
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)

@@ -8,7 +8,7 @@ the previous window into batches: the read-ahead.  Anything else is read through
 
 Every ranged GET is a request of its own, and some servers pay for each as for the whole object
 (moto copies it: examples/remote_ratios.py measures these reads at a fraction of whole-object
-GETs).  To read a store epoch after epoch, `Loader(cache="disk")` (`featstore.cache`) fetches
+GETs).  To read a store epoch after epoch, `Loader(cache="disk")` (`featstore.read.cache`) fetches
 each shard object whole, once, and reads it from local disk.
 
 Credentials and endpoints come from where fsspec's backend looks for them (for s3fs/botocore:
@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from .shardfile import ShardLayout
+from featstore.core.shardfile import ShardLayout
 
 
 def _sync_fs(url: str):

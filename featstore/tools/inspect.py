@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 
-from . import format as fmt
-from .files import is_url as _is_url
-from .store import Store
-from .tokens import merge_fidelity
+from featstore.core import format as fmt
+from featstore.core.files import is_url as _is_url
+from featstore.store import Store
+from featstore.tokens import merge_fidelity
 
 
 def _bytes_on_disk(path: str) -> int | None:

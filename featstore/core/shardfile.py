@@ -85,7 +85,7 @@ class ShardLayout:
 
     def split_views(self, views: int) -> "ShardLayout":
         """The same shards read as `views` times as many rows of one view each (an array with a
-        view axis after `row`, `featstore.views`): view row `row * K + view` is the K-th part of
+        view axis after `row`, `featstore.read.views`): view row `row * K + view` is the K-th part of
         the row's bytes, so one view of a row is one contiguous range, like a row."""
         if views == 1:
             return self

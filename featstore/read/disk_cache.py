@@ -1,4 +1,4 @@
-"""The disk cache's directory (`featstore.cache`, the Loader's `cache="disk"`): where an entry
+"""The disk cache's directory (`featstore.read.cache`, the Loader's `cache="disk"`): where an entry
 lives, making room (least recently used first, under `cache_limit` and the disk), and fetching one
 shard object whole, checked, into place.
 
@@ -20,19 +20,11 @@ import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .errors import ConfigError, FeatstoreError
+from featstore.errors import CacheFull, ConfigError, FeatstoreError, FetchFailed
 
 MARGIN = 1 << 30  # disk space the cache leaves free
 STALE_TMP_S = 3600  # a temporary file this old is a killed download's
 DOWNLOAD_THREADS = 8
-
-
-class CacheFull(FeatstoreError, OSError):
-    """The disk cache cannot hold the shards a loader reads (its limit, or the disk)."""
-
-
-class FetchFailed(FeatstoreError, OSError):
-    """A shard object could not be fetched into the disk cache, or changed while it was."""
 
 
 def default_dir() -> str:

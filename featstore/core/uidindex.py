@@ -4,7 +4,7 @@
     _index/uid/table-<version>.npy every live file: (level, file, n, lo, hi), one row each
     _index/uid/runs/<file>.bin     n uint64 hashes (sorted) then their n int64 rows: one sorted run
 
-A small LSM tree over `featstore.uidhash` hashes.  A registration writes its new (hash, row)
+A small LSM tree over `featstore.core.uidhash` hashes.  A registration writes its new (hash, row)
 pairs as one sorted run in level 0; runs of level 0 span the whole hash space.  Levels 1, 2, ...
 hold files of disjoint hash ranges, level i up to `L1_ROWS * FANOUT**(i-1)` entries.  Compaction
 (under the store lock, after a registration) merges level 0 into level 1, or one file of an
@@ -33,8 +33,8 @@ import tempfile
 
 import numpy as np
 
-from . import uidhash
-from .files import StoreFiles
+from featstore.core import uidhash
+from featstore.core.files import StoreFiles
 
 PREFIX = "_index/uid"
 FORMAT = 1

@@ -1,4 +1,4 @@
-"""The 64-bit hash of a uid that the uid index sorts by (`featstore.uidindex`).
+"""The 64-bit hash of a uid that the uid index sorts by (`featstore.core.uidindex`).
 
     h = uid_hash(np.array(["https://a/1.jpg", "x"]))      # uint64, one per uid, vectorized
 
