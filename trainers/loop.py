@@ -19,12 +19,13 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 from tqdm.auto import tqdm
 
 from featstore.errors import ConfigError, Interrupted
-from featstore.identity import identity_diff, lines
+from featstore.core.identity import identity_diff, lines
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # config keys a resumed run may change: how it runs, not what it trains (steps: see check_resume)
@@ -289,3 +290,64 @@ def check_resume(out_dir: str, ckpt_step: int, recorded_config: dict, config: di
     if new != old and notes is not None:
         notes.append(f"steps changed from {old} to {new} on resume: the lr schedule now runs to step {new} "
                      f"from step {ckpt_step}")
+
+
+# ---- the loop both trainers run ---------------------------------------------------------------------
+def run_steps(*, run, cfg, model, optimizer, loader, out_dir: str, step: int, resumed: bool, metrics: Metrics,
+              state, validate, train_step, desc: str, progress: bool, stopped_early: bool = False,
+              early_stop=None) -> dict:
+    """Steps `step`..cfg.steps of a training run, the same for train-head and train-uta, which
+    pass what differs: `train_step(step, batches) -> (loss, grad_norm)` (one optimizer step, its
+    micro-batches drawn from `batches`), `validate(record, final)` (rank 0 validates into `record`
+    and keeps `best`; every rank calls it), `state(step)` (the checkpoint's state dict) and
+    `early_stop()` (after a validation: stop now? the same on every rank).  Around them: the lr
+    schedule, validation at step 0 and when due, metrics, `last` checkpoints, Ctrl-C (every rank
+    stops at the same step; `StopOnInterrupt`), DDP barriers.  `run`: trainers.distributed.Dist."""
+    from . import checkpoint
+
+    n_params = count_parameters(model)
+    bar = progress_bar(cfg.steps, step, f"{desc} ({n_params:,} params)", progress and run.is_main)
+    batches = forever(loader)
+    start_step, t_loop = step, time.time()
+
+    def save_last(step: int) -> None:
+        if run.is_main:
+            checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
+
+    interrupt = StopOnInterrupt(out_dir, save_last, barrier=run.barrier,
+                                log=None if run.is_main else (lambda msg: None)).start()
+    try:
+        if step == 0 and not resumed:  # a run resumed from its step-0 checkpoint has validated already
+            record = {"step": 0, "loss": None, "lr": 0.0, "world_size": run.world_size}
+            validate(record, False)
+            metrics.log(record)
+        stop = interrupt.agree(run)
+        while step < cfg.steps and not stopped_early and not stop:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(step, batches)
+            step += 1
+
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            if validation_due(step, cfg):
+                validate(record, step == cfg.steps)
+                stopped_early = bool(early_stop()) if early_stop else False
+            if "val_loss" in record or step % cfg.log_every == 0:
+                metrics.log(record)
+            stop = interrupt.agree(run)  # Ctrl-C on any rank: every rank saves and stops at this step
+            if step % cfg.save_every == 0 or step == cfg.steps or stopped_early or stop:
+                save_last(step)
+            show(bar, record)
+        interrupt.stop_here(step, finished=step >= cfg.steps or stopped_early)
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop took over SIGINT
+        raise interrupt.error(e, step) from None
+    finally:
+        interrupt.stop()
+        bar.close()
+        batches.close()
+    run.barrier()  # rank 0's last checkpoint is written
+    run.teardown()
+    seconds = time.time() - t_loop
+    return {"step": step, "stopped_early": stopped_early, "params": n_params,
+            "steps_per_s": (step - start_step) / seconds if step > start_step and seconds > 0 else None}

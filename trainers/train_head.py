@@ -24,7 +24,7 @@ one never killed (on CPU; GPU kernels may not be bitwise deterministic).  A resu
 same run: a changed config (but `steps` and how it runs: trainers/loop.py), store, feature set or
 precision is refused, every difference on its own line.  Ctrl-C saves `last` at the step in progress
 and stops with a line saying to re-run with --resume.  Before the first step, every block it reads is
-checked against its marker's checksum (`featstore.integrity`).
+checked against its marker's checksum (`featstore.core.integrity`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from featstore.errors import ConfigError
-from featstore.integrity import check_blocks
+from featstore.core.integrity import check_blocks
 from featstore.loader import Loader
 from featstore.store import Store
 
@@ -48,7 +48,6 @@ from .config import Config, apply, load_config
 from .contrastive import info_nce, retrieval_recall
 from .heldout import heldout, heldout_rows
 from .loading import train_loader as rank_train_loader
-from .loop import count_parameters, lr_at, validation_due
 from .sharelock import FORMAT, VERSION, ShareLockModel, load_checkpoint
 from .text_sets import check_modalities, check_one_backbone, text_names, train_text, val_choices, val_text
 
@@ -166,7 +165,7 @@ def train_head(
     def better(value, than, margin=0.0) -> bool:
         return value > than + margin if higher_is_better else value < than - margin
 
-    def validate_and_keep_best(record: dict) -> None:
+    def validate_and_keep_best(record: dict, final: bool = False) -> None:
         nonlocal best, bad_validations, early_stop_best
         if run.is_main:  # the other ranks wait at the barrier: rank 0 validates, as one process would
             record.update(validate(model, val_loader, cfg, dev, autocast,
@@ -181,77 +180,48 @@ def train_head(
                 checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
         run.barrier()
 
-    # ---- the loop ----------------------------------------------------------------------------
-    n_params = count_parameters(model)
-    bar = loop.progress_bar(cfg.steps, step, f"train-head ({n_params:,} params)", progress and run.is_main)
-    batches = loop.forever(train_loader)
-    start_step, t_loop = step, time.time()
+    def early_stop() -> bool:
+        nonlocal stopped_early
+        stopped_early = run.broadcast(cfg.patience is not None and bad_validations >= cfg.patience)
+        return stopped_early
 
-    def save_last(step: int) -> None:
-        if run.is_main:
-            checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
+    def train_step(step: int, batches) -> tuple[float, float]:
+        model.train()
+        run.seed_step(cfg.seed, step)  # dropout per rank, a pure function of (seed, step, rank)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=dev)
+        for micro in range(cfg.accumulation_steps):  # negatives only within each (global) micro-batch
+            batch = next(batches)
+            x_image = batch["image"].to(dev, non_blocking=True).float()
+            x_text = train_text(batch, text_columns, cfg.seed, step).to(dev, non_blocking=True).float()
+            # DDP averages the gradients once per step, at the last micro-batch
+            last = micro == cfg.accumulation_steps - 1
+            with step_model.no_sync() if run.enabled and not last else contextlib.nullcontext():
+                with autocast:
+                    z_image, z_text = step_model(x_image, x_text)
+                loss = distributed.info_nce(z_image, z_text, model.logit_scale)  # negatives from every rank
+                (loss / cfg.accumulation_steps).backward()
+            loss_sum += loss.detach()
+        loss_sum = run.mean(loss_sum)  # the global batch's loss
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        return loss_sum.item() / cfg.accumulation_steps, float(grad_norm)
 
-    interrupt = loop.StopOnInterrupt(out_dir, save_last, barrier=run.barrier,
-                                     log=None if run.is_main else (lambda msg: None)).start()
-
+    # ---- the loop (trainers/loop.py, shared with train-uta) ----------------------------------
     try:
-        if step == 0 and not ckpt:  # a run resumed from its step-0 checkpoint has validated already
-            record = {"step": 0, "loss": None, "lr": 0.0, "world_size": run.world_size}
-            validate_and_keep_best(record)
-            metrics.log(record)
-        stop = interrupt.agree(run)
-        while step < cfg.steps and not stopped_early and not stop:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            run.seed_step(cfg.seed, step)  # dropout per rank, a pure function of (seed, step, rank)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=dev)
-            for micro in range(cfg.accumulation_steps):  # negatives only within each (global) micro-batch
-                batch = next(batches)
-                x_image = batch["image"].to(dev, non_blocking=True).float()
-                x_text = train_text(batch, text_columns, cfg.seed, step).to(dev, non_blocking=True).float()
-                # DDP averages the gradients once per step, at the last micro-batch
-                last = micro == cfg.accumulation_steps - 1
-                with step_model.no_sync() if run.enabled and not last else contextlib.nullcontext():
-                    with autocast:
-                        z_image, z_text = step_model(x_image, x_text)
-                    loss = distributed.info_nce(z_image, z_text, model.logit_scale)  # negatives from every rank
-                    (loss / cfg.accumulation_steps).backward()
-                loss_sum += loss.detach()
-            loss_sum = run.mean(loss_sum)  # the global batch's loss
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
-            step += 1
-
-            record = {"step": step, "loss": loss_sum.item() / cfg.accumulation_steps, "lr": lr, "grad_norm": float(grad_norm)}
-            if validation_due(step, cfg):
-                validate_and_keep_best(record)
-                stopped_early = run.broadcast(cfg.patience is not None and bad_validations >= cfg.patience)
-            if "val_loss" in record or step % cfg.log_every == 0:
-                metrics.log(record)
-            stop = interrupt.agree(run)  # Ctrl-C on any rank: every rank saves and stops at this step
-            if step % cfg.save_every == 0 or step == cfg.steps or stopped_early or stop:
-                save_last(step)
-            loop.show(bar, record)
-        interrupt.stop_here(step, finished=step >= cfg.steps or stopped_early)
-    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop took over SIGINT
-        raise interrupt.error(e, step) from None
+        ran = loop.run_steps(run=run, cfg=cfg, model=model, optimizer=optimizer, loader=train_loader, out_dir=out_dir,
+                             step=step, resumed=bool(ckpt), metrics=metrics, state=state,
+                             validate=validate_and_keep_best, train_step=train_step, desc="train-head",
+                             progress=progress, stopped_early=stopped_early, early_stop=early_stop)
     finally:
-        interrupt.stop()
-        bar.close()
-        batches.close()
         torch.set_num_threads(threads_before)
-    run.barrier()  # rank 0's last checkpoint is written
-    run.teardown()
+    step, n_params = ran["step"], ran["params"]
 
     # ---- what it wrote ---------------------------------------------------------------------------
     from .plots import plot_curves
 
     curves = plot_curves(metrics.path, os.path.join(out_dir, "curves.png")) if run.is_main else None
     final = metrics.last_validation()
-    seconds = time.time() - t_loop
     return {
         "out_dir": out_dir,
         "step": step,
@@ -264,7 +234,7 @@ def train_head(
         "val_rows": int(len(val_loader.served)),
         "heldout": heldout_record,
         "text_sets": texts,
-        "steps_per_s": (step - start_step) / seconds if step > start_step and seconds > 0 else None,
+        "steps_per_s": ran["steps_per_s"],
         "seconds": time.time() - t0,
         "resumed_from": ckpt.step if ckpt else None,
         "notes": notes,

@@ -42,19 +42,18 @@ import warnings
 import torch
 import yaml
 
-from featstore import format as fmt
+from featstore.core import format as fmt
 from featstore.errors import CheckpointError, ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
-from featstore.views import view_count
+from featstore.read.views import view_count
 
 from . import checkpoint, loop
 from .config import apply, load_config
 from .distributed import Dist, setup
 from .evaluate_uta import text_set, token_metrics, zero_shot_metrics
 from .loading import train_loader as rank_train_loader
-from .loop import count_parameters, lr_at, validation_due
 from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, batch_pooled, draw_masks, load_checkpoint,
                   loader_columns, mask_options, prepare_batch, resolve_arch, same_crop, step_generator)
 from .uta_views import ViewsRepeat, check_flips, crop_identity, views_note
@@ -188,51 +187,17 @@ def train_uta(
                 checkpoint.save(os.path.join(out_dir, "best"), model, state(record["step"]))
         run.barrier()
 
-    # ---- the loop ---------------------------------------------------------------------------------------
-    n_params = count_parameters(model)
-    bar = loop.progress_bar(cfg.steps, step, f"train-uta ({n_params:,} params)", progress and run.is_main)
-    batches = loop.forever(train_loader)
-    start_step, t_loop = step, time.time()
-
-    def save_last(step: int) -> None:
-        if run.is_main:
-            checkpoint.save(os.path.join(out_dir, "last"), model, state(step), optimizer)
-
-    interrupt = loop.StopOnInterrupt(out_dir, save_last, barrier=run.barrier,
-                                     log=None if run.is_main else (lambda msg: None)).start()
+    # ---- the loop (trainers/loop.py, shared with train-head) ------------------------------------------
+    def one_step(step: int, batches) -> tuple[float, float]:
+        return train_step(model, optimizer, next(batches), step, cfg, dev, autocast, run=run, objective=objective)
 
     try:
-        if step == 0 and not ckpt:  # a run resumed from its step-0 checkpoint has validated already
-            record = {"step": 0, "loss": None, "lr": 0.0, "world_size": run.world_size}
-            validate_and_keep_best(record)
-            metrics.log(record)
-        stop = interrupt.agree(run)
-        while step < cfg.steps and not stop:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm = train_step(model, optimizer, next(batches), step, cfg, dev, autocast, run=run, objective=objective)
-            step += 1
-
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            if validation_due(step, cfg):
-                validate_and_keep_best(record, final=step == cfg.steps)
-            if "val_loss" in record or step % cfg.log_every == 0:
-                metrics.log(record)
-            stop = interrupt.agree(run)  # Ctrl-C on any rank: every rank saves and stops at this step
-            if step % cfg.save_every == 0 or step == cfg.steps or stop:
-                save_last(step)
-            loop.show(bar, record)
-        interrupt.stop_here(step, finished=step >= cfg.steps)
-    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop took over SIGINT
-        raise interrupt.error(e, step) from None
+        ran = loop.run_steps(run=run, cfg=cfg, model=model, optimizer=optimizer, loader=train_loader, out_dir=out_dir,
+                             step=step, resumed=bool(ckpt), metrics=metrics, state=state,
+                             validate=validate_and_keep_best, train_step=one_step, desc="train-uta", progress=progress)
     finally:
-        interrupt.stop()
-        bar.close()
-        batches.close()
         torch.set_num_threads(threads_before)
-    run.barrier()  # rank 0's last checkpoint is written
-    run.teardown()
+    step, n_params = ran["step"], ran["params"]
 
     # ---- what it wrote (rank 0) ----------------------------------------------------------------------------
     from .plots import plot_curves
@@ -242,7 +207,6 @@ def train_uta(
         curves = plot_curves(metrics.path, os.path.join(out_dir, "curves.png"), loss_label="1 - cosine (kept tokens)",
                              panel=CURVES_PANEL, panel_title="validation alignment", panel_ylabel="cosine / accuracy",
                              panel_ylim=(-0.05, 1.02))
-    seconds = time.time() - t_loop
     return {
         "out_dir": out_dir,
         "step": step,
@@ -252,7 +216,7 @@ def train_uta(
         "params": n_params,
         "train_rows": int(train_loader.num_rows) * run.world_size,
         "val_rows": int(len(val_loader.served)),
-        "steps_per_s": (step - start_step) / seconds if step > start_step and seconds > 0 else None,
+        "steps_per_s": ran["steps_per_s"],
         "seconds": time.time() - t0,
         "resumed_from": ckpt.step if ckpt else None,
         "rank": run.rank,
