@@ -1,6 +1,6 @@
 """How the loader reads: where each array's rows come from, windows of runs, gathering batches.
 
-Each array a batch needs (an int8 token column also needs its scales) is a `Source`:
+Each array a batch needs (an int8 token column also needs its scales) is a `StoredArray`:
 
 - **ram** (`cache="ram"`): the whole array in memory; a batch is one `np.take` by store row.
 - **mapped** (local store, default layout: `featstore.read.mapping`): the shard files mapped side by
@@ -44,7 +44,7 @@ TORCH_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "
 
 
 @dataclass
-class Source:
+class StoredArray:
     """One array a batch entry reads, and the way it is read."""
 
     key: str
@@ -96,10 +96,10 @@ class Column:
 
     alias: str
     path: str
-    source: Source
-    scale: Source | None = None  # int8 tokens: tokens_scale (row, token)
+    source: StoredArray
+    scale: StoredArray | None = None  # int8 tokens: tokens_scale (row, token)
     feature_set: str | None = None
-    channel: Source | None = None  # int8 token x channel: tokens_channel_scale (row, token_dim)
+    channel: StoredArray | None = None  # int8 token x channel: tokens_channel_scale (row, token_dim)
 
     def sources(self):
         yield self.source
@@ -141,12 +141,12 @@ def make_column(store, alias: str, path: str, dequantize: bool, ram: dict | None
     scale = channel = None
     if fs_name and parts[-1] == "tokens" and array.dtype == np.int8 and dequantize:
         key = alias + "#scale"
-        scale = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_scale"), ram=ram.get(key), views=split)
+        scale = StoredArray(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_scale"), ram=ram.get(key), views=split)
         if store.feature_set(fs_name).token_scaling == "token_channel":
             key = alias + "#channel"
-            channel = Source(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_channel_scale"), ram=ram.get(key),
+            channel = StoredArray(key, store.array(f"{fmt.FEATURES}/{fs_name}/tokens_channel_scale"), ram=ram.get(key),
                              views=split)
-    return Column(alias, path, Source(alias, array, ram=ram.get(alias), views=split), scale, fs_name, channel)
+    return Column(alias, path, StoredArray(alias, array, ram=ram.get(alias), views=split), scale, fs_name, channel)
 
 
 def attach_sources(columns: list[Column], store, blocks: np.ndarray, *, cache: str | None, direct: bool,
@@ -293,7 +293,7 @@ class Reader:
         spaces: dict[int, np.ndarray] = {}  # K -> rows in that row space
         positions: dict[int, np.ndarray] = {}  # K -> positions in the window buffers
 
-        def index(s: Source) -> np.ndarray:
+        def index(s: StoredArray) -> np.ndarray:
             k = s.views
             if k not in spaces:
                 spaces[k] = self.view_rows(rows, k)
@@ -325,7 +325,7 @@ def _split(n: int, parts: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _read(s: Source, r: int, starts, stops, offsets, buf: np.ndarray) -> None:
+def _read(s: StoredArray, r: int, starts, stops, offsets, buf: np.ndarray) -> None:
     """Runs [start, stop) of source `s` into `buf` at their offsets (each run inside one block of
     `r` rows; for a split view axis rows are view rows and `r` is rows_per_shard * K)."""
     runs = [(int(a) // r, int(a) - int(a) // r * r, int(b) - int(a) // r * r) for a, b in zip(starts, stops)]
@@ -348,7 +348,7 @@ def _read(s: Source, r: int, starts, stops, offsets, buf: np.ndarray) -> None:
         buf[o : o + hi - lo] = got.reshape((-1,) + s.tail)[first : first + hi - lo] if k > 1 else got
 
 
-def _take(s: Source, w: Window, idx: np.ndarray, n: int, memory: BatchMemory, pin: bool):
+def _take(s: StoredArray, w: Window, idx: np.ndarray, n: int, memory: BatchMemory, pin: bool):
     """`n` rows of one source as a fresh tensor (numpy for strings): one np.take from the mapping
     or RAM cache (`idx`: rows, or view rows) or window buffer (`idx`: positions) straight into it.
 
