@@ -34,12 +34,12 @@ from common import bench_parser, data_dir, device_string, print_table, write_res
 from contenders.sharelock_staged import StagedFeatures
 
 from featstore.store import Store
-from featstore.trainers.config import Config
+from featstore.trainers.sharelock.config import Config
 from featstore.trainers.contrastive import info_nce
-from featstore.trainers.distributed import Dist
-from featstore.trainers.loading import train_loader
-from featstore.trainers.sharelock import ShareLockModel, count_parameters
-from featstore.trainers.text_sets import train_text
+from featstore.trainers.ddp import Dist
+from featstore.trainers.train_loader import train_loader
+from featstore.trainers.sharelock.model import ShareLockModel, count_parameters
+from featstore.trainers.sharelock.text_sets import train_text
 from featstore.core.writes import write_block
 
 PRESETS = {
@@ -113,7 +113,7 @@ def sharelock_batches(dataset, batch: int, workers: int, seed: int):
 
 
 def train_steps(model, optimizer, batches, steps: int, cfg: Config, dev: torch.device, first_step: int) -> float:
-    """train-head's step (trainers/train_head.py, one micro-batch, one process); returns steps/s."""
+    """train-head's step (trainers/sharelock/train.py, one micro-batch, one process); returns steps/s."""
     run = Dist()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()

@@ -8,7 +8,7 @@ medians, ratios medians of ours / theirs measured back to back in the same round
      float16        `tokens` (row, token, dim) float16
      int8           token x channel int8 (`featstore.tokens.encode_tokens`): `tokens` int8 +
                     `tokens_scale` (row, token) + `tokens_channel_scale` (row, dim) float16, served
-                    raw with both scales, as train-uta reads them (trainers/uta.py `loader_columns`:
+                    raw with both scales, as train-uta reads them (trainers/uta/batch.py `loader_columns`:
                     token x channel int8 is always dequantized by the trainer, on its device)
    contenders:
      featstore  featstore.Loader(store, columns, 256, shuffle=True, seed=0), its other defaults

@@ -88,5 +88,6 @@ run() {  # run LIMIT NAME ARGS...
 run "${LIMITS[0]}" "extraction + CC3M projection ($DEV)" "${EXTRACT[@]}"
 run "${LIMITS[1]}" "store read path ($DEV)" "${STORE[@]}"
 run "${LIMITS[2]}" "training ($DEV)" "${TRAIN[@]}"
+if "$PY" -c "import open_clip, timm" 2>/dev/null; then run 150 "EVA-CLIP port vs open_clip ($DEV)" benchmarks/eva_clip_vs_open_clip.py --device "$DEV" --out "$RESULTS/eva_clip_parity$([ "$DEV" = cpu ] && echo .quick).json"; fi
 echo "gpu.sh: $failed step(s) failed, $(( $(date +%s) - start ))s in all; results in $RESULTS"
 exit $failed

@@ -331,7 +331,7 @@ NOTES = {  # what to keep in mind reading each table (no figures here: those com
     "train": "The same ShareLock training step fed from the store and from in-RAM tensors; the data path alone "
              "against ShareLock's staged per-sample .pt files read through a DataLoader with workers.",
     "uta": "int8 token x channel tokens are served raw with both scales and dequantized in the training step "
-           "(trainers/uta.py), as train-uta reads them.",
+           "(trainers/uta/batch.py), as train-uta reads them.",
     "scale": "Why the curve is not flat, and why it stops growing: a lookup of k uids reads, per query, one "
              "small range of one index file per level (levels grow as log10 of the rows: a level holds 10x the "
              "one above it) and of each level-0 run, then its candidate's uid from its own samples/uid shard: so "

@@ -16,10 +16,14 @@ from featstore.loader import Loader
 from featstore.store import Store
 from featstore.tokens import dequantize_int8, encode_tokens, int8_fidelity
 from featstore.trainers.config import load_config
-from featstore.trainers.distributed import Dist
-from featstore.trainers.loading import train_loader
-from featstore.trainers.train_uta import param_groups, train_step
-from featstore.trainers.uta import UTAConfig, UTAStudent, count_parameters, loader_columns, resolve_arch
+from featstore.trainers.ddp import Dist
+from featstore.trainers.train_loader import train_loader
+from featstore.trainers.uta.train import param_groups, train_step
+from featstore.trainers.loop import count_parameters
+from featstore.trainers.uta.arch import resolve_arch
+from featstore.trainers.uta.batch import loader_columns
+from featstore.trainers.uta.config import UTAConfig
+from featstore.trainers.uta.student import UTAStudent
 from featstore.core.writes import write_block
 
 SEED = 0

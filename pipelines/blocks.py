@@ -40,7 +40,7 @@ from . import plan
 from .backbones import Backbone, load_backbone
 from .preprocess import Preprocess, load_and_preprocess
 from .sources import open_source
-from .views import ViewSpec, decode_views
+from .crops import ViewSpec, decode_views
 from .write_behind import WriteBehind
 
 

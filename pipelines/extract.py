@@ -29,7 +29,7 @@ from .blocks import BlockRunner, ExtractSpec
 from .choices import FIELDS, POOLED_DTYPES, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
 from .sources import open_source
 from .summary import format_summary, progress_bar, summarize_run
-from .views import ViewSpec
+from .crops import ViewSpec
 
 SOURCE_OPTIONS = ("captions", "labels", "uid_field", "image_column", "text_column", "label_column")
 
@@ -238,7 +238,7 @@ def extract(store_path, source_path=None, backbone=None, *, workers: int | None 
         + (f"; {done_now:,} of {cur.n_rows:,} rows already done" if done_now else ""))
     per_worker = None
     if items and (workers or scheduler):
-        from .distributed import run_items
+        from .dask_cluster import run_items
 
         markers, per_worker = run_items(spec, items, workers=workers, scheduler=scheduler, progress=progress, log=log)
     elif items:

@@ -98,7 +98,7 @@ _CACHE: dict = {}
 def trained_run(tmp_path_factory):
     """(store path, run dir, summary) of a ShareLock head trained on `make_aligned_store`."""
     if "run" not in _CACHE:
-        from featstore.trainers.train_head import train_head
+        from featstore.trainers.sharelock.train import train_head
 
         base = tmp_path_factory.mktemp("sharelock-run")
         store = make_aligned_store(base / "s.zarr")

@@ -72,6 +72,14 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     bit = tf.BitImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
                                   image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
     save("dinov2", tf.Dinov2Model(tf.Dinov2Config(**VISION)), bit)
+    from eva_clip_reference import save_tiny_eva_clip
+
+    for key, size in (("eva-clip", 224), ("eva-clip-336", 336)):  # EVA-CLIP stand-ins at the aliases' input sizes
+        cfg = {"embed_dim": 16, "vision_cfg": {"image_size": size, "layers": 1, "width": 32, "head_width": 16,
+               "patch_size": 16 if size == 224 else 14, "mlp_ratio": 2.6667, "eva_model_name": key, "rope": True,
+               "pt_hw_seq_len": 16, "intp_freq": True, "naiveswiglu": True, "subln": True},
+               "text_cfg": {"context_length": 16, "vocab_size": 521, "width": 32, "heads": 2, "layers": 1}}
+        out[key] = save_tiny_eva_clip(root / key, cfg)["dirs"]["open_clip"]
     save("dinov2-registers",
          tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(**VISION, num_register_tokens=2)), bit)
     save("dinov2-noprocessor", tf.Dinov2Model(tf.Dinov2Config(**VISION)))
@@ -105,6 +113,8 @@ HUB_STAND_INS = {
     "dinov2": "dinov2", "dinov2-small": "dinov2", "dinov2-base": "dinov2", "dinov2-large": "dinov2", "dinov2-giant": "dinov2",
     "clip-vit-b16": "clip-full", "clip-vit-l14": "clip-full", "clip-text-b16": "clip-full", "clip-text-l14": "clip-full",
     "siglip": "siglip-full", "llama3-8b": "llama",
+    "eva02-clip-b16": "eva-clip", "eva02-clip-l14": "eva-clip", "eva02-clip-l14-336": "eva-clip-336",
+    "eva02-clip-text-b16": "eva-clip", "eva02-clip-text-l14": "eva-clip",
 }
 
 

@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from featstore.errors import CheckpointError
 from featstore.trainers import checkpoint
-from featstore.trainers.config import Config
-from featstore.trainers.sharelock import FORMAT, VERSION, ShareLockModel, load_checkpoint
+from featstore.trainers.sharelock.config import Config
+from featstore.trainers.sharelock.model import FORMAT, VERSION, ShareLockModel, load_checkpoint
 
 from sharelock_data import one_thread
 

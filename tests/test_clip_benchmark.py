@@ -28,9 +28,9 @@ from sklearn.metrics import balanced_accuracy_score
 from featstore.pipelines.backbones import load_backbone
 from featstore.store import Store
 from featstore.trainers import prompts
-from featstore.trainers.evaluate import evaluate
-from featstore.trainers.sharelock import ShareLock
-from featstore.trainers.train_head import train_head
+from featstore.trainers.sharelock.evaluate import evaluate
+from featstore.trainers.sharelock.model import ShareLock
+from featstore.trainers.sharelock.train import train_head
 from featstore.core.writes import write_block
 
 from sharelock_data import M, image_view, one_thread

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from featstore.errors import ConfigError
-from featstore.trainers.config import Config, builtin_configs, config_path, load_config, parse_set, valid_keys
+from featstore.trainers.config import builtin_configs, config_path, parse_set
+from featstore.trainers.sharelock.config import Config, load_config, valid_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,10 +30,25 @@ def test_shipped_configs():
     demo = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
     assert demo.hidden_dim < 4096 and demo.accumulation_steps == 1 and demo.steps <= 1000
     # by name, from the installed package data, whatever the working directory
-    assert builtin_configs() == ["demo", "sharelock", "uta"]
+    assert builtin_configs() == ["demo", "sharelock", "uta", "uta-b16"]
     assert load_config("sharelock") == official and load_config("demo.yaml") == demo
     assert config_path("uta").endswith(os.path.join("featstore", "configs", "uta.yaml")) or \
         config_path("uta") == os.path.join(ROOT, "configs", "uta.yaml")
+
+
+def test_uta_b16_is_eva02s_pretraining_recipe():
+    """configs/uta-b16.yaml: UTA-B/16 with EVA-02-B's pre-training hyper-parameters (baaivision/EVA,
+    EVA-02/asuka: run_eva02_pretraining.py's defaults and the README's eva02_B command)."""
+    from featstore.trainers.config import load_config as load_any
+    from featstore.trainers.uta.config import UTAConfig
+
+    b16 = load_any("uta-b16", base=UTAConfig())
+    eva02 = {"lr": 1.5e-3, "adam_beta2": 0.98, "adam_eps": 1e-6, "weight_decay": 0.05, "grad_clip": 3.0,
+             "batch_size": 2048, "drop_path": 0.0, "layer_scale": None, "min_lr_ratio": pytest.approx(1e-5 / 1.5e-3, rel=1e-4)}
+    assert {k: getattr(b16, k) for k in eva02} == eva02
+    assert (b16.student, b16.patch_size, b16.mask_ratio, b16.reversed_masking) == ("base", 16, 0.5, True)
+    assert b16.warmup_steps * 150 == b16.steps  # one warm-up epoch of 150
+    assert UTAConfig().adam_eps == 1e-8  # the general default stays torch's
 
 
 def test_unknown_key_rejected_with_valid_keys(tmp_path):

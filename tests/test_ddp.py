@@ -42,8 +42,8 @@ from safetensors.torch import load_file
 
 from featstore.split import split_by_uid
 from featstore.store import Store
-from featstore.trainers.train_head import train_head
-from featstore.trainers.train_uta import train_uta
+from featstore.trainers.sharelock.train import train_head
+from featstore.trainers.uta.train import train_uta
 from featstore.core.writes import write_block
 
 from sharelock_data import make_aligned_store, one_thread

@@ -124,7 +124,7 @@ def test_a_workers_error_reaches_the_user_as_one_line(tmp_path, shards, tiny_din
     from dask.distributed import Client
 
     from featstore.errors import WorkerError
-    from featstore.pipelines.distributed import extract_item_task
+    from featstore.pipelines.dask_cluster import extract_item_task
     from featstore.pipelines.extract import prepare
 
     spec, _, _, _ = prepare(tmp_path / "s.zarr", shards, tiny_dinov2_path, name="dino", rows_per_shard=4,

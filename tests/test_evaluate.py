@@ -13,7 +13,7 @@ from featstore.errors import ConfigError, IdentityMismatch
 from featstore.split import split_by_uid
 from featstore.store import Store
 from featstore.trainers import backbone_link
-from featstore.trainers.evaluate import evaluate
+from featstore.trainers.sharelock.evaluate import evaluate
 from featstore.trainers.prompts import OPENAI_IMAGENET_TEMPLATES, classnames, load_templates, templates
 
 FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
@@ -176,7 +176,7 @@ def digits_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits_run(digits_store, tmp_path_factory):
     """A head trained on the digits store: (store path, run dir, summary)."""
-    from featstore.trainers.train_head import train_head
+    from featstore.trainers.sharelock.train import train_head
 
     run = tmp_path_factory.mktemp("digits-run") / "run"
     summary = train_head(digits_store[0], "efficientnet-lite0", "minilm", run, progress=False,
@@ -186,7 +186,7 @@ def digits_run(digits_store, tmp_path_factory):
 
 
 def test_digits_zero_shot_far_above_chance(digits_store, digits_run, tmp_path):
-    from featstore.trainers.sharelock import ShareLock
+    from featstore.trainers.sharelock.model import ShareLock
 
     digits_store, pngs = digits_store
     _, run, summary = digits_run

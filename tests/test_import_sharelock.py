@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from featstore.errors import CheckpointError, ConfigError
 from featstore.store import Store
-from featstore.trainers.evaluate import evaluate
-from featstore.trainers.import_sharelock import import_sharelock
-from featstore.trainers.sharelock import ShareLock, load_checkpoint
+from featstore.trainers.sharelock.evaluate import evaluate
+from featstore.trainers.sharelock.import_official import import_sharelock
+from featstore.trainers.sharelock.model import ShareLock, load_checkpoint
 from featstore.core.writes import write_block
 
 import omegaconf  # a test dependency, only to build the fixture the way ShareLock's train.py makes its config

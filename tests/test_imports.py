@@ -131,6 +131,7 @@ ROOMS = {
     "featstore.store": ("featstore.core", *LEAVES),
     "featstore.loader": ("featstore.core", "featstore.read", "featstore.store", *LEAVES),
     "featstore.tools": ("featstore.core", "featstore.read", "featstore.store", "featstore.tools", *LEAVES),
+    "featstore.models": ("featstore.models",),  # torch modules only, for pipelines/ and trainers/ alike
 }
 
 
@@ -152,6 +153,21 @@ def test_rooms():
                 wrong.append(f"{name} imports {d} (only the command runs tools)")
     assert wrong == []
     assert {room_of(n) for n in edges} >= set(ROOMS)  # every room has modules
+
+
+def test_the_two_trainers_never_import_each_other():
+    """trainers/sharelock/ and trainers/uta/ share only the common trainers/ modules; the shared
+    modules import neither (only the command module, which adds both trainers' commands)."""
+    kinds = ("featstore.trainers.sharelock", "featstore.trainers.uta")
+    wrong = []
+    for name, deps in graph().items():
+        if not name.startswith("featstore.trainers") or name == "featstore.trainers.commands":
+            continue
+        mine = next((k for k in kinds if name == k or name.startswith(k + ".")), None)
+        wrong += [f"{name} imports {d}" for d in deps for k in kinds
+                  if k != mine and (d == k or d.startswith(k + "."))]
+    assert wrong == []
+    assert {"featstore.trainers.uta.train", "featstore.trainers.sharelock.train"} <= set(graph())
 
 
 def test_nobody_uses_another_modules_private_names():

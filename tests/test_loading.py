@@ -1,4 +1,4 @@
-"""trainers/loading.py: the training loader a trainer config makes (shuffle window, rank share,
+"""trainers/train_loader.py: the training loader a trainer config makes (shuffle window, rank share,
 per-rank batch), on a real store; the configs' `shuffle_window` key."""
 
 import numpy as np
@@ -7,10 +7,10 @@ import pytest
 from featstore.errors import ConfigError
 from featstore.loader import Loader
 from featstore.split import split_by_uid
-from featstore.trainers.config import Config, load_config
-from featstore.trainers.distributed import Dist
-from featstore.trainers.loading import shuffle_window, train_loader
-from featstore.trainers.uta import UTAConfig
+from featstore.trainers.sharelock.config import Config, load_config
+from featstore.trainers.ddp import Dist
+from featstore.trainers.train_loader import shuffle_window, train_loader
+from featstore.trainers.uta.config import UTAConfig
 
 from sharelock_data import make_aligned_store
 

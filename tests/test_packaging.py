@@ -27,7 +27,7 @@ def test_wheel_holds_only_the_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     files = [n for n in names if ".dist-info/" not in n]
     assert {n.split("/")[0] for n in files} == {"featstore"}
-    assert {n.split("/")[1] for n in files if n.count("/") > 1} == {"command", "configs", "core", "pipelines", "read", "tools", "trainers"}
+    assert {n.split("/")[1] for n in files if n.count("/") > 1} == {"command", "configs", "core", "models", "pipelines", "read", "tools", "trainers"}
     assert [n for n in files if n.startswith("featstore/command/")] == ["featstore/command/cli.py"]
     assert {"featstore/configs/sharelock.yaml", "featstore/configs/uta.yaml", "featstore/configs/demo.yaml",
             "featstore/trainers/data/classnames.json", "featstore/trainers/data/templates.json"} <= set(files)
@@ -42,7 +42,7 @@ def test_wheel_holds_only_the_package(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     code = ("import featstore, featstore.command.cli as cli\n"
-            "from featstore.trainers.config import config_path, load_config\n"
+            "from featstore.trainers.config import config_path\nfrom featstore.trainers.sharelock.config import load_config\n"
             "print(featstore.__file__, cli.__file__, config_path('sharelock'), load_config('sharelock').val_rows)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(target)}).stdout.split()

@@ -22,7 +22,7 @@ def python_blocks() -> list[str]:
 @pytest.fixture
 def reader_folder(tmp_path, tiny_dinov2_path, monkeypatch):
     from featstore.pipelines.extract import extract
-    from featstore.trainers.train_head import train_head
+    from featstore.trainers.sharelock.train import train_head
 
     images = tmp_path / "images"
     images.mkdir()

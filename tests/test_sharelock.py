@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from featstore.errors import ConfigError
 from featstore.trainers import backbone_link
-from featstore.trainers.config import Config
+from featstore.trainers.sharelock.config import Config
 from featstore.trainers.contrastive import info_nce, retrieval_recall
-from featstore.trainers.sharelock import ShareLock, ShareLockModel, count_parameters
+from featstore.trainers.sharelock.model import ShareLock, ShareLockModel, count_parameters
 
 from sharelock_data import FakeTextBackbone, one_thread, trained_run
 

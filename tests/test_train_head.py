@@ -16,10 +16,10 @@ from featstore.errors import CheckpointError, ConfigError, IdentityMismatch, Unk
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
-from featstore.trainers import train_head as train_head_module
-from featstore.trainers.config import Config, load_config
+from featstore.trainers.sharelock import train as train_head_module
+from featstore.trainers.sharelock.config import Config, load_config
 from featstore.trainers.loop import lr_at
-from featstore.trainers.train_head import train_head
+from featstore.trainers.sharelock.train import train_head
 
 from sharelock_data import IMAGE_IDENTITY, RUN_OVERRIDES, FakeTextBackbone, make_aligned_store, one_thread, trained_run
 
@@ -182,7 +182,7 @@ CHILD = textwrap.dedent("""
         return step(self, *a, **k)
 
     torch.optim.Adam.step = hanging_step
-    from featstore.trainers.train_head import train_head
+    from featstore.trainers.sharelock.train import train_head
     train_head(store, "img", "txt", out, overrides=json.loads(overrides), progress=False)
 """)
 
@@ -283,8 +283,8 @@ def test_best_metric_higher_is_better(tmp_path_factory, tmp_path, monkeypatch):
 def test_fixed_validation_row_count_and_several_caption_sets(tmp_path):
     """val_rows holds out exactly that many rows, found again by eval --split; several text
     feature sets (ShareLock's several caption files) are drawn per row."""
-    from featstore.trainers.evaluate import evaluate
-    from featstore.trainers.text_sets import train_text as _train_text
+    from featstore.trainers.sharelock.evaluate import evaluate
+    from featstore.trainers.sharelock.text_sets import train_text as _train_text
 
     store = make_aligned_store(tmp_path / "s.zarr", n=800, more_captions=("txt2",))
     over = ["hidden_dim=128", "batch_size=64", "accumulation_steps=2", "steps=30", "warmup_steps=3", "patience=null",

@@ -27,9 +27,11 @@ from featstore.errors import CheckpointError, ConfigError, IdentityMismatch, Int
 from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
-from featstore.trainers.evaluate_uta import evaluate_uta
-from featstore.trainers.train_uta import train_uta
-from featstore.trainers.uta import UTAConfig, loader_columns, prepare_batch, resolve_arch
+from featstore.trainers.uta.evaluate import evaluate_uta
+from featstore.trainers.uta.train import train_uta
+from featstore.trainers.uta.arch import resolve_arch
+from featstore.trainers.uta.batch import loader_columns, prepare_batch
+from featstore.trainers.uta.config import UTAConfig
 
 from imagedata import encode, real_images, write_shard
 from sharelock_data import one_thread
@@ -180,7 +182,7 @@ def test_heldout_loss_falls_clearly(main_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(out / "last")) == ["checkpoint.json", "model.safetensors", "optimizer.safetensors"]
     state = json.load(open(out / "last" / "checkpoint.json"))
-    assert state["format"] == "featstore-uta-checkpoint" and state["version"] == 2 and state["step"] == 90
+    assert state["format"] == "featstore-uta-checkpoint" and state["version"] == 3 and state["step"] == 90
     arch = state["arch"]
     assert arch["grid"] == 8 and arch["teacher_grid"] == [8, 8] and arch["grid_interpolation"] is None
     assert (arch["mlp"], arch["sub_ln"], arch["rope"], arch["drop_path"], arch["cls_head"]) == ("swiglu", True, True, 0.1, "shared")
@@ -195,7 +197,8 @@ def test_cls_embedding_aligns_to_the_teachers_pooled_on_heldout_rows(main_run):
     embeddings all lie close to one direction (cosine ~0.998 to their mean), so the rise alone
     could be that direction: the image-dependent part is checked too, centred on the train means
     (a freshly initialised student scores ~0 there)."""
-    from featstore.trainers.uta import UTAStudent, load_checkpoint
+    from featstore.trainers.uta.checkpoint_format import load_checkpoint
+    from featstore.trainers.uta.student import UTAStudent
 
     store_path, out, summary = main_run
     val = [r for r in _metrics(out) if "val_loss" in r]
@@ -377,7 +380,7 @@ CHILD = textwrap.dedent("""
         return step(self, *a, **k)
 
     torch.optim.AdamW.step = hanging_step
-    from featstore.trainers.train_uta import train_uta
+    from featstore.trainers.uta.train import train_uta
     train_uta(store, "clip", "crops", out, overrides=json.loads(overrides), progress=False)
 """)
 
@@ -491,3 +494,4 @@ def test_train_uta_command(digits, tmp_path):
     resumed = subprocess.run(args + ["--resume", "--steps", "6", "--json"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["step"] == 6
+

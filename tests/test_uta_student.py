@@ -2,7 +2,6 @@
 alignment, the EVA-02-like options (SwiGLU + sub-LN, RoPE with EVA-02's frequencies, layer scale,
 drop path), block-wise masking, grids and flips."""
 
-import math
 
 import numpy as np
 import pytest
@@ -11,10 +10,13 @@ import torch.nn.functional as F
 
 from featstore.errors import ConfigError
 from featstore.trainers.config import load_config
-from featstore.trainers.uta import (UTAConfig, UTAStudent, alignment_loss, alignment_losses, draw_masks, flip_tokens,
-                                    gather_tokens, interpolate_grid, mask_groups, prepare_batch, resolve_arch,
-                                    step_generator)
-from featstore.trainers.uta_masks import block_mask
+from featstore.trainers.uta.arch import resolve_arch
+from featstore.trainers.uta.batch import flip_tokens, interpolate_grid, prepare_batch
+from featstore.trainers.uta.config import UTAConfig
+from featstore.trainers.uta.loss import alignment_loss, alignment_losses
+from featstore.trainers.uta.masks import draw_masks, mask_groups, step_generator
+from featstore.trainers.uta.student import gather_tokens, UTAStudent
+from featstore.trainers.uta.masks import block_mask
 from featstore.trainers.loop import count_parameters
 
 
@@ -148,13 +150,18 @@ def test_rope_rotates_each_kept_token_by_its_own_position():
     x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
     keep = torch.tensor([[1, 6, 11, 12]])
     with torch.no_grad():
+        for block in model.vit.blocks:  # sharp attention (at init it is nearly uniform, positions barely count)
+            block.attn.q_proj.weight.mul_(30)
+            block.attn.k_proj.weight.mul_(30)
         subset = model.features(x, keep)[0]
         full = model.features(x)[0]
         # the subset's token at position 6 attends to other tokens than in the full image; but a subset
         # holding every position is the full forward
         assert torch.allclose(model.features(x, torch.arange(16)[None])[0], full, atol=1e-6)
         e = model.embed(x)
-        shifted = model.encode(gather_tokens(e, keep), keep + 1)[0]  # same contents, claimed one column to the right
+        moved = keep.clone()
+        moved[0, 1] = 7  # same contents, one of them claimed one column to the right (RoPE is relative:
+        shifted = model.encode(gather_tokens(e, keep), moved)[0]  # a shift of every token changes little)
         assert not torch.allclose(shifted, subset, atol=1e-4)
         plain = _student(abs_pos_embed="false", rope="false")
         e = plain.embed(x)
@@ -162,49 +169,61 @@ def test_rope_rotates_each_kept_token_by_its_own_position():
                               plain.encode(gather_tokens(e, keep), keep)[0])  # no RoPE, no position at all
 
 
-def test_rope_has_eva02_frequencies():
-    """EVA-02 rotates a patch at grid column p (of g) by 16 * p / g * 10000^(-4i/head_dim) per
-    frequency i; the student's rotations differ from that by a constant phase only, so every
-    difference between two positions is EVA-02's."""
-    width, heads, grid = 64, 2, 7
-    arch = _arch(grid=grid, width=width, heads=heads)
-    model = UTAStudent(arch)
-    hd = width // heads
-    cos, sin = model._rotations(None, grid * grid, torch.device("cpu"))
-    angle = torch.atan2(sin[0, 0], cos[0, 0]).double()  # (N, head_dim)
-    eva = 10000.0 ** (-4.0 * torch.arange(hd // 4, dtype=torch.float64) / hd)
-    rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
-    n_checked = 0
-    for a, b in ((0, 1), (3, 45), (10, 48), (17, 23)):
-        for axis, pos, part in (("y", rows, slice(0, hd // 4)), ("x", cols, slice(hd // 4, hd // 2))):
-            want = 16.0 * (pos[a] - pos[b]).double() / grid * eva
-            got = angle[a, part] - angle[b, part]
-            diff = torch.remainder(got - want + math.pi, 2 * math.pi) - math.pi  # equal modulo 2 pi
-            assert diff.abs().max() < 1e-4, (a, b, axis)
-            n_checked += 1
-    assert n_checked == 8
-    assert torch.equal(angle[:, : hd // 2], angle[:, hd // 2 :])  # each frequency rotates one channel pair
+def test_student_is_eva02_as_the_reference_computes_it():
+    """The student's encoder is EVA-02's ViT: with the same weights, a transcription of baaivision/EVA's
+    modules (tests/eva02_reference.py: separate q/k/v with q/v biases, EVA's rotary tables, naive SwiGLU
+    with sub-LN, no LayerNorm before the attention's projection) gives the same hidden states, and
+    EVA-CLIP's variant (inner_attn_ln, rotary positions interpolated from a 16-grid) too."""
+    from eva02_reference import EVA02Ref
+
+    from featstore.models.eva02 import EVA02ViT
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for attn_ln, pt_grid in ((False, None), (True, 8)):
+        ours = EVA02ViT(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=48, attn_sub_ln=attn_ln,
+                        pt_grid=pt_grid)
+        ours.init_weights()
+        with torch.no_grad():  # non-trivial LayerNorms and biases, so a missing or misplaced one shows
+            for name, p in ours.named_parameters():
+                if name.endswith("bias") or "ln" in name or "norm" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+                if "q_proj" in name or "k_proj" in name:  # sharp attention, so positions count
+                    p.mul_(30)
+        ref = EVA02Ref(32, 8, 32, 2, 2, 48, subln=True, inner_ln=attn_ln, pt_seq_len=pt_grid)
+        assert ref.load_state_dict(ours.state_dict(), strict=True)  # EVA's parameter names, every one
+        with torch.no_grad():
+            want = ref(x)
+            assert torch.allclose(ours(x), want, atol=2e-5)
+            keep = torch.tensor([[0, 5, 9, 15], [2, 3, 12, 14]])  # a subset is rotated by its real positions
+            sub = ours.encode(gather_tokens(ours.embed(x), keep), keep)
+            assert sub.shape == (2, 5, 32)
+            assert not torch.allclose(sub[:, 1:], gather_tokens(want[:, 1:], keep), atol=1e-3)  # attends to fewer
+            model_rope_off = ours.rope
+            ours.rope = None
+            assert not torch.allclose(ours(x), want, atol=1e-3)  # the rotation matters
+            ours.rope = model_rope_off
 
 
 def test_student_options_build_what_they_say():
-    from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTMLP, Dinov3ViTDropPath
+    from featstore.models.eva02 import DropPath, GeluMLP, SwiGLU
 
     model = _student(depth=3, drop_path=0.2)
-    layers = list(model.vit.model.layer)
-    assert isinstance(layers[0].mlp, DINOv3ViTGatedMLP) and layers[0].mlp.up_proj.out_features == round(16 * 8 / 3)
-    assert isinstance(layers[0].mlp.down_proj[0], torch.nn.LayerNorm)  # sub-LN before the MLP output projection
-    assert isinstance(layers[0].attention.o_proj[0], torch.nn.LayerNorm)  # ... and before the attention's
-    assert isinstance(layers[0].layer_scale1, torch.nn.Identity)  # no layer scale by default (EVA-02-B)
-    assert isinstance(layers[0].drop_path, torch.nn.Identity)  # stochastic depth: 0 at the first block,
-    assert [round(l.drop_path.drop_prob, 6) for l in layers[1:]] == [0.1, 0.2]  # linear to drop_path at the last
-    assert all(isinstance(l.drop_path, Dinov3ViTDropPath) for l in layers[1:])
+    blocks = list(model.vit.blocks)
+    assert isinstance(blocks[0].mlp, SwiGLU) and blocks[0].mlp.w1.out_features == round(16 * 8 / 3)
+    assert isinstance(blocks[0].mlp.ffn_ln, torch.nn.LayerNorm)  # sub-LN before the MLP output projection
+    assert isinstance(blocks[0].attn.inner_attn_ln, torch.nn.Identity)  # ... and none before the attention's (EVA-02-B)
+    assert blocks[0].gamma_1 is None and blocks[0].gamma_2 is None  # no layer scale by default (EVA-02-B)
+    assert isinstance(blocks[0].drop_path, torch.nn.Identity)  # stochastic depth: 0 at the first block,
+    assert [round(b.drop_path.drop_prob, 6) for b in blocks[1:]] == [0.1, 0.2]  # linear to drop_path at the last
+    assert all(isinstance(b.drop_path, DropPath) for b in blocks[1:])
     assert model.arch["cls_head"] == "shared" and model.cls_head is None  # pooled width = token width: UTA's one head
 
     plain = _student(mlp="gelu", sub_ln="false", layer_scale=0.1)
-    layer = plain.vit.model.layer[0]
-    assert isinstance(layer.mlp, DINOv3ViTMLP) and layer.mlp.up_proj.out_features == 64
-    assert isinstance(layer.mlp.down_proj, torch.nn.Linear)
-    assert torch.allclose(layer.layer_scale1.lambda1, torch.full((16,), 0.1))
+    block = plain.vit.blocks[0]
+    assert isinstance(block.mlp, GeluMLP) and block.mlp.fc1.out_features == 64
+    assert isinstance(block.mlp.ffn_ln, torch.nn.Identity)
+    assert torch.allclose(block.gamma_1, torch.full((16,), 0.1))
 
     # a teacher whose pooled width differs from its tokens' (raw --layer tokens): a CLS head of its own
     other = _student(pooled_dim=12)
@@ -214,20 +233,19 @@ def test_student_options_build_what_they_say():
     with pytest.raises(ConfigError, match="divisible by 4"):
         _arch(width=18, heads=3)  # head width 6: no 2D RoPE
     assert _arch(width=18, heads=3, rope="false")["rope"] is False
-    # the mask token exists in DINOv3's embeddings but is never trained (UTA has none)
-    assert not model.vit.embeddings.mask_token.requires_grad
+    assert not any("mask_token" in name for name, _ in model.named_parameters())  # UTA has no [MASK] token
 
 
 def test_base_student_has_uta_b_parameter_count():
     """student=base with the defaults has exactly the parameters of UTA-B's released ViT-B/16
-    (EVA-02-B: SwiGLU 2048 + sub-LN, q/v biases, absolute positions, a 1024-d head), counted here
-    from that architecture's description."""
+    (EVA-02-B: SwiGLU 2048 with its sub-LN, q/v biases, absolute positions, a 1024-d head), counted
+    here from that architecture's description."""
     arch = resolve_arch(UTAConfig(student="base"), teacher_tokens=(196, 1024), pixels_shape=(3, 224, 224),
                         pixels_identity={}, teacher_pooled_dim=1024)
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = UTAStudent(arch)
     d, h, depth = 768, 2048, 12
-    block = (3 * d * d + 2 * d) + (d * d + d) + 2 * d  # qkv (q, v biases), proj, attention sub-LN
+    block = (3 * d * d + 2 * d) + (d * d + d)  # q, k, v (q and v biases), proj; no LayerNorm between
     block += 2 * (d * h + h) + 2 * h + (h * d + d)  # SwiGLU w1, w2, its sub-LN, w3
     block += 2 * 2 * d  # norm1, norm2
     eva_b = 3 * 16 * 16 * d + d + d + 197 * d + depth * block + 2 * d + d * 1024 + 1024  # patches, cls, positions, norm, head

@@ -16,7 +16,7 @@ from featstore.tools.inspect import format_summary, summarize
 from featstore.loader import Loader
 from featstore.pipelines.extract import extract
 from featstore.pipelines.preprocess import Preprocess, decode_image
-from featstore.pipelines.views import EVA02_RATIO, EVA02_SCALE, view_box_pixels
+from featstore.pipelines.crops import EVA02_RATIO, EVA02_SCALE, view_box_pixels
 from featstore.store import Store
 from featstore.tokens import dequantize_int8
 from featstore.tools.verify import verify
@@ -193,7 +193,7 @@ def test_raw_int8_views_with_their_scales_as_a_gpu_step_reads_them(view_store):
     """On a GPU train-uta takes int8 tokens raw with both scales (per view) and dequantizes in the step."""
     import torch
 
-    from featstore.trainers.uta import loader_columns, prepare_batch
+    from featstore.trainers.uta.batch import loader_columns, prepare_batch
 
     want = _stored(view_store)
     columns, dequantize = loader_columns("pixels/px", "dino", int8_on_device=True, store=view_store, pooled=True)
@@ -278,8 +278,8 @@ def test_loader_refusals(view_store, photos, tiny_dinov2_path, tmp_path):
     with pytest.raises(ConfigError, match="not the same crop"):
         Loader(store, {"x": "pixels/px2", "p": "features/two-other/pooled"}, 4, view="epoch")
     # train-uta's crop check (light mode, pixels): the views' recipe is part of the crop geometry
-    from featstore.trainers.uta import same_crop
-    from featstore.trainers.uta_views import crop_identity
+    from featstore.trainers.uta.arch import same_crop
+    from featstore.trainers.uta.stored_views import crop_identity
 
     same_crop(store.pixels("px2").attrs["identity"], crop_identity(store.feature_set("two")), "px2", "two")
     for other in ("three", "two-other"):
@@ -298,7 +298,7 @@ def test_loader_refusals(view_store, photos, tiny_dinov2_path, tmp_path):
 
 # ---- train-uta ----------------------------------------------------------------------------------
 def test_train_uta_on_a_k2_store_reads_one_view_per_epoch_and_warns_past_k_epochs(view_store, tmp_path):
-    from featstore.trainers.train_uta import ViewsRepeat, train_uta
+    from featstore.trainers.uta.train import ViewsRepeat, train_uta
 
     small = ["depth=1", "width=32", "batch_size=4", "val_fraction=0.25", "cpu_threads=1", "warmup_steps=0",
              "drop_path=0", "log_every=1"]

@@ -73,7 +73,7 @@ def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
         """Train a ShareLock head (MLP on frozen text features, contrastive against frozen image
         features) streaming both from the store; no image decoding, no backbone in the step.
         Ctrl-C saves a checkpoint at the step in progress: continue with the same command and --resume."""
-        from featstore.trainers.train_head import train_head as run
+        from featstore.trainers.sharelock.train import train_head as run
 
         s = run(store_path, image, text, out, config_file=config_file, overrides=list(overrides), steps=steps,
                 device=device, precision=precision, resume=resume, progress=not (as_json or no_progress))
@@ -93,7 +93,7 @@ def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
                   device, precision, resume, as_json, no_progress):
         """Train a UTA student: a ViT whose unmasked tokens match the stored teacher tokens at the same
         positions (reversed masking by default), reading stored crops: no decoding, no teacher in the step."""
-        from featstore.trainers.train_uta import train_uta as run
+        from featstore.trainers.uta.train import train_uta as run
 
         s = run(store_path, teacher, pixels, out, student=student, student_input=student_input, mask_ratio=mask_ratio,
                 steps=steps, config_file=config_file, overrides=list(overrides), device=device, precision=precision,
@@ -127,16 +127,16 @@ def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
         (recall@1/5/10, several captions per image), on every row of the store.  A train-uta run:
         alignment and zero-shot of the student's CLS beside the teacher's (prompts by the teacher's
         text tower)."""
-        from featstore.trainers.uta import is_uta_checkpoint
+        from featstore.trainers.uta.checkpoint_format import is_uta_checkpoint
 
         if is_uta_checkpoint(checkpoint_dir):
-            from featstore.trainers.evaluate_uta import evaluate_uta, format_result
+            from featstore.trainers.uta.evaluate import evaluate_uta, format_result
 
             r = evaluate_uta(checkpoint_dir, store_path, classes_file=classes, label_field=label_field, text=text,
                              templates=templates, all_rows=not split, device=device, plot_path=plot_path)
             click.echo(json.dumps(r, indent=1, default=str) if as_json else format_result(r))
             return
-        from featstore.trainers.evaluate import evaluate
+        from featstore.trainers.sharelock.evaluate import evaluate
 
         r = evaluate(checkpoint_dir, store_path, classes=classes, label_field=label_field, templates=templates,
                      split=split, all_rows=all_rows or None, text=text, device=device, plot_path=plot_path)
@@ -174,7 +174,7 @@ def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
         """Convert an official ShareLock Lightning checkpoint (ShareLock-CC3M.ckpt, ShareLock-CC12M.ckpt)
         into a featstore checkpoint for `featstore eval` and ShareLock.load; loaded with
         torch.load(weights_only=True) and an explicit allow-list (omegaconf is not needed)."""
-        from featstore.trainers.import_sharelock import import_sharelock as run
+        from featstore.trainers.sharelock.import_official import import_sharelock as run
 
         s = run(ckpt, out, store=store_path, image=image, text=text)
         if as_json:

@@ -1,4 +1,4 @@
-"""What both training loops (train_head.py, train_uta.py) share, so each reads top to bottom.
+"""What both training loops (sharelock/train.py, uta/train.py) share, so each reads top to bottom.
 
     PRECISIONS, autocast(dev, precision)      the precision table and its autocast context
     lr_at(step, cfg)                          linear warm-up, then cosine
@@ -303,7 +303,7 @@ def run_steps(*, run, cfg, model, optimizer, loader, out_dir: str, step: int, re
     `early_stop()` (after a validation: stop now? the same on every rank).  Around them: the lr
     schedule, validation at step 0 and when due, metrics, `last` checkpoints, Ctrl-C (every rank
     stops at the same step; `StopOnInterrupt`), DDP barriers.  `run`: trainers.distributed.Dist."""
-    from . import checkpoint
+    from featstore.trainers import checkpoint
 
     n_params = count_parameters(model)
     bar = progress_bar(cfg.steps, step, f"{desc} ({n_params:,} params)", progress and run.is_main)

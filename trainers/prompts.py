@@ -153,7 +153,7 @@ def prompt_features(store_path, text_set: dict, texts: list[str], device="cpu", 
     missing = sorted({t for t in texts if t not in known})
     if missing:
         if encoder is None:
-            from .backbone_link import backbone_for
+            from featstore.trainers.backbone_link import backbone_for
 
             encoder = backbone_for(text_set, device=device)
         dtype = np.dtype(text_set.get("dtype") or "float16")

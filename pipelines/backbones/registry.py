@@ -8,12 +8,12 @@ from typing import Callable
 
 import torch
 
-from . import clip, dinov2, efficientnet, siglip, text, vit
+from . import clip, dinov2, efficientnet, eva_clip, siglip, text, vit
 from .base import Backbone, BackboneConfig, LoadOptions, Source
 
 Factory = Callable[[Source, LoadOptions, torch.device], Backbone]
 
-FAMILIES = (dinov2, clip, siglip, efficientnet, text, vit)
+FAMILIES = (dinov2, clip, siglip, efficientnet, text, vit, eva_clip)
 RECIPES: dict[str, Factory] = {name: f for family in FAMILIES for name, f in family.RECIPES.items()}
 REGISTRY: dict[str, BackboneConfig] = {c.alias: c for family in FAMILIES for c in family.ALIASES}
 

@@ -19,6 +19,7 @@ from featstore.errors import BackboneError, ConfigError, one_line
 
 from .base import BackboneConfig, LoadOptions, Source
 from .common import TOKENIZER_FILES, architecture, is_dual, package_version
+from .eva_clip_weights import is_eva_clip_dir, read_spec
 
 IMAGE_RECIPES = ("dinov2", "clip-vision", "siglip-vision", "image")
 
@@ -91,6 +92,8 @@ def resolve_path(path: Path, opt: LoadOptions, *, model: str | None = None, name
         if revision:  # .../models--org--name/snapshots/<sha>
             base = path.parent.parent.name.split("--")[-1]
         name = clean_name(base)
+    if is_eva_clip_dir(path):  # open_clip's hub layout (EVA-CLIP): no transformers config
+        return Source(name=name, model=model or str(path), local_dir=path, revision=revision, config=read_spec(path))
     if not (path / "config.json").is_file():
         raise BackboneError(f"backbone {path}: {path} has no config.json; pass a directory saved with save_pretrained")
     config = _load_config(path, opt, str(path))
@@ -119,6 +122,8 @@ def _package_path(module_name: str, entry: BackboneConfig) -> Path:
 def recipe_for(src: Source, opt: LoadOptions) -> str:
     """Pick the recipe for a hub id or local directory from its config."""
     config = src.config
+    if getattr(config, "recipe_family", None) == "eva-clip":
+        return config.recipe(opt.modality)
     mt = getattr(config, "model_type", "")
     if is_dual(config):
         modality = opt.modality or "image"

@@ -45,10 +45,10 @@ import torch
 from featstore.errors import CheckpointError, ConfigError, FeatstoreError
 from featstore.store import Store
 
-from . import checkpoint
-from .config import Config
-from .loop import count_parameters
-from .sharelock import FORMAT, VERSION, ShareLockModel
+from featstore.trainers import checkpoint
+from featstore.trainers.sharelock.config import Config
+from featstore.trainers.loop import count_parameters
+from featstore.trainers.sharelock.model import FORMAT, VERSION, ShareLockModel
 
 LOGIT_SCALE = math.exp(2.6592)  # sharelock/utils/misc.py: logit_scale = torch.tensor(2.6592).exp()
 VISION, LANGUAGE = "vision_projector.projection.", "language_projector.projection."

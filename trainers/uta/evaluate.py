@@ -15,7 +15,7 @@ On the held-out rows (the uid-hash split the run held out; every row with `all_r
   by side: the student's CLS, the mean of the student's head tokens, the teacher's pooled
   embedding ("teacher CLS": CLIP's image_embeds) and the mean of the teacher's stored patch tokens.
   The prompts are encoded by the teacher's own text tower (the other tower of its two-tower
-  CLIP/SigLIP checkpoint, `uta_teacher.text_tower`) unless `text` (or the run's zero_shot_text)
+  CLIP/SigLIP checkpoint, `teacher.text_tower`) unless `text` (or the run's zero_shot_text)
   names a text feature set or prompt cache of the store; they are cached under `prompts/<name>/`
   and never encoded during training.  An embedding whose width differs from the text side's (raw
   `--layer K` tokens, say) is skipped with a note.
@@ -35,11 +35,15 @@ from featstore.loader import Loader
 from featstore.split import split_by_uid
 from featstore.store import Store
 
-from . import checkpoint, prompts
-from .config import resolve_device
-from .uta import (UTAStudent, on_device, alignment_losses, batch_pooled, draw_masks, load_checkpoint, loader_columns,
-                  mask_options, prepare_batch, step_generator)
-from .uta_teacher import text_side_name, text_tower
+from featstore.trainers import checkpoint, prompts
+from featstore.device import resolve_device
+from featstore.trainers.uta.batch import batch_pooled, loader_columns, on_device, prepare_batch
+from featstore.trainers.uta.checkpoint_format import load_checkpoint
+from featstore.trainers.uta.config import mask_options
+from featstore.trainers.uta.loss import alignment_losses
+from featstore.trainers.uta.masks import draw_masks, step_generator
+from featstore.trainers.uta.student import UTAStudent
+from featstore.trainers.uta.teacher import text_side_name, text_tower
 
 EMBEDDINGS = {"student_cls": "student CLS", "student_token_mean": "student token mean",
               "teacher_cls": "teacher CLS (pooled)", "teacher_patch_mean": "teacher patch mean"}
@@ -188,7 +192,7 @@ def _accuracy(logits: torch.Tensor, truth: torch.Tensor) -> dict:
 def _confusion_plot(logits, truth, names, path, top1) -> str | None:
     if len(names) > 50:
         return None  # unreadable beyond 50 classes
-    from .plots import plot_confusion
+    from featstore.trainers.plots import plot_confusion
 
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     np.add.at(confusion, (truth.numpy(), logits.argmax(1).numpy()), 1)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from featstore.errors import ConfigError
 
-from . import checkpoint
-from .config import Config
-from .loop import count_parameters  # noqa: F401 - re-exported (the ShareLock API names it here)
+from featstore.trainers import checkpoint
+from featstore.trainers.sharelock.config import Config
+from featstore.trainers.loop import count_parameters  # noqa: F401 - re-exported (the ShareLock API names it here)
 
 FORMAT = "featstore-sharelock-checkpoint"
 VERSION = 1
@@ -149,7 +149,7 @@ class ShareLock:
     def backbone(self, modality: str):
         """The frozen backbone that made the `modality` ("image" or "text") features, loaded once."""
         if modality not in self._backbones:
-            from .backbone_link import backbone_for
+            from featstore.trainers.backbone_link import backbone_for
 
             self._backbones[modality] = backbone_for(self.feature_sets[modality], device=str(self.device))
         return self._backbones[modality]

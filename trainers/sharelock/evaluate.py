@@ -31,12 +31,12 @@ from featstore.errors import CheckpointError, ConfigError
 from featstore.loader import Loader
 from featstore.store import Store
 
-from . import checkpoint, prompts
-from .backbone_link import NOT_POOLED
-from .config import resolve_device
-from .contrastive import caption_retrieval
-from .heldout import heldout_rows
-from .sharelock import load_checkpoint
+from featstore.trainers import checkpoint, prompts
+from featstore.trainers.backbone_link import NOT_POOLED
+from featstore.device import resolve_device
+from featstore.trainers.contrastive import caption_retrieval
+from featstore.trainers.sharelock.heldout import heldout_rows
+from featstore.trainers.sharelock.model import load_checkpoint
 
 
 def evaluate(
@@ -168,7 +168,7 @@ def _zero_shot(logits: torch.Tensor, labels: np.ndarray, names: list[str], plot_
     }
     if plot_path is not None:
         if len(names) <= 50:
-            from .plots import plot_confusion
+            from featstore.trainers.plots import plot_confusion
 
             out["confusion_png"] = plot_confusion(confusion, names, plot_path,
                                                   title=f"zero-shot top-1 {out['top1']:.1%} ({len(truth)} images)")

@@ -6,9 +6,9 @@
 Each step streams two row-aligned columns from the store — the uint8 crops `pixels/<name>` (or, in
 light mode, another backbone's tokens) and the teacher's tokens `features/<teacher>/tokens` (int8
 ones dequantized by the loader's thread on CPU, on the device on a GPU) — draws the step's masks,
-and aligns the student's kept tokens with the teacher's (trainers/uta.py).  No image is decoded and
+and aligns the student's kept tokens with the teacher's (trainers/uta/loss.py).  No image is decoded and
 no teacher runs in the step.  A teacher extracted with `--views K` serves one of its K stored views
-per image per epoch (the same view in pixels, tokens and pooled; `trainers/uta_views.py`), and
+per image per epoch (the same view in pixels, tokens and pooled; `trainers/uta/stored_views.py`), and
 validation reads view 0, the centre crop.
 
 Writes into `out_dir` (the train-head conventions, trainers/checkpoint.py's files):
@@ -49,14 +49,19 @@ from featstore.split import split_by_uid
 from featstore.store import Store
 from featstore.read.views import view_count
 
-from . import checkpoint, loop
-from .config import apply, load_config
-from .distributed import Dist, setup
-from .evaluate_uta import text_set, token_metrics, zero_shot_metrics
-from .loading import train_loader as rank_train_loader
-from .uta import (FORMAT, VERSION, UTAConfig, UTAStudent, alignment_loss, batch_pooled, draw_masks, load_checkpoint,
-                  loader_columns, mask_options, prepare_batch, resolve_arch, same_crop, step_generator)
-from .uta_views import ViewsRepeat, check_flips, crop_identity, views_note
+from featstore.trainers import checkpoint, loop
+from featstore.trainers.config import apply, load_config
+from featstore.trainers.ddp import Dist, setup
+from featstore.trainers.uta.evaluate import text_set, token_metrics, zero_shot_metrics
+from featstore.trainers.train_loader import train_loader as rank_train_loader
+from featstore.trainers.uta.arch import resolve_arch, same_crop
+from featstore.trainers.uta.batch import batch_pooled, loader_columns, prepare_batch
+from featstore.trainers.uta.checkpoint_format import FORMAT, load_checkpoint, VERSION
+from featstore.trainers.uta.config import mask_options, UTAConfig
+from featstore.trainers.uta.loss import alignment_loss
+from featstore.trainers.uta.masks import draw_masks, step_generator
+from featstore.trainers.uta.student import UTAStudent
+from featstore.trainers.uta.stored_views import ViewsRepeat, check_flips, crop_identity, views_note
 
 CURVES_PANEL = {"val_token_cos": "token cosine (val)", "val_token_cos_p05": "token cosine, 5th pct image",
                 "val_cls_cosine": "CLS embedding cosine to teacher pooled", "val_zero_shot_top1": "zero-shot top-1"}
@@ -88,7 +93,7 @@ def train_uta(
     t0 = time.time()
     out_dir = os.path.abspath(str(out_dir))
     loop.check_precision(precision)
-    run = setup(device)  # DDP under torchrun (trainers/distributed.py), else one process
+    run = setup(device)  # DDP under torchrun (trainers/ddp.py), else one process
     dev = run.device
 
     # ---- config: defaults < checkpoint (on resume) < file < --set < explicit arguments ----------
@@ -153,7 +158,7 @@ def train_uta(
     # DDP around the loss with several ranks (`model` is validated and saved); the student's mask token
     # (transformers' ViT embeddings) never gets a gradient: UTA feeds kept tokens only
     objective = run.wrap(Objective(model), unused_parameters=True)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps)
     autocast = loop.autocast(dev, precision)
     step, best = 0, {"val_loss": math.inf, "step": None}
     metrics = loop.Metrics(out_dir, writer=run.is_main)  # only rank 0 writes
@@ -200,7 +205,7 @@ def train_uta(
     step, n_params = ran["step"], ran["params"]
 
     # ---- what it wrote (rank 0) ----------------------------------------------------------------------------
-    from .plots import plot_curves
+    from featstore.trainers.plots import plot_curves
 
     curves = None
     if run.is_main:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from featstore.loader import Loader
 
 if TYPE_CHECKING:
-    from .distributed import Dist
+    from featstore.trainers.ddp import Dist
 
 
 def shuffle_window(cfg) -> dict:

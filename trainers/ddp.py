@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from featstore.errors import CheckpointError, ConfigError
 
-from .config import resolve_device
+from featstore.device import resolve_device
 
 # How long ranks wait in a collective, e.g. for rank 0's validation and checkpoint writes
 # (torch's defaults, 10 min for nccl, are shorter than a large validation can take).
@@ -243,7 +243,7 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale) -> torch.Tens
     single-process `contrastive.info_nce` of the whole global batch (and so are its gradients,
     once DDP averages them).  In one process it is `contrastive.info_nce` itself."""
     if not _multi():
-        from .contrastive import info_nce as local
+        from featstore.trainers.contrastive import info_nce as local
 
         return local(image, text, logit_scale)
     image, text = image.float(), text.float()

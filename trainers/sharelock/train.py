@@ -43,13 +43,14 @@ from featstore.core.integrity import check_blocks
 from featstore.loader import Loader
 from featstore.store import Store
 
-from . import checkpoint, distributed, loop
-from .config import Config, apply, load_config
-from .contrastive import info_nce, retrieval_recall
-from .heldout import heldout, heldout_rows
-from .loading import train_loader as rank_train_loader
-from .sharelock import FORMAT, VERSION, ShareLockModel, load_checkpoint
-from .text_sets import check_modalities, check_one_backbone, text_names, train_text, val_choices, val_text
+from featstore.trainers import checkpoint, ddp, loop
+from featstore.trainers.config import apply
+from featstore.trainers.sharelock.config import Config, load_config
+from featstore.trainers.contrastive import info_nce, retrieval_recall
+from featstore.trainers.sharelock.heldout import heldout, heldout_rows
+from featstore.trainers.train_loader import train_loader as rank_train_loader
+from featstore.trainers.sharelock.model import FORMAT, VERSION, ShareLockModel, load_checkpoint
+from featstore.trainers.sharelock.text_sets import check_modalities, check_one_backbone, text_names, train_text, val_choices, val_text
 
 
 def train_head(
@@ -75,7 +76,7 @@ def train_head(
     t0 = time.time()
     out_dir = os.path.abspath(str(out_dir))
     loop.check_precision(precision)
-    run = distributed.setup(device)  # DDP under torchrun (trainers/distributed.py), else one process
+    run = ddp.setup(device)  # DDP under torchrun (trainers/ddp.py), else one process
     dev = run.device
 
     # ---- config: defaults < checkpoint (on resume) < file < --set < --steps -----------------
@@ -199,7 +200,7 @@ def train_head(
             with step_model.no_sync() if run.enabled and not last else contextlib.nullcontext():
                 with autocast:
                     z_image, z_text = step_model(x_image, x_text)
-                loss = distributed.info_nce(z_image, z_text, model.logit_scale)  # negatives from every rank
+                loss = ddp.info_nce(z_image, z_text, model.logit_scale)  # negatives from every rank
                 (loss / cfg.accumulation_steps).backward()
             loss_sum += loss.detach()
         loss_sum = run.mean(loss_sum)  # the global batch's loss
@@ -218,7 +219,7 @@ def train_head(
     step, n_params = ran["step"], ran["params"]
 
     # ---- what it wrote ---------------------------------------------------------------------------
-    from .plots import plot_curves
+    from featstore.trainers.plots import plot_curves
 
     curves = plot_curves(metrics.path, os.path.join(out_dir, "curves.png")) if run.is_main else None
     final = metrics.last_validation()

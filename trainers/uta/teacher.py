@@ -19,20 +19,11 @@ SigLIP (tokens = the post-LayerNorm patch tokens, pooled = the attention-pool he
 text tower is built here until the backbone registry has a `siglip-text` recipe; then
 `text_tower` uses the registry for both.
 
-Plugging in an EVA-CLIP teacher (UTA's, from timm or open_clip): not shipped, because timm and
-open_clip import torchvision, which cannot be loaded beside the CPU torch of these machines, so
-such code could not be tested here.  What it takes is one recipe in the backbone registry, nothing
-in the trainer:
-  1. an image recipe whose forward returns pooled = the model's projected image embedding
-     (open_clip `encode_image`, i.e. head(norm(x)[:, 0])) and tokens = the same final norm and
-     projection applied to every patch token (x[:, 1:]), so tokens and pooled share the joint space
-     exactly as UTA's targets do; its identity records the open_clip model name, pretrained tag,
-     weights hash and the preprocessing (EVA-CLIP: bicubic resize + center crop, OpenAI CLIP
-     mean/std) through featstore's own PIL preprocessing;
-  2. the matching text recipe (open_clip `encode_text` + its tokenizer), reached by
-     `load_backbone(identity["model"], modality="text")`, which `text_tower` already calls.
-After that `extract --backbone <eva-clip> --tokens --pixels crops`, `train-uta` and
-`featstore eval` work unchanged.
+EVA-CLIP (UTA's teacher) is the registry's `eva-clip-vision` / `eva-clip-text` recipes
+(pipelines/backbones/eva_clip.py: featstore's own port, no timm/open_clip): pooled = the projected
+image embedding head(norm(x)[:, 0]), tokens = head(norm(x)[:, 1:]) in the same joint space, from an
+open_clip-layout directory or the `eva02-clip-*` aliases; `text_tower` reaches its text tower with
+`load_backbone(identity["model"], modality="text")` like CLIP's (tests/test_eva_clip.py).
 """
 
 from __future__ import annotations
@@ -68,7 +59,7 @@ def text_tower(teacher: dict, device: str = "cpu"):
     except (BackboneError, ConfigError) as e:  # no such tower / "an image model, not text"
         if _model_type(model) != "siglip":
             raise BackboneError(f"teacher '{name}' ({model}) has no text tower featstore can load ({e}); zero-shot needs a "
-                                "two-tower CLIP/SigLIP checkpoint, or a text side in the store (zero_shot_text)") from None
+                                "two-tower CLIP/SigLIP/EVA-CLIP checkpoint, or a text side in the store (zero_shot_text)") from None
         tower = SiglipTextTower(Path(model), identity, device)
     _same_weights(name, identity, tower.identity)
     return tower

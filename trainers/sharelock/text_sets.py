@@ -15,7 +15,7 @@ import torch
 from featstore.errors import ConfigError, IdentityMismatch
 from featstore.core.identity import identity_diff, lines
 
-from .backbone_link import NOT_POOLED
+from featstore.trainers.backbone_link import NOT_POOLED
 
 
 def text_names(text) -> list[str]:
