@@ -49,6 +49,10 @@ def test_uta_b16_is_eva02s_pretraining_recipe():
     assert (b16.student, b16.patch_size, b16.mask_ratio, b16.reversed_masking) == ("base", 16, 0.5, True)
     assert b16.warmup_steps * 150 == b16.steps  # one warm-up epoch of 150
     assert UTAConfig().adam_eps == 1e-8  # the general default stays torch's
+    # the UTA configs train on a fresh crop every step with the teacher in the step (the exact targets);
+    # the dataclass default keeps stored crops (no backbone loaded by a bare train_uta call)
+    assert b16.fresh_crops == load_any("uta", base=UTAConfig()).fresh_crops == "teacher"
+    assert UTAConfig().fresh_crops == "none"
 
 
 def test_unknown_key_rejected_with_valid_keys(tmp_path):

@@ -495,3 +495,42 @@ def test_train_uta_command(digits, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["step"] == 6
 
+
+# ---- fresh crops every step (trainers/uta/fresh_crops.py) ----------------------------------------------
+def test_fresh_crops_with_the_teacher_in_the_step_or_resampled_targets(digits, tmp_path):
+    """fresh_crops=teacher reloads the teacher that made the store and runs it on each step's crops
+    (on the whole image it gives the stored tokens back); fresh_crops=resample trains without it;
+    both train on other inputs than the stored crops; what cannot work is refused in one line."""
+    from featstore.store import Store
+    from featstore.trainers import checkpoint
+    from featstore.trainers.uta.fresh_crops import crop_batch, load_teacher, step_crops
+
+    store_path, _ = digits
+    store = Store.open(store_path)
+    teacher = load_teacher(checkpoint.describe(store, "clip"), "cpu")
+    x = torch.from_numpy(np.asarray(store.pixels("crops")[:6]))
+    stored = torch.from_numpy(np.asarray(store.array("features/clip/tokens")[:6])).float()
+    whole, keep = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 6), torch.zeros(6, dtype=torch.bool)
+    crops, tokens, pooled = crop_batch("teacher", teacher, x, None, torch.zeros(6, 16), whole, keep)
+    assert torch.equal(crops, x) and torch.allclose(tokens, stored, atol=2e-3)  # the store's own teacher
+    boxes, flips = step_crops(UTAConfig(), 0, 6)
+    crops, tokens, pooled = crop_batch("teacher", teacher, x, None, torch.zeros(6, 16), boxes, flips)
+    assert not torch.equal(crops, x) and torch.allclose(tokens, torch.from_numpy(
+        np.stack([teacher.encode_images(c[None])["tokens"][0].numpy() for c in crops])), atol=1e-5)
+    assert not torch.allclose(tokens, stored, atol=1e-2)  # another crop, other targets
+
+    over = SMALL + ["steps=4", "val_every=4", "log_every=1", "warmup_steps=1"]
+    first = {}
+    for mode in ("none", "teacher", "resample"):
+        summary = train_uta(store_path, "clip", "crops", tmp_path / mode, overrides=over + [f"fresh_crops={mode}"],
+                            progress=False)
+        rows = [r for r in _metrics(tmp_path / mode) if r.get("loss") is not None]
+        assert summary["step"] == 4 and all(np.isfinite(r["loss"]) for r in rows)
+        first[mode] = rows[0]["loss"]
+        assert any("fresh crops" in n for n in summary["notes"]) == (mode != "none")
+    assert len({round(v, 6) for v in first.values()}) == 3  # same init and masks: the inputs or targets differ
+    with pytest.raises(ConfigError, match="hflip=0"):
+        train_uta(store_path, "clip", "crops", tmp_path / "h", overrides=over + ["fresh_crops=teacher", "hflip=0.5"],
+                  progress=False)
+    with pytest.raises(ConfigError, match="fresh_crops must be one of"):
+        train_uta(store_path, "clip", "crops", tmp_path / "m", overrides=over + ["fresh_crops=always"], progress=False)

@@ -35,14 +35,14 @@ def load_options(identity: dict) -> tuple[str, dict]:
     return str(name), kwargs
 
 
-def backbone_for(feature_set: dict, device: str = "cpu"):
+def backbone_for(feature_set: dict, device: str = "cpu", tokens: bool = False):
     """The backbone of `feature_set` ({"name", "identity", ...} as a checkpoint records it), loaded
     on `device` and checked against the recorded identity."""
     from featstore.pipelines.backbones import load_backbone
 
     recorded = feature_set["identity"]
     name, kwargs = load_options(recorded)
-    bb = load_backbone(name, device=device, **kwargs)
+    bb = load_backbone(name, device=device, tokens=tokens, **kwargs)
     diff = identity_diff(recorded, bb.identity, then="recorded", now="loaded", ignore=NOT_POOLED)
     if diff:
         raise IdentityMismatch(f"backbone {name} loaded now differs from the one that made feature set "

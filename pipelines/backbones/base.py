@@ -133,8 +133,9 @@ class ImageBackbone(Backbone):
         # the identity describes the recipe for both outputs, whether or not tokens are stored
         self.identity = {**identity, "dim": self.dim, "token_shape": list(recipe_shape)}
 
-    def encode_images(self, pixels) -> dict[str, torch.Tensor]:
-        """uint8 (B, 3, S, S) -> {"pooled": float32 (B, dim)[, "tokens": float32 (B, T, D)]} on CPU."""
+    def encode_images(self, pixels, keep_on_device: bool = False) -> dict[str, torch.Tensor]:
+        """uint8 (B, 3, S, S) -> {"pooled": float32 (B, dim)[, "tokens": float32 (B, T, D)]} on CPU (on the
+        backbone's device with `keep_on_device`: a trainer running the teacher in its step)."""
         if isinstance(pixels, np.ndarray):
             pixels = torch.from_numpy(pixels)
         crop = self.preprocess.crop
@@ -153,9 +154,10 @@ class ImageBackbone(Backbone):
             x = self.preprocess.normalize(pixels.to(self.device, non_blocking=non_blocking))
             with self._autocast():
                 pooled, tokens = self._forward(self.model, x, self.tokens)
-            out = {"pooled": pooled.float().cpu().contiguous()}
+            home = (lambda t: t.float().contiguous()) if keep_on_device else (lambda t: t.float().cpu().contiguous())
+            out = {"pooled": home(pooled)}
             if self.tokens:
-                out["tokens"] = tokens.float().cpu().contiguous()
+                out["tokens"] = home(tokens)
         return out
 
 

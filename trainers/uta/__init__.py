@@ -38,5 +38,5 @@ No pretrained weights, no backbone, no image decoding.
 Where each part lives: `config.py` (UTAConfig), `arch.py` (the student's architecture from the
 store's shapes), `masks.py`, `student.py` (the EVA-02-like ViT), `batch.py` (a loader batch on the
 device: grids, flips, int8), `loss.py` (the alignment loss), `checkpoint_format.py`, `teacher.py`,
-`stored_views.py`, `train.py` (the training loop, read top to bottom) and `evaluate.py`.
+`stored_views.py`, `fresh_crops.py` (a new crop every step, its targets), `train.py` (the training loop, read top to bottom) and `evaluate.py`.
 """

@@ -11,6 +11,7 @@ from featstore.trainers.uta.masks import MASKINGS
 # name -> (width, depth, heads): ViT-Ti/S/B (Touvron et al. 2021; Dosovitskiy et al. 2021)
 STUDENTS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
 MLPS = {"swiglu": 8.0 / 3.0, "gelu": 4.0}  # name -> default mlp_ratio (EVA-02's 2.6667 for SwiGLU; ViT's 4)
+FRESH_CROPS = ("none", "teacher", "resample")  # trainers/uta/fresh_crops.py
 CLS_HEADS = ("auto", "shared", "separate")
 GRID_MODES = ("bilinear", "bicubic", "nearest")
 # the keys of a preprocessing identity that decide which pixels a token covers (mean/std do not:
@@ -47,6 +48,8 @@ class UTAConfig(ConfigBase):
     cls_weight: float = 1.0  # weight of 1 - cos(student CLS embedding, teacher pooled); 0 = tokens only
     cls_head: str = "auto"  # auto | shared | separate: the head the CLS goes through (auto: shared if widths match)
     grid_interpolation: str = "bilinear"  # teacher grid -> student grid when they differ
+    fresh_crops: str = "none"  # none | teacher (exact: the teacher runs on each step's crops) | resample (stored grid resampled)
+    crop_scale_min: float = 0.2  # fresh crops: the smallest area fraction (EVA-02's random-resized crop: 0.2)
     hflip: float = 0.0  # probability of flipping an image and its teacher grid together (refused on mirrored stored views)
     # ---- optimisation ----
     steps: int = 20000
@@ -90,6 +93,8 @@ class UTAConfig(ConfigBase):
         need(self.cls_head in CLS_HEADS, f"cls_head must be one of {', '.join(CLS_HEADS)}, got {self.cls_head!r}")
         need(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         need(self.grid_interpolation in GRID_MODES, f"grid_interpolation must be one of {', '.join(GRID_MODES)}")
+        need(self.fresh_crops in FRESH_CROPS, f"fresh_crops must be one of {', '.join(FRESH_CROPS)}, got {self.fresh_crops!r}")
+        need(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         need(0.0 <= self.hflip <= 1.0, f"hflip must be in [0, 1], got {self.hflip}")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

@@ -55,9 +55,10 @@ from featstore.trainers.ddp import Dist, setup
 from featstore.trainers.uta.evaluate import text_set, token_metrics, zero_shot_metrics
 from featstore.trainers.train_loader import train_loader as rank_train_loader
 from featstore.trainers.uta.arch import resolve_arch, same_crop
-from featstore.trainers.uta.batch import batch_pooled, loader_columns, prepare_batch
+from featstore.trainers.uta.batch import batch_pooled, interpolate_grid, loader_columns, on_device, prepare_batch
 from featstore.trainers.uta.checkpoint_format import FORMAT, load_checkpoint, VERSION
 from featstore.trainers.uta.config import mask_options, UTAConfig
+from featstore.trainers.uta.fresh_crops import check_fresh_crops, crop_batch, load_teacher, step_crops
 from featstore.trainers.uta.loss import alignment_loss
 from featstore.trainers.uta.masks import draw_masks, step_generator
 from featstore.trainers.uta.student import UTAStudent
@@ -131,6 +132,11 @@ def train_uta(
         raise CheckpointError(f"checkpoint {ckpt.path} was trained with another student architecture "
                               f"({ckpt.state['arch']}); resume with the same student settings")
     check_flips(cfg, tdesc)
+    check_fresh_crops(cfg, teacher_views=store.feature_set(teacher).views, light_mode=bool(cfg.student_input))
+    crop_teacher = load_teacher(tdesc, dev) if cfg.fresh_crops == "teacher" else None  # frozen, in the step
+    if cfg.fresh_crops != "none":
+        notes.append(f"fresh crops every step (scale {cfg.crop_scale_min}-1, flip 0.5): targets "
+                     + ("from the teacher run on each crop (exact)" if crop_teacher else "resampled from the stored grid (approximate)"))
     train_mask, val_mask = split_by_uid(store.uids(), cfg.val_fraction)
     val_mask &= (val_mask.cumsum() <= cfg.val_max_rows)
     columns, dequantize = loader_columns(idesc["column"], teacher, int8_on_device=dev.type != "cpu", store=store,
@@ -194,7 +200,8 @@ def train_uta(
 
     # ---- the loop (trainers/loop.py, shared with train-head) ------------------------------------------
     def one_step(step: int, batches) -> tuple[float, float]:
-        return train_step(model, optimizer, next(batches), step, cfg, dev, autocast, run=run, objective=objective)
+        return train_step(model, optimizer, next(batches), step, cfg, dev, autocast, run=run, objective=objective,
+                          teacher=crop_teacher)
 
     try:
         ran = loop.run_steps(run=run, cfg=cfg, model=model, optimizer=optimizer, loader=train_loader, out_dir=out_dir,
@@ -252,10 +259,10 @@ class Objective(torch.nn.Module):
 
 
 def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTAConfig, dev, autocast, *,
-               run: Dist | None = None, objective: torch.nn.Module | None = None) -> tuple[float, float]:
+               run: Dist | None = None, objective: torch.nn.Module | None = None, teacher=None) -> tuple[float, float]:
     """One optimizer step on one batch ({"input", "target", "pooled"} as the loader serves them;
     "pooled" only with cls_weight > 0): this step's flips and masks (a pure function of seed and
-    step), the alignment loss (tokens + cls_weight * CLS), backward, grad clip, AdamW.  Returns
+    step; with `fresh_crops`, this step's crops and their targets, trainers/uta/fresh_crops.py), the alignment loss (tokens + cls_weight * CLS), backward, grad clip, AdamW.  Returns
     (loss, grad norm).  The benchmark times exactly this.
 
     Under DDP (`run` with several ranks, `objective` the DDP-wrapped `Objective`) this rank's batch
@@ -273,11 +280,18 @@ def train_step(model: UTAStudent, optimizer, batch: dict, step: int, cfg: UTACon
     mine = slice(run.rank * n, (run.rank + 1) * n)  # this rank's rows of the global batch
     g = step_generator(cfg.seed, step)
     flip = (torch.rand(n * run.world_size, generator=g) < cfg.hflip)[mine] if cfg.hflip > 0 else None
-    x, targets = prepare_batch(batch, model.arch, flip, dev)
+    pooled = batch_pooled(batch, dev)
+    if cfg.fresh_crops == "none":
+        x, targets = prepare_batch(batch, model.arch, flip, dev)
+    else:  # a new crop of every image (the stored pixels, cut on the device) and its teacher targets
+        boxes, crop_flips = step_crops(cfg, step, n, run.rank, run.world_size)
+        stored = on_device(batch, "target", dev) if cfg.fresh_crops == "resample" else None
+        x, t, pooled = crop_batch(cfg.fresh_crops, teacher, on_device(batch, "input", dev), stored, pooled, boxes, crop_flips)
+        targets = interpolate_grid(t, model.arch["grid"], model.arch["grid_interpolation"] or "bilinear").float()
     masks = draw_masks(n * run.world_size, model.n_tokens, cfg.mask_ratio, g, cfg.reversed_masking, **mask_options(cfg))
     masks = [m[mine] for m in masks]
     with autocast:
-        loss = (objective or Objective(model))(x, targets, masks, batch_pooled(batch, dev), cfg.cls_weight)
+        loss = (objective or Objective(model))(x, targets, masks, pooled, cfg.cls_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
