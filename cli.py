@@ -156,7 +156,7 @@ _FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES, _POOLED_DTYPES = 
 @click.option("--layer", type=int, help="Take features from this hidden layer.")
 @click.option("--tokens", is_flag=True, help="Also store patch tokens (N, T, D).")
 @click.option("--token-dtype", type=click.Choice(_TOKEN_DTYPES), default="float16", show_default=True)
-@click.option("--dtype", type=click.Choice(_POOLED_DTYPES), default="float16", show_default=True, help="Storage dtype of the pooled features (float32: e.g. LLM features with large activations).")
+@click.option("--dtype", type=click.Choice(_POOLED_DTYPES), default=None, help="Storage dtype of the pooled features [default: the stored feature set's; else float32 for llama3-8b (ShareLock keeps its LLM features in fp32), float16 otherwise].")
 @click.option("--pixels", help="Also store the exact preprocessed crops as uint8 under pixels/NAME.")
 @click.option("--views", type=int, default=1, show_default=True, help="Stored views per image: view 0 the recipe's centre crop, the others random-resized crops + flips (EVA-02's), each with its own outputs (and pixels); a view axis after row.")
 @click.option("--view-seed", type=int, help="Seed of the views' crops (default 0); each view is drawn from (seed, uid, view).")

@@ -37,13 +37,25 @@ __all__ = ["extract", "prepare", "format_summary", "BlockRunner", "ExtractSpec",
            "TOKEN_DTYPES", "PRECISIONS", "SOURCE_TYPES"]
 
 
+def storage_dtype(bb, have) -> str:
+    """The pooled features' storage dtype when --dtype is not given: the existing feature set's (growth
+    keeps what is stored), else the alias's recipe (llama3-8b: float32, as ShareLock's code keeps its
+    LLM features), else float16."""
+    from .backbones.registry import REGISTRY
+
+    if have is not None:
+        return str(have.array("pooled").dtype)
+    entry = REGISTRY.get(bb.identity.get("alias") or "")
+    return (entry.pooled_dtype if entry is not None else None) or "float16"
+
+
 def _check_options(field, token_dtype, dtype, precision, batch_size, pixels, tokens, device, rows_per_shard, pooling,
                    num_workers, source_path, source_options, update_metadata, store_path):
     if field not in FIELDS:
         raise ConfigError(f"--field must be one of {', '.join(FIELDS)}, not {field!r}")
     if token_dtype not in TOKEN_DTYPES:
         raise ConfigError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, not {token_dtype!r}")
-    if dtype not in POOLED_DTYPES:
+    if dtype is not None and dtype not in POOLED_DTYPES:
         raise ConfigError(f"--dtype (of the pooled features) must be one of {', '.join(POOLED_DTYPES)}, not {dtype!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -73,7 +85,7 @@ def _store_exists(path) -> bool:
 
 def prepare(store_path, source_path=None, backbone=None, *, name=None, field="image", source_type="auto",
             captions=None, labels=None, uid_field=None, image_column=None, text_column=None, label_column=None,
-            rows_per_shard=None, pooling=None, layer=None, tokens=False, token_dtype="float16", dtype="float16",
+            rows_per_shard=None, pooling=None, layer=None, tokens=False, token_dtype="float16", dtype=None,
             pixels=None, batch_size=64, device="cpu", precision="fp32", num_workers=0, overwrite=False, update_metadata=False,
             trust_remote_code=False, token_scaling=None, writes_in_flight=1, views=1, view_seed=None,
             view_scale=None, view_ratio=None, view_flip=None, log=print):
@@ -126,6 +138,7 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     if tokens and token_dtype == "int8" and token_scaling is None:
         keep = have is not None and not overwrite and have.token_scaling is not None
         token_scaling = have.token_scaling if keep else fmt.TOKEN_SCALINGS[0]
+    dtype = dtype or storage_dtype(bb, None if overwrite else have)
     identity = dict(bb.identity, field=field, precision=precision)
     if tokens:
         identity["token_dtype"] = token_dtype

@@ -626,3 +626,31 @@ def test_extract_dinov2_is_sharelocks_backbone(fake_hub_cache, tmp_path):
     assert ident["model"] == "facebook/dinov2-base" and ident["alias"] == "dinov2" and ident["revision"] == FAKE_SHA
     assert ident["preprocess"]["interpolation"] == "bilinear" and ident["preprocess"]["crop"] == 224
     assert fs.usable_rows().sum() == 3
+
+
+def test_llama_alias_stores_float32_unless_told_and_growth_keeps_the_stored_dtype(tmp_path, fake_hub_cache, use_cache):
+    """ShareLock's official code keeps its Llama features in fp32: `llama3-8b` stores float32 pooled
+    features by default, other backbones float16; an explicit --dtype wins, and a later run on a
+    stored feature set keeps its dtype rather than refusing a changed identity."""
+    from featstore.pipelines.extract import extract
+    from featstore.store import Store
+
+    from imagedata import write_shard
+
+    use_cache(fake_hub_cache)
+    d = tmp_path / "captions"
+    d.mkdir()
+    write_shard(d / "00000.tar", [{"key": f"{i:09d}", "caption": f"a caption number {i}", "json": {"uid": f"u{i}"}}
+                                  for i in range(6)])
+    quiet = dict(progress=False, log=lambda *_: None, field="caption")
+    store = tmp_path / "s.zarr"
+    extract(store, d, "llama3-8b", **quiet)
+    extract(store, d, "minilm", **quiet)
+    st = Store.open(store)
+    assert str(st.feature_set("llama3-8b").array("pooled").dtype) == "float32"
+    assert str(st.feature_set("minilm").array("pooled").dtype) == "float16"
+    told = tmp_path / "told.zarr"
+    extract(told, d, "llama3-8b", dtype="float16", **quiet)
+    again = extract(told, d, "llama3-8b", **quiet)  # no --dtype: the stored float16 set, nothing to redo
+    assert again["blocks_written"] == 0
+    assert str(Store.open(told).feature_set("llama3-8b").array("pooled").dtype) == "float16"

@@ -41,6 +41,7 @@ class BackboneConfig:
     preprocess: Preprocess | None = None
     model: str | None = None  # identity["model"] when it is not `source`
     locate: Callable[[Any], str] | None = None  # package sources: module -> path of the weights
+    pooled_dtype: str | None = None  # the recipe's storage dtype of the pooled features (None: float16)
 
 
 @dataclass(frozen=True)

@@ -107,5 +107,6 @@ ALIASES = [
                    model="sentence-transformers/all-MiniLM-L6-v2", locate=lambda module: module.get_model_path()),
     # the only language model ShareLock's official code names (sharelock/utils/misc.py); the paper's default
     BackboneConfig("llama3-8b", "meta-llama/Meta-Llama-3-8B", "decoder", "text", 4096,
-                   "Llama 3 8B (ShareLock's language model), last token, left padding"),
+                   "Llama 3 8B (ShareLock's language model), last token, left padding",
+                   pooled_dtype="float32"),  # ShareLock's official code keeps the LLM features in fp32
 ]
