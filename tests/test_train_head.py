@@ -347,8 +347,9 @@ def test_float32_pooled_features_end_to_end(tmp_path, tiny_dinov2_path):
                          overrides=TINY + ["batch_size=8", "steps=3", "val_fraction=0.3"])
     state = json.load(open(tmp_path / "run" / "last" / "checkpoint.json"))
     assert summary["step"] == 3 and state["feature_sets"]["text"]["dtype"] == "float32"
-    with pytest.raises(IdentityMismatch, match="pooled_dtype"):
-        extract(store, folder, "minilm", field="caption", name="cap", **quiet)
+    with pytest.raises(IdentityMismatch, match="pooled_dtype"):  # another dtype asked for: another feature set
+        extract(store, folder, "minilm", field="caption", name="cap", dtype="float16", **quiet)
+    assert extract(store, folder, "minilm", field="caption", name="cap", **quiet)["blocks_written"] == 0  # kept
 
 
 # ---- as a newcomer runs it: the `featstore train-head` command ---------------------------------------

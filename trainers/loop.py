@@ -22,10 +22,12 @@ import threading
 import time
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from featstore.errors import ConfigError, Interrupted
 from featstore.core.identity import identity_diff, lines
+from featstore.trainers import checkpoint
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # config keys a resumed run may change: how it runs, not what it trains (steps: see check_resume)
@@ -293,6 +295,22 @@ def check_resume(out_dir: str, ckpt_step: int, recorded_config: dict, config: di
 
 
 # ---- the loop both trainers run ---------------------------------------------------------------------
+def restore(ckpt, model: torch.nn.Module, optimizer, loader) -> None:
+    """Continue checkpoint `ckpt` exactly: its weights, optimizer state, RNG and the loader's position."""
+    model.load_state_dict(ckpt.model.state_dict())
+    checkpoint.restore_optimizer(optimizer, model, ckpt)
+    checkpoint.restore_rng(ckpt.tensors)
+    loader.load_state_dict(ckpt.state["loader"])
+
+
+def start_output(out_dir: str, cfg, metrics: Metrics, ckpt) -> None:
+    """Rank 0's run directory: the metrics file (cut back to the checkpoint's step on resume) and config.yaml."""
+    os.makedirs(out_dir, exist_ok=True)
+    metrics.start(ckpt.step if ckpt else None)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
 def run_steps(*, run, cfg, model, optimizer, loader, out_dir: str, step: int, resumed: bool, metrics: Metrics,
               state, validate, train_step, desc: str, progress: bool, stopped_early: bool = False,
               early_stop=None) -> dict:

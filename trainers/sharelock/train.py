@@ -36,7 +36,6 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
 from featstore.errors import ConfigError
 from featstore.core.integrity import check_blocks
@@ -142,18 +141,12 @@ def train_head(
 
     # ---- resume: weights, Adam state, RNG, data position ---------------------------------------
     if ckpt:
-        model.load_state_dict(ckpt.model.state_dict())
-        checkpoint.restore_optimizer(optimizer, model, ckpt)
-        checkpoint.restore_rng(ckpt.tensors)
-        train_loader.load_state_dict(ckpt.state["loader"])
+        loop.restore(ckpt, model, optimizer, train_loader)
         step, best = ckpt.step, ckpt.state["best"]
         bad_validations, stopped_early = ckpt.state["bad_validations"], ckpt.state["stopped_early"]
         early_stop_best = ckpt.state.get("early_stop_best", best[cfg.best_metric])
     if run.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        metrics.start(ckpt.step if ckpt else None)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        loop.start_output(out_dir, cfg, metrics, ckpt)
 
     def state(step: int) -> dict:
         return {"format": FORMAT, "version": VERSION, "step": step, "steps": cfg.steps, "config": cfg.to_dict(),

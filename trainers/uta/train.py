@@ -40,7 +40,6 @@ import time
 import warnings
 
 import torch
-import yaml
 
 from featstore.core import format as fmt
 from featstore.errors import CheckpointError, ConfigError
@@ -161,8 +160,8 @@ def train_uta(
     threads_before = loop.set_threads(cfg, dev)  # restored at the end
     torch.manual_seed(cfg.seed)
     model = UTAStudent(arch).to(dev)
-    # DDP around the loss with several ranks (`model` is validated and saved); the student's mask token
-    # (transformers' ViT embeddings) never gets a gradient: UTA feeds kept tokens only
+    # DDP around the loss with several ranks (`model` is validated and saved); a parameter may get no
+    # gradient in a step (a separate CLS head with cls_weight 0), hence unused_parameters
     objective = run.wrap(Objective(model), unused_parameters=True)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps)
     autocast = loop.autocast(dev, precision)
@@ -171,16 +170,10 @@ def train_uta(
 
     # ---- resume: weights, AdamW state, RNG, data position -----------------------------------------
     if ckpt:
-        model.load_state_dict(ckpt.model.state_dict())
-        checkpoint.restore_optimizer(optimizer, model, ckpt)
-        checkpoint.restore_rng(ckpt.tensors)
-        train_loader.load_state_dict(ckpt.state["loader"])
+        loop.restore(ckpt, model, optimizer, train_loader)
         step, best = ckpt.step, ckpt.state["best"]
     if run.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        metrics.start(ckpt.step if ckpt else None)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        loop.start_output(out_dir, cfg, metrics, ckpt)
 
     def state(step: int) -> dict:
         return {"format": FORMAT, "version": VERSION, "step": step, "steps": cfg.steps, "config": cfg.to_dict(),
