@@ -3,7 +3,8 @@
 # decoder) with the projected CC3M precompute time, then the store and training benchmarks,
 # all with --device cuda, in under 8 minutes.  Results name the device and never replace this
 # repository's CPU results:
-#   benchmarks/results/gpu.json  store.gpu.json  train.gpu.json
+#   benchmarks/results/gpu.json  store.gpu.json  train.gpu.json  fresh_crops.json (UTA's step with fresh crops,
+#   the EVA02-CLIP teacher in the step)  eva_clip_parity.json (where open_clip imports)
 #
 #   benchmarks/gpu.sh            on the GPU machine
 #   benchmarks/gpu.sh --quick    tiny shapes on CPU (what tests/test_benchmarks.py runs): *.quick.json
@@ -35,7 +36,8 @@ if [ "${1:-}" = "--quick" ]; then
     STORE=(benchmarks/bench_store.py --quick --device cpu --tag gpu --only featstore,memmap --no-remote --budget 60
            --data-dir "$DATA/store-gpu")
     TRAIN=(benchmarks/bench_train.py --quick --device cpu --rounds 1 --tag gpu --data-dir "$DATA/train-gpu")
-    LIMITS=(120 120 120)
+    CROPS=(benchmarks/bench_fresh_crops.py --quick --device cpu --rounds 1)
+    LIMITS=(120 120 120 60)
 else
     DEV=cuda
     if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -69,7 +71,8 @@ PYEOF
     STORE=(benchmarks/bench_store.py --device cuda --tag gpu --rows 65536 --sharelock-rows 10000 --rounds 3
            --cold-rounds 1 --no-remote --budget 120 --data-dir "$DATA/store-gpu")
     TRAIN=(benchmarks/bench_train.py --device cuda --rounds 2 --tag gpu --data-dir "$DATA/train-gpu")
-    LIMITS=(200 170 100)  # 7.8 minutes in all at most; each step expected well under its limit
+    CROPS=(benchmarks/bench_fresh_crops.py --device cuda --rounds 3)
+    LIMITS=(200 170 100 90)  # 9.3 minutes in all at most; each step expected well under its limit
 fi
 
 failed=0
@@ -88,6 +91,7 @@ run() {  # run LIMIT NAME ARGS...
 run "${LIMITS[0]}" "extraction + CC3M projection ($DEV)" "${EXTRACT[@]}"
 run "${LIMITS[1]}" "store read path ($DEV)" "${STORE[@]}"
 run "${LIMITS[2]}" "training ($DEV)" "${TRAIN[@]}"
+run "${LIMITS[3]}" "UTA step with fresh crops, EVA02-CLIP teacher in the step ($DEV)" "${CROPS[@]}"
 if "$PY" -c "import open_clip, timm" 2>/dev/null; then run 150 "EVA-CLIP port vs open_clip ($DEV)" benchmarks/eva_clip_vs_open_clip.py --device "$DEV" --out "$RESULTS/eva_clip_parity$([ "$DEV" = cpu ] && echo .quick).json"; fi
 echo "gpu.sh: $failed step(s) failed, $(( $(date +%s) - start ))s in all; results in $RESULTS"
 exit $failed

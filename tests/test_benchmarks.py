@@ -73,6 +73,10 @@ def test_gpu_sh_quick_runs_every_step_on_cpu_without_the_peers_and_writes_its_re
     train = json.loads((results / "train.gpu.quick.json").read_text())
     assert {"store_vs_preloaded", "featstore_vs_sharelock_staged"} <= set(train["ratios"])
 
+    crops = json.loads((results / "fresh_crops.quick.json").read_text())  # UTA's step, the EVA02-CLIP teacher in it
+    assert all(crops["figures"][f"{m}_steps_per_s"] > 0 for m in ("none", "resample", "teacher"))
+    assert set(crops["ratios"]) == {"resample_vs_stored_crop", "teacher_vs_stored_crop"}
+
 
 def test_install_peers_notices_a_project_package_that_moved():
     before = {"numpy": "2.4.6", "transformers": "5.24.0", "zarr": "3.1.6"}
