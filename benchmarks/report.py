@@ -34,7 +34,10 @@ machines are shared and noisy: absolute rates drift, ratios measured together ho
 - `python benchmarks/bench_<name>.py` runs the full size and writes `benchmarks/results/<name>.json`
   (`--quick` writes `<name>.quick.json`, never reported).
 - `benchmarks/gpu.sh` runs the GPU set on a machine with CUDA (`benchmarks/gpu_wheels.sh` fetches the
-  wheels that machine lacks, to carry along); `gpu.sh --quick` checks it on CPU.
+  wheels that machine lacks, to carry along); `gpu.sh --quick` checks it on CPU. Besides extraction, the
+  read path and training, it times UTA's step with fresh crops (`bench_fresh_crops.py`: stored crop,
+  resampled targets, and an EVA02-CLIP-B/16-shaped teacher run in the step) and, where open_clip and timm
+  import, compares the EVA-CLIP port with open_clip. No GPU has run these yet.
 - `python benchmarks/report.py --write` regenerates this section from the results files; each table
   names its device and how each contender was used."""
 
