@@ -298,5 +298,45 @@ def export(store_path, name, out, array, view):
     click.echo(f"exported {result['rows']:,} rows {tuple(result['shape'])} -> {', '.join(result['files'])}")
 
 
+@main.command()
+@STORE
+@click.option("--features", "name", required=True, help="The feature set to index (its pooled features).")
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq"]), default="auto", show_default=True,
+              help="flat: exact (auto below 200,000 rows); ivf / ivfpq: FAISS inverted lists (+ product quantization).")
+@click.option("--memory-mb", type=float, help="Memory the index may take (auto picks ivfpq when ivf would not fit; default 4096).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def index(store_path, name, kind, memory_mb, as_json, no_progress):
+    """Build a nearest-neighbour index (FAISS, cosine) over a feature set's done, valid rows, kept
+    in the store under indexes/NAME/.  Run it again after the store grows."""
+    from featstore.pipelines.search import build_index, format_built
+
+    meta = build_index(store_path, name, kind=kind, memory_mb=memory_mb, progress=not no_progress and not as_json)
+    click.echo(json.dumps(meta, indent=1, default=str) if as_json else format_built(meta))
+
+
+@main.command()
+@STORE
+@click.option("--features", "name", required=True, help="The indexed feature set.")
+@click.option("--uid", help="Query with this sample's own stored vector.")
+@click.option("--text", help="Query with this text, encoded by the backbone that made the (caption) feature set.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours to return.")
+@click.option("--nprobe", type=int, help="ivf/ivfpq: inverted lists to probe (default: the index's).")
+@click.option("--device", default="cpu", show_default=True, help="Device of the text backbone (--text).")
+@click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
+@_friendly
+def query(store_path, name, uid, text, k, nprobe, device, as_json):
+    """The K nearest rows of a feature set to a stored sample (--uid) or a text (--text), from its
+    index (`featstore index`): rank, cosine score, row, uid and caption."""
+    from featstore.pipelines.search import format_hits, query as run_query
+
+    hits = run_query(store_path, name, uid=uid, text=text, k=k, nprobe=nprobe, device=device)
+    if as_json:
+        _echo_json(hits)
+    else:
+        click.echo(format_hits(hits))
+
+
 if __name__ == "__main__":
     main()

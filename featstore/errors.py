@@ -117,6 +117,11 @@ class BadSample(FeatstoreError):
         return (type(self), (self.reason, self.detail))
 
 
+class SearchIndexError(FeatstoreError, ValueError):
+    """A nearest-neighbour index (`featstore index`) that is missing, stale (the store or the feature
+    set changed since it was built) or cannot be built here (a store on object storage)."""
+
+
 class UnreadableRows(FeatstoreError, ValueError):
     """Rows that neither featstore's shard reader nor zarr can read (a damaged shard)."""
 
