@@ -15,13 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 from featstore.core import format as fmt
-from featstore.core.identity import identity_diff, lines
+from featstore.core.identity import lines, rebuild_options, same_backbone_diff
 from featstore.errors import BackboneError, ConfigError, IdentityMismatch, UnknownArray
 
 from .search_index import KINDS, build_index, load_index, normalize, open_store
 
-# Keys of a stored identity that say how the rows were stored, not what a pooled vector is.
-NOT_POOLED = ("tokens", "token_shape", "token_dtype", "field", "pooled_dtype")
 
 
 def text_backbone(fs, device: str = "cpu"):
@@ -32,16 +30,11 @@ def text_backbone(fs, device: str = "cpu"):
     if fs.field != fmt.CAPTION:
         raise ConfigError(f"feature set '{fs.name}' was computed from images: --text queries need a feature set "
                           f"computed from captions (`featstore extract --field caption`)")
-    name = recorded.get("alias") or recorded.get("model")
+    name, kwargs = rebuild_options(recorded)
     if not name:
         raise BackboneError(f"feature set '{fs.name}' records no backbone (no alias or model) to encode a text with")
-    kwargs = {"pooling": recorded.get("pooling"), "layer": recorded.get("layer"),
-              "precision": recorded.get("precision") or "fp32", "modality": recorded.get("modality"),
-              "prefix": recorded.get("prefix") or ""}
-    if recorded.get("max_length"):
-        kwargs["max_length"] = int(recorded["max_length"])
-    bb = load_backbone(str(name), device=device, **kwargs)
-    diff = identity_diff(recorded, bb.identity, then="recorded", now="loaded", ignore=NOT_POOLED)
+    bb = load_backbone(name, device=device, **kwargs)
+    diff = same_backbone_diff(recorded, bb.identity)
     if diff:
         raise IdentityMismatch(f"backbone {name} loaded now differs from the one that made feature set "
                                f"'{fs.name}' (install the same weights/version):{lines(diff)}")

@@ -44,3 +44,29 @@ def identity_diff(a: dict, b: dict, *, then: str = "in the store", now: str = "n
 def lines(diff: list[str]) -> str:
     """A difference as the indented lines that follow an error's first line."""
     return "".join(f"\n  {d}" for d in diff)
+
+
+# Keys of a stored identity that say how it was stored or what else was kept, not what the pooled
+# features are: a backbone re-loaded only to encode pooled features may differ in them.
+NOT_POOLED = ("tokens", "token_shape", "token_dtype", "field", "pooled_dtype")
+
+
+def rebuild_options(identity: dict) -> tuple[str | None, dict]:
+    """(name_or_path or None when the identity names none, keyword arguments) for
+    `pipelines.backbones.load_backbone` that rebuild the backbone of a stored identity."""
+    name = identity.get("alias") or identity.get("model")
+    kwargs = {
+        "pooling": identity.get("pooling"),
+        "layer": identity.get("layer"),
+        "precision": identity.get("precision") or "fp32",
+        "modality": identity.get("modality"),
+        "prefix": identity.get("prefix") or "",
+    }
+    if identity.get("max_length"):
+        kwargs["max_length"] = int(identity["max_length"])
+    return (str(name) if name else None), kwargs
+
+
+def same_backbone_diff(recorded: dict, loaded: dict) -> list[str]:
+    """What differs between a recorded identity and a re-loaded backbone's, storage keys aside."""
+    return identity_diff(recorded, loaded, then="recorded", now="loaded", ignore=NOT_POOLED)
