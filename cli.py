@@ -155,6 +155,7 @@ _FIELDS, _POOLINGS, _PRECISIONS, _SOURCE_TYPES, _TOKEN_DTYPES, _POOLED_DTYPES = 
 @click.option("--pooling", type=click.Choice(_POOLINGS), help="Pooling for generic models.")
 @click.option("--layer", type=int, help="Take features from this hidden layer.")
 @click.option("--tokens", is_flag=True, help="Also store patch tokens (N, T, D).")
+@click.option("--no-token-projection", "token_projection", flag_value=False, default=True, help="CLIP / EVA-CLIP with --tokens: keep the trunk's raw patch tokens (1024-d for ViT-L/14, UTA-B's targets) instead of projecting them into the joint space.")
 @click.option("--token-dtype", type=click.Choice(_TOKEN_DTYPES), default="float16", show_default=True)
 @click.option("--dtype", type=click.Choice(_POOLED_DTYPES), default=None, help="Storage dtype of the pooled features [default: the stored feature set's; else float32 for llama3-8b (ShareLock keeps its LLM features in fp32), float16 otherwise].")
 @click.option("--pixels", help="Also store the exact preprocessed crops as uint8 under pixels/NAME.")

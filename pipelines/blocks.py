@@ -57,6 +57,7 @@ class ExtractSpec:
     pooling: str | None = None
     layer: int | None = None
     tokens: bool = False
+    token_projection: bool = True  # False: CLIP/EVA-CLIP tokens in the trunk's width, not the joint space
     token_dtype: str = "float16"
     token_scaling: str | None = None  # int8 tokens: "token_channel" or "token" (the feature set's own)
     pixels: str | None = None
@@ -72,6 +73,7 @@ class ExtractSpec:
 
     def load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, pooling=self.pooling, layer=self.layer, tokens=self.tokens,
+                             token_projection=self.token_projection,
                              device=self.device, precision=self.precision, trust_remote_code=self.trust_remote_code)
 
 

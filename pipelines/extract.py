@@ -85,8 +85,8 @@ def _store_exists(path) -> bool:
 
 def prepare(store_path, source_path=None, backbone=None, *, name=None, field="image", source_type="auto",
             captions=None, labels=None, uid_field=None, image_column=None, text_column=None, label_column=None,
-            rows_per_shard=None, pooling=None, layer=None, tokens=False, token_dtype="float16", dtype=None,
-            pixels=None, batch_size=64, device="cpu", precision="fp32", num_workers=0, overwrite=False, update_metadata=False,
+            rows_per_shard=None, pooling=None, layer=None, tokens=False, token_projection=True, token_dtype="float16",
+            dtype=None, pixels=None, batch_size=64, device="cpu", precision="fp32", num_workers=0, overwrite=False, update_metadata=False,
             trust_remote_code=False, token_scaling=None, writes_in_flight=1, views=1, view_seed=None,
             view_scale=None, view_ratio=None, view_flip=None, log=print):
     """Validate, register the source, load the backbone once and create the feature set.
@@ -127,8 +127,10 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
             raise ConfigError(f"{store_path} has rows_per_shard {existing.rows_per_shard}; --rows-per-shard "
                               f"{rows_per_shard} cannot take effect on an existing store: omit it")
     source = open_source(source_path, source_type, **source_options) if source_path is not None else None
-    bb = load_backbone(backbone, pooling=pooling, layer=layer, tokens=tokens, device=device,
-                       precision=precision, trust_remote_code=trust_remote_code)
+    if not token_projection and not tokens:
+        raise ConfigError("--no-token-projection keeps the trunk's raw tokens: it needs --tokens")
+    bb = load_backbone(backbone, pooling=pooling, layer=layer, tokens=tokens, token_projection=token_projection,
+                       device=device, precision=precision, trust_remote_code=trust_remote_code)
     want = "image" if field == "image" else "text"
     if bb.modality != want:
         raise ConfigError(f"{backbone} is a {bb.modality} backbone but --field {field} needs a {want} backbone")
@@ -198,7 +200,8 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     backbone_arg = os.path.abspath(os.path.expanduser(backbone)) if os.path.exists(os.path.expanduser(backbone)) else backbone
     spec = ExtractSpec(
         store_path=store.path, name=name, source=source.spec() if source else None, backbone=backbone_arg,
-        field=field, pooling=pooling, layer=layer, tokens=tokens, token_dtype=token_dtype,
+        field=field, pooling=pooling, layer=layer, tokens=tokens, token_projection=token_projection,
+        token_dtype=token_dtype,
         token_scaling=token_scaling, pixels=pixels, writes_in_flight=writes_in_flight,
         batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
         trust_remote_code=trust_remote_code, store_identity=store.fresh().identity,

@@ -2,7 +2,10 @@
 two packaged real models), checked against the transformers models they wrap. No mocks."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,10 +15,14 @@ import skimage.data
 import torch
 from PIL import Image
 
+from featstore.core.identity import rebuild_options
 from featstore.errors import BackboneError, ConfigError
 from featstore.pipelines import backbones as bb
 from featstore.pipelines.backbones import REGISTRY, load_backbone
 from featstore.pipelines.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from featstore.store import Store
+
+FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
 
 torch.manual_seed(0)
 
@@ -395,6 +402,32 @@ def test_clip_vision_token_paths(tiny):
     torch.testing.assert_close(got["tokens"], out.hidden_states[1][:, 1:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["pooled"], out.image_embeds, atol=1e-5, rtol=1e-5)
     assert len({default.identity["tokens"], raw.identity["tokens"], layered.identity["tokens"]}) == 3
+    assert raw.identity["token_projection"] is False and "token_projection" not in default.identity
+    name, kwargs = rebuild_options(raw.identity)  # a re-load from the stored identity (UTA's teacher) keeps it
+    assert load_backbone(name or path, **kwargs).identity == raw.identity
+
+
+def test_no_token_projection_through_extract(tiny, tmp_path):
+    """`extract --tokens --no-token-projection` stores the trunk's width (UTA-B's 1024-d L/14 targets);
+    without --tokens, or on a backbone with no token projection, it is refused in one line."""
+    from imagedata import real_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, img in real_images(4):
+        img.convert("RGB").save(folder / f"{name}.png")
+    base = [FEATSTORE, "extract", "--store", str(tmp_path / "s.zarr"), "--source", str(folder), "--no-progress"]
+    clip = ["--backbone", str(tiny["clip-vision"]), "--tokens"]
+    subprocess.run(base + clip + ["--name", "raw", "--no-token-projection"], check=True, capture_output=True)
+    subprocess.run(base + clip + ["--name", "joint"], check=True, capture_output=True)
+    store = Store.open(str(tmp_path / "s.zarr"))
+    assert store.feature_set("raw").array("tokens").shape[1:] == (16, 32)  # hidden width
+    assert store.feature_set("joint").array("tokens").shape[1:] == (16, 16)  # projection width
+    assert store.feature_set("raw").identity["token_projection"] is False
+    for extra, why in ((["--backbone", str(tiny["clip-vision"]), "--no-token-projection"], "needs --tokens"),
+                       (["--backbone", str(tiny["dinov2"]), "--tokens", "--no-token-projection"], "applies only to CLIP")):
+        r = subprocess.run(base + extra + ["--name", "x"], capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and why in r.stderr, r.stderr
 
 
 def test_two_tower_clip_checkpoint(tiny):

@@ -23,7 +23,7 @@ def test_shipped_configs():
     """configs/sharelock.yaml is the official run: the model and optimiser of the defaults, and the
     official protocol (train.py / default_config.yaml of ShareLock's code)."""
     official = load_config(os.path.join(ROOT, "configs", "sharelock.yaml"))
-    protocol = {"val_rows": 50000, "val_every_batches": 500, "patience": 50, "min_delta": 0.1, "best_metric": "val_loss",
+    protocol = {"val_rows": 50000, "val_split": "official", "val_seed": 42, "val_every_batches": 500, "patience": 50, "min_delta": 0.1, "best_metric": "val_loss",
                 "warmup_from_zero": True, "max_warmup_fraction": 1.0, "logit_scale": pytest.approx(math.exp(2.6592))}
     assert {k: getattr(official, k) for k in protocol} == protocol
     assert dataclasses.replace(official, **{k: getattr(Config(), k) for k in protocol}) == Config()

@@ -435,3 +435,42 @@ def test_newcomer_mistakes_are_one_clear_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "c"), r.stderr
     assert "features/txt/pooled block 1 (rows 128-256)" in r.stderr and "does not match the checksum" in r.stderr
     assert "PROBLEM: features/txt block 1" in _cli("verify", "--store", store.path).stdout
+
+
+def test_official_split_is_sharelocks_seed_42_shuffle_and_survives_growth(tmp_path):
+    """val_split official holds out what ShareLock's datasets.py holds out of features saved in the
+    store's row order: `rng = random.Random(42); rng.shuffle(keys); keys[:val_split_num]` (keys =
+    the usable samples, as list_keys lists the saved ones); eval --split finds the same uids after
+    the store grew."""
+    import random
+
+    from featstore.trainers.sharelock.evaluate import evaluate
+    from featstore.trainers.sharelock.heldout import heldout_rows
+
+    store = make_aligned_store(tmp_path / "s.zarr", n=640)
+    over = TINY + ["steps=4", "val_rows=120", "val_split=official", "val_every_batches=2"]
+    summary = train_head(store.path, "img", "txt", tmp_path / "run", overrides=over, progress=False)
+    record = summary["heldout"]
+    assert record["kind"] == "official" and record["seed"] == 42 and summary["val_rows"] == 120
+
+    keys = [str(u) for u in store.uids()]  # ShareLock's own three lines, on the same keys
+    rng = random.Random(42)
+    rng.shuffle(keys)
+    assert sorted(record["uids"].split("\n")) == sorted(keys[:120])
+    val = heldout_rows(Store.open(store.path), record)
+    assert sorted(str(u) for u in store.uids()[val]) == sorted(keys[:120])
+
+    grown = Store.open(store.path, mode="r+")  # more samples arrive: the held-out uids stay the held-out uids
+    grown.register([f"t{i:05d}" for i in range(300)], captions=["a cat"] * 300, labels=np.zeros(300, int))
+    again = heldout_rows(Store.open(store.path), record)
+    assert len(again) == 940 and np.array_equal(np.flatnonzero(again), np.flatnonzero(val))
+    state = json.load(open(tmp_path / "run" / "last" / "checkpoint.json"))
+    assert state["heldout"] == record
+    from sharelock_data import FakeTextBackbone as Fake
+    r = evaluate(tmp_path / "run", store.path, split=True, templates="sharelock", text_encoder=Fake())
+    assert r["zero_shot"]["rows"] == 120
+
+    with pytest.raises(ConfigError, match="set val_rows"):
+        train_head(store.path, "img", "txt", tmp_path / "run2", overrides=TINY + ["val_split=official"], progress=False)
+    with pytest.raises(ConfigError, match="val_split must be one of"):
+        train_head(store.path, "img", "txt", tmp_path / "run3", overrides=TINY + ["val_split=shuffle"], progress=False)

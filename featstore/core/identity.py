@@ -62,6 +62,8 @@ def rebuild_options(identity: dict) -> tuple[str | None, dict]:
         "modality": identity.get("modality"),
         "prefix": identity.get("prefix") or "",
     }
+    if identity.get("token_projection") is False:
+        kwargs["token_projection"] = False
     if identity.get("max_length"):
         kwargs["max_length"] = int(identity["max_length"])
     return (str(name) if name else None), kwargs

@@ -161,6 +161,8 @@ def build_vision(src: Source, opt: LoadOptions, dev: torch.device) -> Backbone:
                 "mean": f"mean of {hidden_name}[:, 1:]"}[pooling],
         layer=layer, model=model, tokens=token_desc, preprocess=pre,
     )
+    if not opt.token_projection:  # the trunk's own width (UTA-B's 1024-d ViT-L/14 targets); re-loads keep it
+        identity["token_projection"] = False
     identity.update(_identity_extra(spec, file, sd, kind))
     return ImageBackbone(name=src.name, identity=identity, model=model, forward=forward, preprocess=pre,
                          device=dev, precision=opt.precision, tokens=opt.tokens)

@@ -63,6 +63,10 @@ def load_backbone(
             f"unknown backbone {name!r}: not a registered alias ({', '.join(list_backbones())}), "
             "a local directory, or a hub id (org/name)"
         )
-    return RECIPES[recipe](src, opt, dev)
+    bb = RECIPES[recipe](src, opt, dev)
+    if not opt.token_projection and bb.identity.get("token_projection") is not False:
+        raise ConfigError(f"backbone {name}: token_projection=False (--no-token-projection) applies only to CLIP and "
+                          "EVA-CLIP image towers, whose tokens are otherwise projected into the joint space")
+    return bb
 
 

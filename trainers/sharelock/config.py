@@ -22,6 +22,7 @@ from featstore.trainers.config import ConfigBase, need
 
 
 # what validation measures (train_head.validate): the loss is lower-is-better, the recalls higher
+VAL_SPLITS = ("hash", "official")
 BEST_METRICS = ("val_loss", "val_i2t_r1", "val_i2t_r5", "val_t2i_r1", "val_t2i_r5")
 
 
@@ -52,6 +53,8 @@ class Config(ConfigBase):
     seed: int = 0  # model init, dropout, the data order and which text set each row gets
     val_fraction: float = 0.1  # held out by uid hash (featstore.split), the same split for eval
     val_rows: int | None = None  # hold out exactly this many rows (smallest uid hash) instead; ShareLock: 50000
+    val_split: str = "hash"  # how val_rows are chosen: "hash" (smallest uid hash) or "official" (ShareLock's shuffle)
+    val_seed: int = 42  # val_split "official": the seed of ShareLock's random.Random(seed).shuffle (its config.seed)
     cache: str | None = None  # None streams from the store; "ram" reads the train columns once
     shuffle_window: int | None = None  # the loader's read window per rank, in rows; None = the loader's default (by bytes)
     cpu_threads: int | None = None  # torch threads when training on CPU; None = torch's default (small heads: 1 is fastest)
@@ -81,6 +84,9 @@ class Config(ConfigBase):
         need(self.min_delta >= 0, f"min_delta must be >= 0, got {self.min_delta}")
         need(self.best_metric in BEST_METRICS, f"best_metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
         need(self.val_rows is None or self.val_rows >= 2, f"val_rows must be >= 2 or null, got {self.val_rows}")
+        need(self.val_split in VAL_SPLITS, f"val_split must be one of {', '.join(VAL_SPLITS)}, got {self.val_split!r}")
+        need(self.val_split == "hash" or self.val_rows is not None,
+             "val_split official holds out val_rows rows (ShareLock's val_split_num): set val_rows")
         need(self.val_every_batches is None or self.val_every_batches >= 1,
              f"val_every_batches must be >= 1 or null, got {self.val_every_batches}")
         self._check_common()

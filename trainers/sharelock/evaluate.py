@@ -80,15 +80,14 @@ def evaluate(
     checkpoint.check_identity(trained["image"], checkpoint.describe(store, image_name), ckpt.path, store.path)
     text_names, notes = _text_sets(store, ckpt, text)
 
-    uids = store.uids()
     if split:
         record = ckpt.state.get("heldout", {"kind": "fraction", "val_fraction": ckpt.config.val_fraction})
         if record is None:
             raise ConfigError(f"checkpoint {ckpt.path} was not trained by featstore: its held-out rows are unknown, "
                               "so --split cannot be evaluated (evaluate every row of a test store instead)")
-        rows = heldout_rows(uids, record)
+        rows = heldout_rows(store, record)
     else:
-        rows = np.ones(len(uids), bool)
+        rows = np.ones(store.n_rows, bool)
     result = {"checkpoint": ckpt.path, "step": ckpt.step, "store": store.path, "split": "val" if split else "all",
               "image": image_name, "text": trained["text"]["name"], "texts": text_names, "zero_shot": None,
               "retrieval": None, "notes": notes}

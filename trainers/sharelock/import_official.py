@@ -188,7 +188,8 @@ def _config(hp: dict, text: dict, vision: dict | None) -> Config:
         lr=float(pick(training, "learning_rate", 1e-3)), weight_decay=float(pick(training, "weight_decay", 1e-4)),
         warmup_steps=int(pick(training, "lr_warmup_steps", 150)), warmup_from_zero=True, max_warmup_fraction=1.0,
         grad_clip=float(pick(training, "max_grad_norm", 1.0)), seed=int(pick(hp, "seed", 0)),
-        val_rows=int(pick(data, "val_split_num", 50000)), val_every_batches=int(pick(logging, "val_check_interval", 500)),
+        val_rows=int(pick(data, "val_split_num", 50000)), val_split="official", val_seed=int(pick(hp, "seed", 42)),
+        val_every_batches=int(pick(logging, "val_check_interval", 500)),
         patience=int(pick(training, "early_stopping_patience", 50)) if pick(training, "early_stopping", True) else None,
         min_delta=0.1,
     )

@@ -112,10 +112,11 @@ def train_head(
     usable = np.logical_and.reduce([store.feature_set(n).usable_rows() for n in [image, *texts]])
     if ckpt and ckpt.state.get("heldout"):  # resumed: the very rows it held out (even if the store grew)
         heldout_record = ckpt.state["heldout"]
-        val_mask = heldout_rows(store.uids(), heldout_record)
+        val_mask = heldout_rows(store, heldout_record)
         train_mask = usable & ~val_mask
     else:
-        train_mask, val_mask, heldout_record = heldout(store.uids(), cfg.val_fraction, cfg.val_rows, usable)
+        train_mask, val_mask, heldout_record = heldout(store.uids(), cfg.val_fraction, cfg.val_rows, usable,
+                                                           split=cfg.val_split, seed=cfg.val_seed)
     train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda")
     val_loader = Loader(store, columns, cfg.batch_size, shuffle=False, rows=val_mask, cache=cfg.cache,
                         rank=0, world_size=1)  # rank 0 validates every val row
