@@ -11,7 +11,7 @@ export MPLBACKEND := Agg
 
 BENCH_STAMP := $(VENV)/.bench-peers-$(shell cat pyproject.toml benchmarks/install_peers.py | cksum | cut -d' ' -f1)
 
-.PHONY: install test demo bench bench-install clean
+.PHONY: install browser test demo bench bench-install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,15 @@ install: $(STAMP)
 # the suite in TEST_WORKERS processes, a test file to a process (its module fixtures built once);
 # the tests wait on events, never on time, so they hold on a machine this busy
 TEST_WORKERS ?= 2
-test: $(STAMP)
+# tests/test_serve.py drives Debian's chromium through playwright (never `playwright install`):
+# installed with apt-get when missing and we are root, else the browser test is skipped
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	  || echo "browser: apt-get install chromium failed: tests/test_serve.py's browser test will be skipped"; \
+	else echo "browser: /usr/bin/chromium is missing and we are not root: tests/test_serve.py's browser test will be skipped (apt-get install chromium as root)"; fi
+
+test: $(STAMP) browser
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)

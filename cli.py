@@ -19,6 +19,7 @@ import sys
 import click
 
 from featstore.errors import FeatstoreError, Interrupted
+from featstore.pipelines.search_commands import add_commands as add_search_commands
 from featstore.trainers.commands import add_commands
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -273,14 +274,27 @@ def verify(store_path, as_json):
 
 @main.command()
 @STORE
-@click.option("--name", required=True, help="The feature set to remove (with its pixels, markers and cached prompts).")
+@click.option("--name", required=True, help="The feature set to remove (with its pixels, markers, cached prompts and index).")
 @_friendly
 def rm(store_path, name):
-    """Remove a feature set, its pixels, its block markers and its cached prompt features (prompts/NAME)."""
+    """Remove a feature set, its pixels, its block markers, its cached prompt features (prompts/NAME)
+    and its nearest-neighbour index (indexes/NAME)."""
+    import shutil
+
+    from featstore.core import format as fmt
+    from featstore.core.files import is_url
     from featstore.store import Store
 
-    Store.open(store_path, mode="r+").remove_feature_set(name)
-    click.echo(f"removed features/{name} from {store_path}")
+    store = Store.open(store_path, mode="r+")
+    store.remove_feature_set(name)
+    folder = None if is_url(store.path) else os.path.join(store.path, fmt.INDEXES, name)
+    if folder and os.path.isdir(folder):
+        if os.path.exists(os.path.join(folder, "meta.json")):
+            os.remove(os.path.join(folder, "meta.json"))
+        shutil.rmtree(folder)  # the commit (meta.json) first: a folder without it holds no index
+        click.echo(f"removed features/{name} and its index {fmt.INDEXES}/{name} from {store_path}")
+    else:
+        click.echo(f"removed features/{name} from {store_path}")
 
 
 @main.command()
@@ -299,44 +313,22 @@ def export(store_path, name, out, array, view):
     click.echo(f"exported {result['rows']:,} rows {tuple(result['shape'])} -> {', '.join(result['files'])}")
 
 
-@main.command()
-@STORE
-@click.option("--features", "name", required=True, help="The feature set to index (its pooled features).")
-@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq"]), default="auto", show_default=True,
-              help="flat: exact (auto below 200,000 rows); ivf / ivfpq: FAISS inverted lists (+ product quantization).")
-@click.option("--memory-mb", type=float, help="Memory the index may take (auto picks ivfpq when ivf would not fit; default 4096).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@_friendly
-def index(store_path, name, kind, memory_mb, as_json, no_progress):
-    """Build a nearest-neighbour index (FAISS, cosine) over a feature set's done, valid rows, kept
-    in the store under indexes/NAME/.  Run it again after the store grows."""
-    from featstore.pipelines.search import build_index, format_built
+def _text_tower(*args, **kwargs):
+    """UTA's text tower of a CLIP-like image backbone (imported only when a query needs it)."""
+    from featstore.trainers.uta.teacher import text_tower
 
-    meta = build_index(store_path, name, kind=kind, memory_mb=memory_mb, progress=not no_progress and not as_json)
-    click.echo(json.dumps(meta, indent=1, default=str) if as_json else format_built(meta))
+    return text_tower(*args, **kwargs)
 
 
-@main.command()
-@STORE
-@click.option("--features", "name", required=True, help="The indexed feature set.")
-@click.option("--uid", help="Query with this sample's own stored vector.")
-@click.option("--text", help="Query with this text, encoded by the backbone that made the (caption) feature set.")
-@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours to return.")
-@click.option("--nprobe", type=int, help="ivf/ivfpq: inverted lists to probe (default: the index's).")
-@click.option("--device", default="cpu", show_default=True, help="Device of the text backbone (--text).")
-@click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
-@_friendly
-def query(store_path, name, uid, text, k, nprobe, device, as_json):
-    """The K nearest rows of a feature set to a stored sample (--uid) or a text (--text), from its
-    index (`featstore index`): rank, cosine score, row, uid and caption."""
-    from featstore.pipelines.search import format_hits, query as run_query
+def _load_head(run_dir, device):
+    """A trained ShareLock head (`featstore query --checkpoint RUN`)."""
+    from featstore.trainers.sharelock.model import ShareLock
 
-    hits = run_query(store_path, name, uid=uid, text=text, k=k, nprobe=nprobe, device=device)
-    if as_json:
-        _echo_json(hits)
-    else:
-        click.echo(format_hits(hits))
+    return ShareLock.load(run_dir, device=device)
+
+
+add_search_commands(main, friendly=_friendly, store=STORE, echo_json=_echo_json, text_tower=_text_tower,
+                    load_head=_load_head)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,11 @@ class SearchIndexError(FeatstoreError, ValueError):
     set changed since it was built) or cannot be built here (a store on object storage)."""
 
 
+class DedupError(FeatstoreError, ValueError):
+    """A duplicate record (`featstore dedup`) that is missing or stale (the store grew, or its feature
+    set changed since), or cannot be made here (a store on object storage, too many rows for a flat index)."""
+
+
 class UnreadableRows(FeatstoreError, ValueError):
     """Rows that neither featstore's shard reader nor zarr can read (a damaged shard)."""
 

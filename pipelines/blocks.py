@@ -74,7 +74,8 @@ class ExtractSpec:
     def load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, pooling=self.pooling, layer=self.layer, tokens=self.tokens,
                              token_projection=self.token_projection,
-                             device=self.device, precision=self.precision, trust_remote_code=self.trust_remote_code)
+                             device=self.device, precision=self.precision, trust_remote_code=self.trust_remote_code,
+                             modality="image" if self.field == "image" else "text")
 
 
 # ---- decoding (runs in worker processes or threads) ------------------------------------------

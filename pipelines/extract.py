@@ -129,9 +129,9 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     source = open_source(source_path, source_type, **source_options) if source_path is not None else None
     if not token_projection and not tokens:
         raise ConfigError("--no-token-projection keeps the trunk's raw tokens: it needs --tokens")
+    want = "image" if field == "image" else "text"  # a two-tower checkpoint (a full CLIP) gives that tower
     bb = load_backbone(backbone, pooling=pooling, layer=layer, tokens=tokens, token_projection=token_projection,
-                       device=device, precision=precision, trust_remote_code=trust_remote_code)
-    want = "image" if field == "image" else "text"
+                       device=device, precision=precision, trust_remote_code=trust_remote_code, modality=want)
     if bb.modality != want:
         raise ConfigError(f"{backbone} is a {bb.modality} backbone but --field {field} needs a {want} backbone")
     name = name or bb.name

@@ -3,11 +3,24 @@
 `build_index` (pipelines/search_index.py) saves a FAISS index under `<store>/indexes/<name>/`;
 `query` loads it, refuses it when the feature set's identity or the store's rows changed since,
 and answers with hits {row, uid, score, caption, source_ref} (score: cosine similarity; caption
-and source_ref when the store has them).  A query is given as vectors, as a stored row's uid (its
-own stored vector), or, for a feature set computed from captions (`extract --field caption`), as a
-text encoded by the backbone that made the set, re-loaded from its recorded identity and checked
-against it.  Text queries against an image feature set are refused: no image backbone here
-exposes the matching text tower yet.
+and source_ref when the store has them).  A query is exactly one of (pipelines/query_encode.py
+turns the last three into vectors):
+
+* vectors, or a stored row's uid (its own stored vector, view 0);
+* an image (`--image PATH`, or bytes), on an image feature set: decoded as extract decodes and
+  cropped with the preprocessing recorded in the set's identity, then encoded by the backbone
+  that made the set (re-loaded from its identity and checked against it); refused on a caption set;
+* a text (`--text`): on a caption set, by the backbone that made the set (re-loaded and checked);
+  on an image set made by a two-tower checkpoint (CLIP, SigLIP, EVA-CLIP), by its paired text
+  tower into the shared space; other image sets are refused (use `--checkpoint` or a caption set).
+
+With `head` (`--checkpoint RUN`, a trained ShareLock run, loaded by the command) the query goes
+through the head's towers: a text through the run's caption backbone and language head; an image
+or uid through the image features and the vision head.  The FAISS index holds raw image features,
+which are not in the head's space, so with a head no index is used: the stored pooled features of
+`feature_set` (which must be the image set the run was trained on) are projected by the vision
+head one row block at a time and searched exactly (brute force, memory O(one block + k)).  That
+costs one pass over the column per query; a derived index per run is not built (a later option).
 """
 
 from __future__ import annotations
@@ -15,34 +28,28 @@ from __future__ import annotations
 import numpy as np
 
 from featstore.core import format as fmt
-from featstore.core.identity import lines, rebuild_options, same_backbone_diff
-from featstore.errors import BackboneError, ConfigError, IdentityMismatch, UnknownArray
+from featstore.errors import ConfigError, UnknownArray
+from featstore.read.served import usable_in_block
 
+from . import query_encode as qe
 from .search_index import KINDS, build_index, load_index, normalize, open_store
 
 
 
 def text_backbone(fs, device: str = "cpu"):
     """The text backbone that made feature set `fs` (a caption set), loaded and checked."""
-    from featstore.pipelines.backbones import load_backbone
-
-    recorded = fs.identity
     if fs.field != fmt.CAPTION:
-        raise ConfigError(f"feature set '{fs.name}' was computed from images: --text queries need a feature set "
-                          f"computed from captions (`featstore extract --field caption`)")
-    name, kwargs = rebuild_options(recorded)
-    if not name:
-        raise BackboneError(f"feature set '{fs.name}' records no backbone (no alias or model) to encode a text with")
-    bb = load_backbone(name, device=device, **kwargs)
-    diff = same_backbone_diff(recorded, bb.identity)
-    if diff:
-        raise IdentityMismatch(f"backbone {name} loaded now differs from the one that made feature set "
-                               f"'{fs.name}' (install the same weights/version):{lines(diff)}")
-    return bb
+        raise ConfigError(f"feature set '{fs.name}' was computed from images: its text side is its paired text "
+                          f"tower (`encode_text`), not a caption backbone")
+    return qe.recorded_backbone(fs, device, "encode a text with")
 
 
-def encode_text(fs, texts: list[str], device: str = "cpu") -> np.ndarray:
-    return np.asarray(text_backbone(fs, device).encode_texts(list(texts))["pooled"], dtype=np.float32)
+def encode_text(fs, texts: list[str], device: str = "cpu", text_tower=None) -> np.ndarray:
+    """(n, dim): texts in `fs`'s space (a caption set's backbone, or an image set's paired text tower)."""
+    return qe.encode_text(fs, texts, device, text_tower)
+
+
+encode_image = qe.encode_image
 
 
 def stored_vector(store, fs, uid: str) -> tuple[int, np.ndarray]:
@@ -73,23 +80,32 @@ def hits_for(store, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
     return out
 
 
-def query(store, feature_set: str, vectors=None, *, uid: str | None = None, text: str | None = None, k: int = 10,
-          nprobe: int | None = None, device: str = "cpu") -> list[dict]:
+def query(store, feature_set: str, vectors=None, *, uid: str | None = None, text: str | None = None,
+          image=None, k: int = 10, nprobe: int | None = None, device: str = "cpu", head=None,
+          text_tower=None) -> list[dict]:
     """The `k` nearest rows of `feature_set` to one query: `vectors` (dim,) or (1, dim), the stored
-    vector of `uid`, or `text` encoded by the caption set's backbone.  Each hit: row, uid, score
-    (cosine), caption / source_ref when the store has them.  Several vectors: use `query_many`."""
-    given = [x is not None for x in (vectors, uid, text)]
+    vector of `uid`, `text`, or `image` (a path or encoded bytes), encoded as the module docstring
+    says.  `head`: a trained ShareLock (exact search in its space, see the docstring);
+    `text_tower`: loads an image set's paired text tower (the command passes UTA's).  Each hit:
+    row, uid, score (cosine), caption / source_ref when the store has them."""
+    given = [x is not None for x in (vectors, uid, text, image)]
     if sum(given) != 1:
-        raise ConfigError("give exactly one query: vectors, a uid (--uid) or a text (--text)")
+        raise ConfigError("give exactly one query: vectors, a uid (--uid), a text (--text) or an image (--image)")
+    if text is not None and not text.strip():
+        raise ConfigError("the --text query is empty")
+    if int(k) < 1:
+        raise ConfigError(f"k must be >= 1, not {k}")
     store = open_store(store)
     fs = store.feature_set(feature_set)
+    if head is not None:
+        return head_query(store, fs, head, vectors=vectors, uid=uid, text=text, image=image, k=k, device=device)
     if uid is not None:
         vectors = stored_vector(store, fs, uid)[1]
-    elif text is not None:
-        if not text.strip():
-            raise ConfigError("the --text query is empty")
+    elif text is not None or image is not None:
+        if text is not None:
+            qe.check_text_side(fs)
         index, meta = load_index(store, feature_set)  # refuse a stale index before loading a backbone
-        vectors = encode_text(fs, [text], device)
+        vectors = encode_text(fs, [text], device, text_tower) if text is not None else encode_image(fs, image, device)
         return _search(store, index, meta, vectors, k, nprobe)[0]
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim == 1:
@@ -97,6 +113,42 @@ def query(store, feature_set: str, vectors=None, *, uid: str | None = None, text
     if vectors.shape[0] != 1:
         raise ConfigError(f"query takes one vector, got {vectors.shape[0]}: use query_many for several")
     return query_many(store, feature_set, vectors, k=k, nprobe=nprobe)[0]
+
+
+def head_query(store, fs, head, *, vectors=None, uid=None, text=None, image=None, k: int = 10,
+               device: str = "cpu") -> list[dict]:
+    """Exact search in a ShareLock head's space: the query through its tower, the stored image
+    features of `fs` through its vision head one row block at a time."""
+    if fs.field == fmt.CAPTION:
+        raise ConfigError(f"--checkpoint searches an image feature set (the one the run was trained on); "
+                          f"'{fs.name}' was computed from captions")
+    qe.check_head(fs, head)
+    if text is not None:
+        q = qe.head_text(head, text)
+    else:
+        if uid is not None:
+            x = stored_vector(store, fs, uid)[1]
+        elif image is not None:
+            x = qe.as_stored(fs, encode_image(fs, image, device))
+        else:
+            x = np.asarray(vectors, dtype=np.float32).reshape(1, -1)
+        q = qe.head_image(head, x)
+    q = normalize(q)[0]
+    best_rows, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    pooled = fs.array("pooled")
+    for b in range(store.n_blocks):
+        start, _ = store.block_range(b)
+        rows = start + np.flatnonzero(usable_in_block(store, [fs.name], b))
+        if not len(rows):
+            continue
+        block = np.asarray(pooled[start:int(rows[-1]) + 1])
+        block = (block[:, 0] if fs.views > 1 else block)[rows - start]
+        scores = normalize(qe.head_image(head, block)) @ q
+        best_rows = np.concatenate([best_rows, rows.astype(np.int64)])
+        best_scores = np.concatenate([best_scores, scores.astype(np.float32)])
+        keep = np.argsort(-best_scores, kind="stable")[: int(k)]
+        best_rows, best_scores = best_rows[keep], best_scores[keep]
+    return hits_for(store, best_rows, best_scores)
 
 
 def query_many(store, feature_set: str, vectors, *, k: int = 10, nprobe: int | None = None) -> list[list[dict]]:
@@ -134,4 +186,5 @@ def format_built(meta: dict) -> str:
             + (f" ({params})" if params else "") + f" in {meta['seconds']:.1f}s -> {meta['path']}")
 
 
-__all__ = ["KINDS", "build_index", "query", "query_many", "format_hits", "format_built", "encode_text"]
+__all__ = ["KINDS", "build_index", "query", "query_many", "head_query", "format_hits", "format_built", "encode_text",
+           "encode_image"]

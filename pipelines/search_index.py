@@ -15,8 +15,11 @@ Kinds (`kind="auto"` follows autofaiss's rules of thumb, simplified):
 
 * flat   `IndexFlatIP` in an `IndexIDMap2`: exact; auto picks it below 200,000 rows.
 * ivf    `IndexIVFFlat`: nlist = 4*sqrt(rows) lists (at most rows/39, faiss's minimum of training
-         points per list), trained on a random sample of at most max(256*nlist, 50,000) rows, then
-         the rows added block by block; queries probe nprobe = max(1, nlist/8) lists by default.
+         points per list), trained on a random sample of at most max(40*nlist, 50,000) rows (faiss's
+         k-means wants 39 to 256 per list; 256 made a 1M-row build take most of an hour on 2 cores), then the
+         rows added block by block; queries probe nprobe = min(nlist, max(16, nlist/256)) lists by
+         default: about 0.4% of the rows from 1M rows on, which benchmarks/bench_search.py measured
+         against brute force (README, "Search"); the old default nlist/8 scanned 12.5%.
          Auto picks it from 200,000 rows when the float32 vectors fit `memory_mb` (4096 if not given).
 * ivfpq  `IndexIVFPQ`: as ivf, each vector stored as m codes of nbits (8-bit PQ, fewer bits when
          the sample has under 256*39 rows: at least 39 training rows per centroid), m the largest
@@ -24,6 +27,19 @@ Kinds (`kind="auto"` follows autofaiss's rules of thumb, simplified):
 
 Rows are read one row block (`store.rows_per_shard` rows) at a time, never the whole column:
 one pass for the training sample (ivf, ivfpq), one pass adding the rows.
+
+Life-cycle: `covered-<generation>.npz` (named by meta.json) records, per row block, the block's
+marker version, start and size when it was indexed and the rows indexed from it: O(blocks), never
+per row.  When the store grew or more rows were done and the identity is unchanged, `build_index`
+(`extend=True`, the default) re-reads only the blocks whose marker changed since: their old ids
+are removed and their usable rows added (flat: added; ivf/ivfpq: added to the trained quantizer).
+It rebuilds instead when the rows outgrew the trained parameters (`OUTGROWN` x the rows an ivf /
+ivfpq was trained for: retrained as the same kind; an auto flat index past `FLAT_BELOW` rows: as
+auto picks), when another kind is asked for, when its covered file is missing or damaged,
+or when the index file is not the one meta.json describes (an interrupted extend: its row count
+differs).  Another identity is refused (`--rebuild` / `extend=False` builds afresh).  The new
+index is written to a temp file and renamed, then the covered file, then meta.json: a kill leaves
+the old meta.json with its own covered file, and an index file whose row count tells.
 """
 
 from __future__ import annotations
@@ -42,11 +58,15 @@ from featstore.store import Store
 
 from .summary import progress_bar
 
+OUTGROWN = 4  # an ivf/ivfpq index is rebuilt once the rows exceed this many times those it was trained for
+
 INDEXES = "indexes"
 KINDS = ("auto", "flat", "ivf", "ivfpq")
 FLAT_BELOW = 200_000  # rows: auto picks an exact index below this
 DEFAULT_MEMORY_MB = 4096
 MIN_POINTS_PER_LIST = 39  # faiss warns when k-means gets fewer training points per centroid
+TRAIN_POINTS_PER_LIST = 40  # training sample: this many rows per list (faiss's k-means caps it at 256)
+NPROBE_MIN, NPROBE_FRACTION = 16, 256  # default nprobe = min(nlist, max(NPROBE_MIN, nlist / NPROBE_FRACTION))
 
 
 def open_store(store) -> Store:
@@ -101,8 +121,8 @@ def choose(kind: str, n: int, dim: int, memory_mb: float | None) -> dict:
     if kind == "flat":
         return {"kind": "flat"}
     nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
-    out = {"kind": kind, "nlist": nlist, "nprobe": max(1, nlist // 8),
-           "train_rows": min(n, max(256 * nlist, 50_000))}
+    out = {"kind": kind, "nlist": nlist, "nprobe": min(nlist, max(NPROBE_MIN, nlist // NPROBE_FRACTION)),
+           "train_rows": min(n, max(TRAIN_POINTS_PER_LIST * nlist, 50_000))}
     if kind == "ivfpq":
         per_row = max(1, int(budget // max(n, 1)))
         divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= max(1, min(64, dim // 2, per_row))]
@@ -142,10 +162,42 @@ def _training_sample(store: Store, fs, blocks, n: int, size: int, seed: int, pro
     return np.concatenate(parts)
 
 
+def block_state(store: Store, fs) -> dict:
+    """Per row block now: marker version (-1: none), start, size (O(blocks), the block summary)."""
+    rec = fs.progress.summary(store.n_blocks)
+    return {"version": np.asarray(rec["version"], np.int64), "start": np.asarray(rec["start"], np.int64),
+            "size": store.block_sizes().astype(np.int64)}
+
+
+def changed_blocks(state: dict, covered: dict) -> np.ndarray:
+    """Blocks whose marker, start or size differ from when they were indexed (new blocks included)."""
+    nb, old = len(state["version"]), len(covered["version"])
+    same = np.zeros(nb, bool)
+    k = min(nb, old)
+    same[:k] = ((state["version"][:k] == covered["version"][:k]) & (state["start"][:k] == covered["start"][:k])
+                & (state["size"][:k] == covered["size"][:k]))
+    return np.flatnonzero(~same)
+
+
+def read_covered(folder: str, meta: dict) -> dict | None:
+    name = meta.get("covered")
+    path = os.path.join(folder, name) if name else None
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.asarray(z[k], np.int64) for k in ("version", "start", "size", "indexed")}
+    except Exception:  # a damaged covered file (zipfile.BadZipFile, KeyError, ValueError): the index is rebuilt
+        return None
+
+
 def build_index(store, feature_set: str, *, kind: str = "auto", memory_mb: float | None = None,
-                progress: bool = True, seed: int = 0) -> dict:
+                progress: bool = True, seed: int = 0, extend: bool = True) -> dict:
     """Index the done, valid rows of `feature_set` (cosine) and save it under
-    `<store>/indexes/<feature_set>/`; returns meta.json's record plus `seconds`."""
+    `<store>/indexes/<feature_set>/`; returns meta.json's record plus `path`, `seconds`, `mode`
+    (built / extended / unchanged), `rows_added` and `notes`.  `extend` (default): add only the
+    rows of blocks changed since the existing index was built (the module docstring's rules);
+    False: build afresh (`featstore index --rebuild`)."""
     import faiss
 
     t0 = time.perf_counter()
@@ -154,7 +206,15 @@ def build_index(store, feature_set: str, *, kind: str = "auto", memory_mb: float
     folder = index_dir(store, feature_set)
     if not os.access(store.path, os.W_OK):
         raise SearchIndexError(f"{store.path} is not writable here: the index is kept inside the store")
+    notes: list[str] = []
+    if extend and os.path.exists(os.path.join(folder, "meta.json")):
+        out = _extend(store, fs, folder, kind, memory_mb, progress, notes)
+        if out is not None and "rebuild_as" in out:
+            kind = out["rebuild_as"]
+        elif out is not None:
+            return {**out, "path": folder, "notes": notes, "seconds": round(time.perf_counter() - t0, 3)}
     done = rows_done(fs)
+    state = block_state(store, fs)
     blocks = list(_blocks(store, fs))
     n = int(sum(len(rows) for _, _, rows in blocks))
     if n == 0:
@@ -168,27 +228,126 @@ def build_index(store, feature_set: str, *, kind: str = "auto", memory_mb: float
         index.train(sample)
         del sample
         index.nprobe = params["nprobe"]
+    indexed = np.zeros(store.n_blocks, np.int64)
     with progress_bar(n, f"index {feature_set}", progress) as bar:
-        for _, start, rows in blocks:
+        for b, start, rows in blocks:
             index.add_with_ids(_read(fs, start, rows), rows.astype(np.int64))
+            indexed[b] = len(rows)
             bar.update(len(rows))
     os.makedirs(folder, exist_ok=True)
     meta_path = os.path.join(folder, "meta.json")
+    old = _meta_or_none(meta_path)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the old commit goes first: never a meta.json beside another index
+    meta = {
+        "feature_set": feature_set, "identity": fs.identity, "dim": dim, "metric": "cosine (inner product of "
+        "L2-normalized vectors)", "view": 0 if fs.views > 1 else None, "views": fs.views, **params,
+        "trained_for_rows": n, "rows_indexed": n, "store_rows": store.n_rows, "rows_done": done,
+        "store_id": store.meta.get("store_id"), "faiss_version": faiss.__version__, "built": now(),
+    }
+    meta = _commit(folder, index, {**state, "indexed": indexed}, meta, old)
+    return {**meta, "path": folder, "mode": "built", "rows_added": n, "blocks_read": len(blocks), "notes": notes,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _meta_or_none(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _commit(folder: str, index, covered: dict, meta: dict, old: dict | None) -> dict:
+    """Write the index (temp file, renamed), then its covered file (a new generation), then
+    meta.json naming both (the commit); the previous covered file goes last."""
+    import faiss
+
     tmp = os.path.join(folder, f"index.faiss.tmp-{os.getpid()}")
     faiss.write_index(index, tmp)
     os.replace(tmp, os.path.join(folder, "index.faiss"))
-    meta = {
-        "feature_set": feature_set, "identity": fs.identity, "dim": dim, "metric": "cosine (inner product of "
-        "L2-normalized vectors)", "view": 0 if fs.views > 1 else None, **params, "rows_indexed": n,
-        "store_rows": store.n_rows, "rows_done": done, "store_id": store.meta.get("store_id"),
-        "faiss_version": faiss.__version__, "built": now(), "index_bytes": os.path.getsize(os.path.join(folder, "index.faiss")),
-    }
+    generation = int((old or {}).get("generation", 0)) + 1
+    name = f"covered-{generation}.npz"
+    with open(os.path.join(folder, name + ".tmp"), "wb") as f:
+        np.savez(f, **covered)
+    os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    meta = {**meta, "generation": generation, "covered": name,
+            "index_bytes": os.path.getsize(os.path.join(folder, "index.faiss"))}
+    meta_path = os.path.join(folder, "meta.json")
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(meta_path + ".tmp", meta_path)
-    return {**meta, "path": folder, "seconds": round(time.perf_counter() - t0, 3)}
+    for f in os.listdir(folder):  # earlier generations' covered files, temp files of killed runs
+        if (f.startswith("covered-") and f != name) or f.startswith("index.faiss.tmp-"):
+            os.remove(os.path.join(folder, f))
+    return meta
+
+
+def _extend(store: Store, fs, folder: str, kind: str, memory_mb, progress: bool, notes: list) -> dict | None:
+    """Add the rows of changed blocks to the existing index; None when it must be rebuilt (why in
+    `notes`), {"rebuild_as": kind} when it must be retrained as the same kind."""
+    import faiss
+
+    meta = _meta_or_none(os.path.join(folder, "meta.json"))
+    if meta is None:
+        notes.append("the index's meta.json is unreadable: rebuilt")
+        return None
+    if meta.get("identity") != fs.identity:
+        raise SearchIndexError(f"the index of '{fs.name}' was built for another identity of the feature set (it was "
+                               f"recomputed since): rebuild it with `featstore index --store {store.path} "
+                               f"--features {fs.name} --rebuild`")
+    covered = read_covered(folder, meta)
+    if covered is None:
+        notes.append("the index's record of the row blocks it covers is missing or damaged (or it was built by an "
+                     "older featstore): rebuilt")
+        return None
+    if kind not in ("auto", meta.get("kind")):
+        notes.append(f"kind {kind} asked for, the index is {meta.get('kind')}: rebuilt")
+        return None
+    state = block_state(store, fs)
+    changed = changed_blocks(state, covered)
+    if not len(changed) and meta.get("store_rows") == store.n_rows:
+        return {**meta, "mode": "unchanged", "rows_added": 0, "blocks_read": 0}
+    index = faiss.read_index(os.path.join(folder, "index.faiss"))
+    if int(index.ntotal) != int(meta.get("rows_indexed", -1)):
+        notes.append(f"the index file holds {index.ntotal:,} rows, its meta.json says {meta.get('rows_indexed')}: "
+                     "an extend was interrupted; rebuilt")
+        return None
+    old = changed[changed < len(covered["indexed"])]
+    removed = int(covered["indexed"][old].sum())
+    blocks = [(b, start, start + np.flatnonzero(mask)) for b in changed.tolist()
+              for start in [store.block_range(b)[0]] for mask in [usable_in_block(store, [fs.name], b)]]
+    n = int(meta["rows_indexed"]) - removed + sum(len(rows) for _, _, rows in blocks)
+    trained = int(meta.get("trained_for_rows") or meta["rows_indexed"])
+    if meta["kind"] != "flat" and n > OUTGROWN * trained:
+        notes.append(f"{n:,} rows outgrew the {meta['kind']} parameters trained for {trained:,} "
+                     f"(more than {OUTGROWN}x): rebuilt as {meta['kind']}")
+        return {"rebuild_as": meta["kind"]}  # the kind is kept: retrained with parameters for the rows now
+    if meta["kind"] == "flat" and kind == "auto" and choose("auto", n, int(meta["dim"]), memory_mb)["kind"] != "flat":
+        notes.append(f"{n:,} rows: auto picks {choose('auto', n, int(meta['dim']), memory_mb)['kind']} now, not flat: rebuilt")
+        return None
+    if removed:
+        ids = np.concatenate([np.arange(covered["start"][b], covered["start"][b] + covered["size"][b]) for b in old.tolist()])
+        index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids.astype(np.int64))))
+    indexed = np.zeros(store.n_blocks, np.int64)
+    keep = min(store.n_blocks, len(covered["indexed"]))
+    indexed[:keep] = covered["indexed"][:keep]
+    added = 0
+    with progress_bar(sum(len(rows) for _, _, rows in blocks), f"extend {fs.name}", progress) as bar:
+        for b, start, rows in blocks:
+            indexed[b] = len(rows)
+            if len(rows):
+                index.add_with_ids(_read(fs, start, rows), rows.astype(np.int64))
+            added += len(rows)
+            bar.update(len(rows))
+    if int(index.ntotal) != n:
+        raise SearchIndexError(f"extending the index of '{fs.name}' gave {index.ntotal:,} rows, not {n:,}: "
+                               f"rebuild it with `featstore index --store {store.path} --features {fs.name} --rebuild`")
+    new = {**meta, "views": fs.views, "rows_indexed": n, "store_rows": store.n_rows, "rows_done": rows_done(fs),
+           "faiss_version": faiss.__version__, "extended": now()}
+    new = _commit(folder, index, {**state, "indexed": indexed}, new, meta)
+    return {**new, "mode": "extended", "rows_added": n - int(meta["rows_indexed"]), "rows_read": added,
+            "blocks_read": len(blocks)}
 
 
 def read_meta(store: Store, feature_set: str) -> dict:

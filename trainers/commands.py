@@ -162,6 +162,27 @@ def add_commands(main: click.Group, *, friendly, store, echo_json) -> None:
         for note in r.get("notes", []):
             click.echo(f"  note: {note}")
 
+    @main.command("eval-retrieval")
+    @store
+    @click.option("--image", required=True, help="Image feature set of a CLIP-like model (its image_embeds).")
+    @click.option("--text", required=True, help="Caption feature set(s) of the same model, comma-separated: one caption per image each.")
+    @click.option("--batch-size", default=4096, show_default=True, help="Rows read at a time.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+    @friendly
+    def eval_retrieval(store_path, image, text, batch_size, as_json):
+        """CLIP_benchmark's retrieval on stored features, no head: image->text and text->image
+        recall@1/5/10 (several captions per image = several caption sets) for feature sets of one
+        model's two towers (refused otherwise)."""
+        from featstore.trainers.retrieval import format_result, stored_retrieval
+
+        r = stored_retrieval(store_path, image, text, batch_size=batch_size)
+        if as_json:
+            echo_json(r)
+            return
+        for note in r.get("notes", []):
+            click.echo(f"note: {note}")
+        click.echo(format_result(r))
+
     @main.command("import-sharelock")
     @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the featstore checkpoint.")

@@ -16,6 +16,7 @@ SAMPLES = "samples"
 FEATURES = "features"
 PIXELS = "pixels"
 PROMPTS = "prompts"
+INDEXES = "indexes"  # indexes/<feature set>/{index.faiss, meta.json, covered-<n>.npz}: derived nearest-neighbour indexes
 PROGRESS = "_progress"
 MANIFEST_MARKER = f"{PROGRESS}/manifest.json"
 LOCKS = f"{PROGRESS}/_locks"  # lock files (local stores) / lease objects (object storage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 
 import numpy as np
@@ -45,6 +46,8 @@ def summarize(store: Store, examples: int = 3) -> dict:
         "feature_sets": {},
         "pixels": {},
         "prompts": prompt_caches(store),
+        "dedup": dedup_records(store),
+        "indexes": indexes(store),
     }
     for name in store.feature_set_names():
         fs = store.feature_set(name)
@@ -90,6 +93,55 @@ def summarize(store: Store, examples: int = 3) -> dict:
     return out
 
 
+def index_metas(store: Store) -> dict:
+    """`indexes/<name>/meta.json` of a local store, read directly (tools/ does not import the
+    pipelines that build them): {name: the meta dict, or a one-line string saying why it is unreadable}.
+    A folder without meta.json holds no index (an interrupted first build) and is skipped."""
+    folder = None if _is_url(store.path) else os.path.join(store.path, fmt.INDEXES)
+    if not folder or not os.path.isdir(folder):
+        return {}
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name, "meta.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in ("kind", "rows_indexed", "store_rows", "rows_done", "identity") if k not in meta]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            if not isinstance(meta["rows_indexed"], int) or not isinstance(meta["store_rows"], int):
+                raise ValueError("rows_indexed / store_rows are not integers")
+        except (OSError, ValueError) as e:
+            out[name] = f"{fmt.INDEXES}/{name}/meta.json is unreadable ({str(e).splitlines()[0]})"
+            continue
+        out[name] = meta
+    return out
+
+
+def indexes(store: Store) -> dict:
+    """Per index: kind, rows indexed, what it was built over, and whether it is current (the
+    feature set exists with the same identity and the store's rows and done rows are unchanged)."""
+    out = {}
+    for name, meta in index_metas(store).items():
+        if isinstance(meta, str):
+            out[name] = {"error": meta, "current": False}
+            continue
+        exists = name in store.feature_set_names()
+        fs = store.feature_set(name) if exists else None
+        same_identity = exists and meta["identity"] == fs.identity
+        done = int(np.sum(fs.done_summary()[0])) if exists else None
+        out[name] = {"kind": meta["kind"], "rows_indexed": meta["rows_indexed"], "store_rows": meta["store_rows"],
+                     "rows_done": meta["rows_done"], "view": meta.get("view"), "feature_set_exists": exists,
+                     "identity_current": bool(same_identity),
+                     "current": bool(same_identity and meta["store_rows"] == store.n_rows and meta["rows_done"] == done),
+                     "built": meta.get("extended") or meta.get("built"), "index_bytes": meta.get("index_bytes")}
+    return out
+
+
 def prompt_caches(store: Store) -> dict:
     """`prompts/<name>/`: the class-prompt features eval cached, per text feature set (a cache:
     `featstore rm` of the feature set removes it, and eval recomputes what is missing)."""
@@ -102,6 +154,27 @@ def prompt_caches(store: Store) -> dict:
         identity = dict(g.attrs.get("identity") or {})
         out[name] = {"texts": int(g.attrs.get("n", 0)), "model": identity.get("model"),
                      "bytes_on_disk": _bytes_on_disk(os.path.join(store.path, fmt.PROMPTS, name))}
+    return out
+
+
+def dedup_records(store: Store) -> dict:
+    """`dedup/<name>/meta.json`, `featstore dedup`'s records (read directly: tools/ never imports
+    pipelines/), each with `stale` when the store's rows or the feature set changed since."""
+    import json
+
+    root = None if _is_url(store.path) else os.path.join(store.path, "dedup")
+    out = {}
+    for name in sorted(os.listdir(root)) if root and os.path.isdir(root) else []:
+        try:
+            with open(os.path.join(root, name, "meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            continue  # no commit (a run in progress or interrupted): no record
+        fs = meta.get("feature_set")
+        stale = meta.get("store_rows") != store.n_rows or bool(fs) and (
+            fs not in store.feature_set_names() or store.feature_set(fs).identity != meta.get("identity"))
+        out[name] = {**{k: meta.get(k) for k in ("feature_set", "threshold", "rows", "exact_dup_rows", "near_dup_rows",
+                                                 "groups", "cross_source_groups", "built")}, "stale": bool(stale)}
     return out
 
 
@@ -153,6 +226,21 @@ def format_summary(s: dict) -> str:
             lines.append(f"        {count:>6} {reason}  (e.g. {ex})")
     for name, p in s.get("prompts", {}).items():
         lines.append(f"prompts/{name}  {p['texts']:,} cached prompt features from {p['model'] or '?'}  {mib(p['bytes_on_disk'])}")
+    for name, d in s.get("dedup", {}).items():
+        near = f", {d['near_dup_rows']:,} near (cosine >= {d['threshold']:g})" if d["feature_set"] else ""
+        lines.append(f"dedup/{name}  {d['rows']:,} rows: {d['exact_dup_rows']:,} exact duplicates{near}, {d['groups']:,} "
+                     f"groups ({d['cross_source_groups']:,} across sources)" + ("  STALE: re-run featstore dedup" if d["stale"] else ""))
+    for name, ix in s.get("indexes", {}).items():
+        if "error" in ix:
+            lines.append(f"indexes/{name}  {ix['error']}")
+            continue
+        state = "current" if ix["current"] else ("stale: another identity (`featstore index --rebuild`)"
+                                                 if ix["feature_set_exists"] and not ix["identity_current"] else
+                                                 "stale: no such feature set" if not ix["feature_set_exists"] else
+                                                 "stale: the store changed since (`featstore index` extends it)")
+        view = ", view 0" if ix.get("view") is not None else ""
+        lines.append(f"indexes/{name}  {ix['kind']}, {ix['rows_indexed']:,} rows covered (of {ix['store_rows']:,} "
+                     f"then{view}), {state}  {mib(ix.get('index_bytes'))}")
     return "\n".join(lines)
 
 

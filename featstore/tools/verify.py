@@ -39,7 +39,36 @@ def verify(store: Store) -> dict:
         owner = store.pixels(pname).attrs.get("feature_set")
         if owner not in store.feature_set_names():
             problems.append(f"pixels/{pname} belongs to feature set {owner!r}, which does not exist")
+    _check_indexes(store, problems, notes)
     return {"ok": not problems, "problems": problems, "notes": notes, "checked_blocks": checked}
+
+
+def _check_indexes(store: Store, problems: list, notes: list) -> None:
+    """Each `indexes/<name>/meta.json`: readable, of an existing feature set with its identity, and
+    covering no more rows than the store had then; stale (the store changed since) is a note."""
+    from featstore.tools.inspect import index_metas
+
+    for name, meta in index_metas(store).items():
+        where = f"{fmt.INDEXES}/{name}"
+        if isinstance(meta, str):
+            problems.append(meta)
+            continue
+        if name not in store.feature_set_names():
+            problems.append(f"{where} indexes feature set '{name}', which does not exist (`featstore rm` removes both)")
+            continue
+        fs = store.feature_set(name)
+        if meta["identity"] != fs.identity:
+            problems.append(f"{where} was built for another identity of '{name}': rebuild it with "
+                            f"`featstore index --store {store.path} --features {name} --rebuild`")
+        if not 0 <= meta["rows_indexed"] <= min(meta["store_rows"], meta["rows_done"]) or meta["store_rows"] > store.n_rows:
+            problems.append(f"{where} covers {meta['rows_indexed']} rows of {meta['rows_done']} done of "
+                            f"{meta['store_rows']} rows (the store has {store.n_rows:,}): more than there are")
+            continue
+        done = int(np.sum(fs.done_summary()[0]))
+        if meta["store_rows"] != store.n_rows or meta["rows_done"] != done:
+            notes.append(f"{where} is stale: built over {meta['store_rows']:,} rows ({meta['rows_done']:,} done), the "
+                         f"store has {store.n_rows:,} ({done:,} done): `featstore index --store {store.path} "
+                         f"--features {name}` extends it")
 
 
 def _check_samples(store: Store, problems: list, notes: list) -> None:

@@ -48,7 +48,8 @@ def load_backbone(
     entry = REGISTRY.get(name)
     if entry is not None:
         if modality and modality != entry.modality:
-            raise ConfigError(f"backbone {name} is a {entry.modality} backbone, not {modality}")
+            raise ConfigError(f"backbone {name} is {'an' if entry.modality == 'image' else 'a'} {entry.modality} "
+                              f"backbone, not {'an' if modality == 'image' else 'a'} {modality} backbone")
         src = resolve_alias(entry, opt)
         recipe = entry.recipe
     elif os.path.exists(os.path.expanduser(name)):

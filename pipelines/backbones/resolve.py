@@ -149,8 +149,12 @@ def recipe_for(src: Source, opt: LoadOptions) -> str:
         recipe = "text-encoder"
     modality = "image" if recipe in IMAGE_RECIPES else "text"
     if opt.modality and opt.modality != modality:
-        raise ConfigError(f"backbone {src.model} is a {modality} model, not {opt.modality}")
+        raise ConfigError(f"backbone {src.model} is {_a(modality)} backbone, not {_a(opt.modality)} backbone")
     return recipe
+
+
+def _a(modality: str) -> str:
+    return "an image" if modality == "image" else f"a {modality}"
 
 
 def _is_decoder_only(config) -> bool:
