@@ -47,6 +47,7 @@ SCHEMES = ("token", "token_channel")
 # variable FEATSTORE_MIN_INT8_COSINE overrides it (e.g. 0 to store whatever int8 keeps).
 MIN_COSINE = 0.99
 CHUNK_ROWS = 64  # rows quantized at a time: bounds the float32 temporaries of a large block
+DEQUANT_CELLS = 1 << 17  # values dequantized at a time (a 512 KiB float32 product, kept in cache)
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,17 +70,37 @@ def quantize_int8_token_channel(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return q, token, channel
 
 
-def dequantize_int8(q: np.ndarray, scale: np.ndarray, dtype=np.float16, channel_scale: np.ndarray | None = None) -> np.ndarray:
+def dequantize_int8(q: np.ndarray, scale: np.ndarray, dtype=np.float16, channel_scale: np.ndarray | None = None,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """q * scale[..., None] (per token), times channel_scale[..., None, :] when given (token x channel).
-    numpy arrays give `dtype`; torch tensors (the training step's, on their device) give float32
-    there, one fused multiply per scale."""
+    numpy arrays give `dtype` (into `out` when given, an array of q's shape): one multiply per
+    scale, in float32, over a few rows at a time so the float32 product never leaves the cache
+    (the same float32 products and the same final cast as a whole-array q.astype(float32) * ...,
+    so the values are bit-identical to it).  torch tensors (the training step's, on their device)
+    give float32 there: one float32 copy of q, each scale multiplied into it in place."""
     if not isinstance(q, np.ndarray) and hasattr(q, "unsqueeze"):
-        x = q.float() * scale.float().unsqueeze(-1)
-        return x * channel_scale.float().unsqueeze(-2) if channel_scale is not None else x
-    x = q.astype(np.float32) * scale.astype(np.float32)[..., None]
-    if channel_scale is not None:
-        x *= channel_scale.astype(np.float32)[..., None, :]
-    return x.astype(dtype)
+        x = q.float().mul_(scale.unsqueeze(-1))  # mul_ computes in float32 (fp16 scales promoted)
+        return x.mul_(channel_scale.unsqueeze(-2)) if channel_scale is not None else x
+    dtype = np.dtype(dtype if out is None else out.dtype)
+    out = np.empty(q.shape, dtype) if out is None else out
+    s = np.asarray(scale, dtype=np.float32)[..., None]
+    c = None if channel_scale is None else np.asarray(channel_scale, dtype=np.float32)[..., None, :]
+    if q.ndim < 2 or q.size == 0 or any(a.ndim != q.ndim or len(a) != len(q) for a in (s, c) if a is not None):
+        x = q.astype(np.float32) * s  # scales that broadcast over the first axis: the whole array at once
+        if c is not None:
+            x *= c
+        out[...] = x
+        return out
+    step = max(1, DEQUANT_CELLS // max(1, q[0].size))
+    tmp = np.empty((min(step, len(q)),) + q.shape[1:], np.float32)
+    for a in range(0, len(q), step):
+        b = min(len(q), a + step)
+        t = np.multiply(q[a:b], s[a:b], out=tmp[: b - a], dtype=np.float32)
+        if c is None:
+            out[a:b] = t
+        else:
+            np.multiply(t, c[a:b], out=out[a:b], casting="same_kind")  # float32 products, then the cast
+    return out
 
 
 def round_trip(x: np.ndarray, scheme: str = "token_channel") -> np.ndarray:

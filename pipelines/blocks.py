@@ -334,10 +334,10 @@ class BlockRunner:
         lengths = bb.text_lengths([captions[i] for i in good]) if good else []
         order = [good[j] for j in sorted(range(len(good)), key=lambda j: (-lengths[j], good[j]))]
         forward_s = 0.0
-        for k in range(0, len(order), self.spec.batch_size):
-            idx = np.array(order[k : k + self.spec.batch_size])
+        batches = [np.array(order[k : k + self.spec.batch_size]) for k in range(0, len(order), self.spec.batch_size)]
+        for idx, out_of in zip(batches, _tokenized_ahead(bb, [[captions[i] for i in b] for b in batches])):
             tf = time.perf_counter()
-            out = bb.encode_texts([captions[i] for i in idx])
+            out = out_of()
             forward_s += time.perf_counter() - tf
             pooled[idx] = out["pooled"].numpy()
             valid[idx] = _finite(out, failures, rows[idx])
@@ -350,6 +350,23 @@ class BlockRunner:
         stats = {"seconds": round(time.perf_counter() - t0, 3), "forward_seconds": round(forward_s, 3),
                  "worker": f"pid-{os.getpid()}"}
         return lambda: write_rows(self.store, self.spec.name, item.block, rows, {"pooled": pooled}, valid, failures, stats)
+
+
+def _tokenized_ahead(bb, batches: list[list[str]]):
+    """For each batch of texts, a function running its forward pass.  A backbone that tokenizes
+    on its own (`tokenize` / `encode_tokenized`) gets its next batch tokenized on a worker thread
+    while the current one runs (the tokenizer releases the GIL; only that thread uses it here)."""
+    if not batches or not hasattr(bb, "tokenize"):
+        for texts in batches:
+            yield lambda texts=texts: bb.encode_texts(texts)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="featstore-tokenize") as pool:
+        ahead = pool.submit(bb.tokenize, batches[0])
+        for k in range(len(batches)):
+            enc = ahead.result()
+            if k + 1 < len(batches):
+                ahead = pool.submit(bb.tokenize, batches[k + 1])
+            yield lambda enc=enc: bb.encode_tokenized(enc)
 
 
 def _finite(out: dict, failures: list, rows: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 from featstore.core.shardfile import LocalShards
 
 _PAGE = mmap.PAGESIZE
+_HUGE = 2 << 20  # a PMD mapping's size on x86-64 and arm64 (4 KiB pages)
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
 _MADV_WILLNEED = 3
 
@@ -84,8 +85,13 @@ class MappedArray:
         if block_bytes % _PAGE or (layout.fill != 0).any():
             return None
         total = -(-n_rows // rows_per_shard) * block_bytes
-        region = mmap.mmap(-1, total, flags=_MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, prot=mmap.PROT_READ)
-        base = np.frombuffer(region, dtype=np.uint8)
+        # reserved _HUGE bytes more, so the view can start on a 2 MiB boundary: a shard mapped at an
+        # address congruent to its file offset (0) modulo 2 MiB can have the page cache's large
+        # folios mapped whole (one PMD entry, not 512 PTEs: fewer faults and TLB misses); every
+        # block starts on one when its bytes are a multiple of 2 MiB (4096 rows of 512 B or more)
+        region = mmap.mmap(-1, total + _HUGE, flags=_MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, prot=mmap.PROT_READ)
+        whole = np.frombuffer(region, dtype=np.uint8)
+        base = whole[(-whole.ctypes.data) % _HUGE:][:total]
         count = n_rows * int(np.prod(layout.tail, dtype=np.int64))
         view = base.view(layout.dtype)[:count].reshape((n_rows,) + tuple(layout.tail))
         return cls(region, view, layout, rows_per_shard, n_rows)
@@ -119,7 +125,7 @@ class MappedArray:
         return lo, self._addr + stop * self.row_bytes - lo
 
     def _resident(self, lo: int, n: int) -> bool:
-        vec = (ctypes.c_ubyte * (-(-n // _PAGE)))()
-        if _libc.mincore(lo, n, vec) != 0:
+        vec = np.zeros(-(-n // _PAGE), np.uint8)  # one byte per page; tested at once, not page by page in Python
+        if _libc.mincore(lo, n, vec.ctypes.data_as(ctypes.c_void_p)) != 0:
             return False
-        return all(v & 1 for v in vec)
+        return bool((vec & 1).all())

@@ -309,9 +309,13 @@ class Reader:
                 scale = _take(c.scale, w, index(c.scale), len(rows), self.memory, False)
                 channel = (_take(c.channel, w, index(c.channel), len(rows), self.memory, False).numpy()
                            if c.channel is not None else None)
-                data = torch.from_numpy(dequantize_int8(data.numpy(), scale.numpy(), np.float16, channel_scale=channel))
-                if self.pin_memory:
-                    data = data.pin_memory()
+                if self.pin_memory:  # dequantized straight into the batch tensor (one pass, cache-sized chunks)
+                    dst = torch.empty(tuple(data.shape), dtype=torch.float16, pin_memory=True)
+                    dequantize_int8(data.numpy(), scale.numpy(), channel_scale=channel, out=dst.numpy())
+                    data = dst
+                else:
+                    dst = self.memory.empty(tuple(data.shape), np.float16)
+                    data = torch.from_numpy(dequantize_int8(data.numpy(), scale.numpy(), channel_scale=channel, out=dst))
             out[c.alias] = data
         out["row"] = torch.from_numpy(np.array(rows, dtype=np.int64))
         if self.k > 1:

@@ -162,6 +162,33 @@ class ImageBackbone(Backbone):
         return out
 
 
+# model types whose linears are only ever called as nn.Linear under autocast (checked in transformers'
+# modeling code): their weights can be cast once.  Others keep autocast's per-call casts.
+CAST_ONCE_MODEL_TYPES = frozenset({"bert", "mpnet", "roberta", "xlm-roberta", "distilbert", "clip", "clip_text_model",
+                                   "siglip", "siglip_text_model"})
+
+
+def cast_linear_weights(model: torch.nn.Module, dtype, device) -> int:
+    """Store the float32 weights and biases of `model`'s nn.Linear layers in `dtype` (bf16/fp16),
+    on CPU only: CPU autocast casts every linear's weight on every call (the weights do not require
+    grad, so autocast's cache never keeps them): with small batches (captions) those casts were
+    ~40% of a forward pass.  Autocast would run these linears in `dtype` from the same
+    round-to-nearest cast anyway, so the outputs are bit-identical; everything autocast keeps in
+    float32 (layer norms, embeddings, softmax) is left as it is.  Returns the layers cast."""
+    if dtype is None or torch.device(device).type != "cpu":
+        return 0
+    if getattr(getattr(model, "config", None), "model_type", None) not in CAST_ONCE_MODEL_TYPES:
+        return 0  # models that read a linear's weight dtype themselves (T5 casts activations to it) keep fp32
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32:
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+            n += 1
+    return n
+
+
 class TextBackbone(Backbone):
     modality = "text"
 
@@ -180,6 +207,7 @@ class TextBackbone(Backbone):
         self._position_ids = position_ids_from_mask
         self._accepts = set(inspect.signature(model.forward).parameters)
         self.identity = {**identity, "dim": dim, "token_shape": None}
+        cast_linear_weights(model, PRECISIONS[precision], device)
 
     def _texts(self, texts: list[str]) -> list[str]:
         if isinstance(texts, str):
@@ -197,9 +225,17 @@ class TextBackbone(Backbone):
         """Texts -> {"pooled": float32 (B, dim)} on CPU; padded to the batch's longest text."""
         if not texts:
             return {"pooled": torch.zeros(0, self.dim)}
-        enc = self.tokenizer(
+        return self.encode_tokenized(self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]):
+        """The tokenizer's batch for `texts`, padded to its longest text (never to max_length):
+        what `encode_tokenized` runs.  Extraction calls it on a worker thread, a batch ahead."""
+        return self.tokenizer(
             self._texts(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
+
+    def encode_tokenized(self, enc) -> dict[str, torch.Tensor]:
+        """A `tokenize` batch -> {"pooled": float32 (B, dim)} on CPU (the forward pass)."""
         inputs = {k: v.to(self.device) for k, v in enc.items() if k in self._accepts}
         mask = inputs["attention_mask"]
         if self._position_ids and "position_ids" in self._accepts:
