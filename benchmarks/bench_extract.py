@@ -17,7 +17,8 @@
       (extract_e2e ÷ hf_map), `write_behind_vs_sync` (extract_tokens ÷ extract_tokens_sync: what
       the writer thread buys) and `extract_tokens_vs_forward`.
 (b) Captions (MiniLM, the faster precision): featstore's length-sorted batches of 64 through the
-    extract job vs one caption per forward pass (ShareLock's script) → `batched_vs_one_caption`.
+    extract job (each padded to its own longest caption, the next one tokenized on a worker thread)
+    vs one caption per forward pass (ShareLock's script) → `batched_vs_one_caption`.
 (c) Dask: images/s with 1 and 2 single-threaded worker processes (a pre-started LocalCluster; each
     worker loads the model once, included) → `dask_2_vs_1_workers`, `dask_scaling_efficiency`.
 
@@ -318,6 +319,10 @@ def main() -> None:
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], "ratios (ours / theirs)")
     params = {"images": n_img, "batch": batch, "precision": precision, "rounds": rounds, "captions": n_cap,
               "caption_batch": CAPTION_BATCH, "caption_precision": text_precision,
+              "caption_tokenize": "a block's captions sorted by token length (longest first), batches of "
+                                  f"{CAPTION_BATCH} padded to their own longest caption, the next batch tokenized "
+                                  "on a worker thread during the forward pass; bf16: linear weights cast once "
+                                  "at load (the same bits autocast computes)",
               "model": f"DINOv2-style ViT ({vit['hidden_size']}/{vit['num_hidden_layers']}/14/224), random weights",
               "text_model": "minilm",
               "torch_threads": torch.get_num_threads(), "decode": "1 background thread (--num-workers 0)",

@@ -14,6 +14,10 @@ an untimed correctness check, then serves whole epochs:
   memmap             the limit: .npy memmaps, the Loader's order (`Loader.batch_rows()`, checked
                      against a whole served epoch), each batch gathered with one copy
   ram                the same order over in-RAM torch tensors (warm only)
+  memmap_threads     the fair limit: memmap gathered by featstore's read_threads, a batch ahead
+  memcpy             the same bytes copied in order in RAM (warm only): copy bandwidth
+  disk_seq           the .npy files read front to back: sequential page-cache / disk rate
+                     (these three in contenders/limits.py)
   sharelock_staged   ShareLock's real path: staged .pt files per feature, DataLoader workers
   hf_iterable        HF datasets to_iterable_dataset(num_shards).shuffle(buffer), arrow→torch
   hf_iterable_torch  the same with_format("torch") in a DataLoader (round 0, warm only)
@@ -56,6 +60,7 @@ from contenders import DIMS, Data, Unavailable, write_npy
 from contenders.featstore_loader import Featstore, FeatstoreReused, ZarrLoader
 from contenders.hf_iterable import HFIterable, HFIterableTorch
 from contenders.lance_take import Lance
+from contenders.limits import DiskSequential, Memcpy, MemmapThreads
 from contenders.litdata_stream import Litdata
 from contenders.memmap_ram import InRam, MemmapOneCopy
 from contenders.mosaic_mds import Mosaic
@@ -273,7 +278,7 @@ def main():
 
     only = set(args.only.split(",")) | {"featstore"} if args.only else None
     featstore = Featstore(data)
-    local = [FeatstoreReused(data), ZarrLoader(data), MemmapOneCopy(data), InRam(data), ShareLockStaged(data, args.sharelock_rows or size["sharelock"]),
+    local = [FeatstoreReused(data), ZarrLoader(data), MemmapOneCopy(data), MemmapThreads(data), Memcpy(data), DiskSequential(data), InRam(data), ShareLockStaged(data, args.sharelock_rows or size["sharelock"]),
              HFIterable(data), HFIterableTorch(data), Litdata(data), Mosaic(data), Lance(data)]
     local = [c for c in local if only is None or c.name in only]
     built, unavailable, runs = {}, {}, {}

@@ -16,7 +16,8 @@ medians, ratios medians of ours / theirs measured back to back in the same round
                 order (`Loader.batch_rows()`), each batch gathered straight from the mapping with
                 one np.take per array (one copy), in the consuming thread
    warm (files read just before) and cold (dropped with posix_fadvise(DONTNEED))
-   -> featstore_vs_memmap, featstore_vs_memmap_cold, featstore_vs_memmap_int8, featstore_vs_memmap_int8_cold
+   -> featstore_vs_memmap, featstore_vs_memmap_cold, featstore_vs_memmap_int8, featstore_vs_memmap_int8_cold,
+      featstore_int8_vs_fp16_rows (int8 rows/s over float16 rows/s, both featstore, warm)
 2. Student steps/s: `featstore.trainers.train_uta.train_step` (the EVA-02-like student, masks,
    reversed masking, token + CLS alignment (cls_weight 1: the teacher's pooled column is served),
    AdamW) fed by the trainer's own training loader (`trainers.loading.train_loader` over the
@@ -178,7 +179,7 @@ def measure(open_fn, files, cold: bool, row_bytes: int) -> dict:
     secs, n = timed(epoch)
     del epoch
     gc.collect()
-    out = {"mb_per_s": n * row_bytes / secs / 1e6, "rows": n, "seconds": round(secs, 4)}
+    out = {"mb_per_s": n * row_bytes / secs / 1e6, "rows_per_s": n / secs, "rows": n, "seconds": round(secs, 4)}
     if left is not None:
         out["resident_after_drop"] = round(left, 4)
     return out
@@ -253,6 +254,8 @@ def main():
         "featstore_vs_memmap_cold": paired("featstore_cold", "memmap_cold"),
         "featstore_vs_memmap_int8": paired("featstore_int8", "memmap_int8"),
         "featstore_vs_memmap_int8_cold": paired("featstore_int8_cold", "memmap_int8_cold"),
+        # rows/s of int8 (raw + both scales) over rows/s of float16, both featstore, warm, same round
+        "featstore_int8_vs_fp16_rows": paired("featstore_int8", "featstore", "rows_per_s"),
         **{"store_vs_preloaded" + ("" if label == "vit-ti" else f"_{label}"): student_ratio(label) for label in students},
     }
     ratios = {k: round(v, 3) for k, v in ratios.items()}

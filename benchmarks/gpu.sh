@@ -33,7 +33,7 @@ if [ "${1:-}" = "--quick" ]; then
     DEV=cpu
     # --num-workers 2: decode in processes, as the GPU run does (its default: one per core)
     EXTRACT=(benchmarks/bench_gpu.py --quick --device cpu --num-workers 2 --data-dir "$DATA/gpu")
-    STORE=(benchmarks/bench_store.py --quick --device cpu --tag gpu --only featstore,memmap --no-remote --budget 60
+    STORE=(benchmarks/bench_store.py --quick --device cpu --tag gpu --only featstore,memmap,memmap_threads --no-remote --budget 60
            --data-dir "$DATA/store-gpu")
     TRAIN=(benchmarks/bench_train.py --quick --device cpu --rounds 1 --tag gpu --data-dir "$DATA/train-gpu")
     CROPS=(benchmarks/bench_fresh_crops.py --quick --device cpu --rounds 1)

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
 HEADING = "## Measured"
-ORDER = ["store", "extract", "train", "uta", "scale", "gpu", "store.gpu", "train.gpu"]
+ORDER = ["store", "store.limits", "extract", "train", "uta", "scale", "search", "gpu", "store.gpu", "train.gpu"]
 INTRO = """\
 Every benchmark runs its contenders side by side in one process and reports ratios, ours ÷ theirs
 (higher is better for featstore); rounds are interleaved and figures are medians, because these
@@ -41,278 +41,25 @@ machines are shared and noisy: absolute rates drift, ratios measured together ho
 - `python benchmarks/report.py --write` regenerates this section from the results files; each table
   names its device and how each contender was used."""
 
-def num(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, int):
-        return f"{v:,}"
-    a = abs(v)
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    if a >= 1:
-        return f"{v:.2f}"
-    out = f"{v:.3g}"
-    return f"{v:.6g}" if out in ("1", "-1") else out  # 0.99997 stays 0.99997
-
-
-def span(s: dict) -> str:
-    """" (min–max)" of a figure's spread over rounds."""
-    return f" ({num(s.get('min'))}–{num(s.get('max'))})"
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(num(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def esc(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-# ---- store ---------------------------------------------------------------------------------------
-REMOTE = ("featstore_local", "featstore_remote", "s3_whole_objects", "litdata_remote", "mosaic_remote")
-
-
-def render_store(d: dict) -> str:
-    p, f, r, spread = d["params"], d["figures"], d["ratios"], d.get("spread", {})
-    dims = " + ".join(f"{v}-d" for v in p["dims"].values())
-    out = [f"{p['rows']:,} rows of {dims} {p['dtype']} features, batch {p['batch_size']}, rows sorted by "
-           f"{p['classes']:,} classes; {p['warm_rounds']} warm / {p['cold_rounds']} cold rounds interleaved "
-           f"(warm: files read just before; cold: dropped with posix_fadvise, checked with mincore); iteration "
-           f"timed, DataLoader start-up included; median (min–max) samples/s; whole run {num(p.get('wall_seconds'))} s."]
-    rows = []
-    for name, c in p["contenders"].items():
-        if name in REMOTE:
-            continue
-        warm, cold = f.get(f"{name}_samples_per_s"), f.get(f"{name}_cold_samples_per_s")
-        s = spread.get(name)
-        rng = span(s) if s and s["rounds"] > 1 else ""
-        ours = name.startswith("featstore")
-        rows.append([f"**{name}**" if ours else name, esc(c["settings"]), (num(warm) + rng) if warm else "–", num(cold),
-                     "–" if ours else num(r.get(f"featstore_vs_{name}")),
-                     "–" if ours else num(r.get(f"featstore_vs_{name}_cold"))])
-    out.append(table(["contender", "how it is used", "warm samples/s", "cold samples/s", "featstore ÷ it, warm",
-                      "featstore ÷ it, cold"], rows))
-    extra = []
-    if "featstore_reused_vs_memmap" in r:
-        extra.append(f"`featstore_reused_vs_memmap` (later epochs of one Loader against the one-copy memmap): "
-                     f"**{num(r['featstore_reused_vs_memmap'])}** warm, {num(r.get('featstore_reused_vs_memmap_cold'))} cold.")
-    if "featstore_vs_memmap_steady" in r:
-        extra.append(f"`featstore_vs_memmap` leaving out each epoch's first batch (steady state): "
-                     f"**{num(r['featstore_vs_memmap_steady'])}**.")
-    if "shuffle_quality" in r:
-        eff = p["contenders"].get("featstore", {}).get("effective", {})
-        at = f"window {num(eff['window_rows'])} rows, " if "window_rows" in eff else ""
-        extra.append(f"`shuffle_quality` **{num(r['shuffle_quality'])}** (`Loader.shuffle_quality()`: per-batch label "
-                     f"entropy over a full permutation's) at the Loader's default ({at}the featstore row: "
-                     f"{num(f.get('shuffle_rate_samples_per_s'))} samples/s, `featstore_vs_memmap` "
-                     f"{num(r.get('featstore_vs_memmap'))}); {num(f.get('shuffle_loader_classes_per_batch'))} classes per "
-                     f"batch vs {num(f.get('shuffle_full_permutation_classes_per_batch'))} for a full permutation.")
-    for name, why in p.get("unavailable", {}).items():
-        extra.append(f"`{name}` could not run here: {why}.")
-    if extra:
-        out.append("\n".join(f"- {e}" for e in extra))
-    remote = [n for n in REMOTE if f"{n}_samples_per_s" in f]
-    if remote:
-        later = any(f"{n}_later_samples_per_s" in f for n in remote)
-        rows = [[n, esc(p["contenders"][n]["settings"]), num(f[f"{n}_samples_per_s"])]
-                + ([num(f.get(f"{n}_later_samples_per_s"))] if later else []) for n in remote]
-        out.append(f"Over S3 (moto's server on 127.0.0.1), {p['remote_rows']:,} rows, {p['remote_rounds']} rounds"
-                   + ("; each contender's first epoch (fresh loader, local caches emptied: everything over S3) and a "
-                      "later epoch (the same loader again, its cache as the first epoch left it)" if later else "") + ":")
-        out.append(table(["contender", "how it is used", "first epoch samples/s"] + (["later epoch samples/s"] if later else []),
-                         rows))
-        keys = [k for k in r if k.startswith(("remote_vs_local", "featstore_remote_vs", "s3_whole_objects_vs"))]
-        out.append("\n".join(f"- `{k}` **{num(r[k])}**" for k in keys))
-    return "\n\n".join(out)
-
-
-# ---- the others    return "\n\n".join(out)
-
-
-# ---- the others ----------------------------------------------------------------------------------
-def render_extract(d: dict) -> str:
-    p, f, r, spread = d["params"], d["figures"], d["ratios"], d.get("spread", {})
-    if "contenders" not in p:  # a results file from before the contenders were recorded
-        return render_generic(d)
-    out = [f"{p['model']}, {p['images']} JPEGs (320–640 px) in a webdataset tar, batch {p['batch']}, {p['precision']} "
-           f"(the faster precision here, probed), {p['torch_threads']} torch threads; {p['captions']:,} captions "
-           f"through {p['text_model']} ({p['caption_precision']}); {p['rounds']} interleaved rounds, median (min–max); "
-           f"whole run {num(p.get('wall_seconds'))} s."]
-    rows = []
-    for name, how in p["contenders"].items():
-        s = spread.get(name, {})
-        rows.append([name, esc(how), num(f.get(f"{name}_images_per_s")) + span(s)])
-    for name, key in (("one_caption", "one_caption_per_s"), ("batched", "batched_captions_per_s")):
-        s = spread.get(name, {})
-        how = ("one caption per forward pass (ShareLock's script)" if name == "one_caption"
-               else f"featstore's length-sorted batches of {p['caption_batch']} through the extract job")
-        rows.append([name, how, num(f.get(key)) + span(s)])
-    for k in ("dask_1_workers_images_per_s", "dask_2_workers_images_per_s"):
-        if k in f:
-            rows.append([k.removesuffix("_images_per_s"), esc(p["dask"]), num(f[k])])
-    out.append(table(["contender", "how", "images or captions /s"], rows))
-    out.append(table(["ratio", "value"], [[f"`{k}`", v] for k, v in r.items()]))
-    return "\n\n".join(out)
-
-
-def render_train(d: dict) -> str:
-    p, f, r, spread = d["params"], d["figures"], d["ratios"], d.get("spread", {})
-    if "contenders" not in p:  # a results file from before the contenders were recorded
-        return render_generic(d)
-    out = [f"{p['rows']:,} rows of {p['image_dim']}-d + {p['text_dim']}-d float16 features, a ShareLock head of "
-           f"{p['head_params'] / 1e6:.1f}M parameters ({p['hidden_dim']} hidden), batch {p['batch_size']}, "
-           f"{p['torch_threads']} torch thread(s); {p['rounds']} alternating rounds, median (min–max); whole run "
-           f"{num(p.get('wall_seconds'))} s."]
-    keys = {"store": "store_steps_per_s", "preloaded": "preloaded_steps_per_s", "featstore": "featstore_samples_per_s",
-            "sharelock_staged": "sharelock_staged_samples_per_s"}
-    rows = []
-    for name, how in p["contenders"].items():
-        s_ = spread.get(name, {})
-        unit = "steps/s" if keys[name].endswith("steps_per_s") else "samples/s"
-        rows.append([name, esc(how), f"{num(f.get(keys[name]))} {unit}" + span(s_)])
-    out.append(table(["contender", "how", "rate"], rows))
-    out.append(table(["ratio", "value"], [[f"`{k}`", v] for k, v in r.items()]))
-    return "\n\n".join(out)
-
-
-def render_uta(d: dict) -> str:
-    p, f, r = d["params"], d["figures"], d["ratios"]
-    if "layouts" not in p:  # a results file from before the layouts were recorded
-        return render_generic(d)
-    t, dim = p["token_shape"]
-    out = [f"Teacher tokens {t} x {dim} (CLIP ViT-B/16's joint-space patch tokens), {p['token_rows']:,} rows, "
-           f"{p['rows_per_shard']} rows per shard, batch {p['batch_size']}, {esc(p['loader']['settings'])} (window "
-           f"{num(p['loader']['window_rows'])} rows); memmap: {esc(p['memmap'])}; {p['warm_rounds']} warm / "
-           f"{p['cold_rounds']} cold rounds interleaved; whole run {num(p.get('wall_seconds'))} s. MB/s of stored bytes:"]
-    rows = []
-    for label, sfx in (("float16", ""), ("int8", "_int8")):
-        rows.append([label, esc(p["layouts"][label]), num(f.get(f"featstore{sfx}_mb_per_s")), num(f.get(f"memmap{sfx}_mb_per_s")),
-                     num(r.get(f"featstore_vs_memmap{sfx}")), num(f.get(f"featstore{sfx}_cold_mb_per_s")),
-                     num(f.get(f"memmap{sfx}_cold_mb_per_s")), num(r.get(f"featstore_vs_memmap{sfx}_cold"))])
-    out.append(table(["tokens", "layout", "featstore warm", "memmap warm", "ratio warm", "featstore cold", "memmap cold",
-                      "ratio cold"], rows))
-    rows = []
-    for label, st in p["students"].items():
-        sfx = "" if label == "vit-ti" else f"_{label}"
-        rows.append([label, f"{st['width']} wide x {st['depth']} ({st['params'] / 1e6:.2f}M params, {st['mlp']}, rope "
-                            f"{str(st['rope']).lower()}), cls_weight {num(st['cls_weight'])}, teacher tokens "
-                            f"{st['teacher_tokens']}, {st['image']} px /{st['patch']}, batch {st['batch']}",
-                     num(f.get(f"store_steps_per_s{sfx}")), num(f.get(f"preloaded_steps_per_s{sfx}")),
-                     num(r.get(f"store_vs_preloaded{sfx}"))])
-    out.append(f"Student steps/s: train-uta's step fed by {esc(p['student_loader'])} vs preloaded in-RAM tensors:")
-    out.append(table(["student", "settings", "store steps/s", "preloaded steps/s", "store ÷ preloaded"], rows))
-    fid = p["int8_fidelity"]
-    out.append(f"int8 ({fid.get('scaling')} scaling, as extraction writes it) vs float16 on real tokens "
-               f"(EfficientNet-Lite0 {fid['token_shape'][0]}x{fid['token_shape'][1]}, {fid['images']} real images): mean "
-               f"cosine {num(f.get('int8_cos_mean'))}, worst {num(f.get('int8_cos_min'))}, 0.1th percentile "
-               f"{num(f.get('int8_cos_p001'))}, mean relative L2 error {num(f.get('int8_rel_l2_mean'))}; per-token "
-               f"scaling of the same tokens: mean {num(fid.get('per_token_cos_mean'))}, worst "
-               f"{num(fid.get('per_token_cos_min'))}; {fid['bytes_per_token_int8']} bytes per token vs "
-               f"{fid['bytes_per_token_fp16']}.")
-    return "\n\n".join(out)
-
-
-SCALE_TARGETS = {"add_1000": (1.0, 256), "lookup_1000": (1.0, None), "loader_first": (10.0, 1024)}  # issue 18
-
-
-def render_scale(d: dict) -> str:
-    p, pts = d["params"], d["sizes"]
-    out = [f"One store grown through `Store.register` ({esc(p['uids'])}, {p['rows_per_shard']:,} rows per shard, a "
-           f"{esc(p['feature'])}); at each size {p['rounds']} fresh processes measure each operation: median seconds "
-           f"(min–max), and memory above the interpreter: the process's own (RssAnon, sampled every 2 ms) and its "
-           f"peak RSS (VmHWM: with the file pages it maps, page cache the kernel can drop). The Loader is "
-           f"{esc(p['loader'])}."]
-    rows = []
-    for pt in pts:
-        row = [f"{pt['rows'] / 1e6:,.0f}M"]
-        for what in ("add_1000", "lookup_1000", "loader_first"):
-            f = pt[what]
-            row += [f"{num(f['seconds'])} ({num(f['spread_s'][0])}–{num(f['spread_s'][1])})",
-                    f"{num(f.get('anon_above_mib'))} / {num(f['rss_above_mib'])}"]
-        row.append(", ".join(f"{k} {v:,}" for k, v in pt["files"].items()))
-        rows.append(row)
-    out.append(table(["rows", "add 1,000 uids (s)", "its MiB own / peak", "open + look up 1,000 (s)", "its MiB own / peak",
-                      "Loader rank 0/8 first batch (s)", "its MiB own / peak", "files"], rows))
-    rows = []
-    for what, label in (("add_1000", "add 1,000 uids"), ("lookup_1000", "open + look up 1,000 uids"),
-                        ("loader_first", "Loader setup + first batch")):
-        fit = d["fit"][what]
-        ts, tm = SCALE_TARGETS[what]
-        for key, unit, target in (("seconds", "s", f"≤ {num(ts)}"), ("anon_above_mib", "MiB own", f"≤ {tm}" if tm else "—"),
-                                  ("rss_above_mib", "MiB peak", "—")):
-            f = fit.get(key)
-            if f is None:
-                continue
-            rows.append([label, unit, f"{f['per_million_rows'] * 1000:+.3g} per 1,000M" if unit != "s" else
-                         f"{f['per_million_rows'] * 1000:+.3g} s per 1,000M", num(f["at_1_28B"]),
-                         f"{num(f.get('per_doubling'))} per doubling", num(f.get("at_1_28B_log")), target])
-    out.append(f"Each figure's least-squares line through the sizes measured, against rows and against log2(rows), "
-               f"each extrapolated to {p['target_rows']:,} rows (DataComp-1B); the targets are issue 18's. The "
-               "log line is the model of these structures (below); the line in rows is what a cost that follows "
-               "the store's size would do, and overshoots any curve that flattens:")
-    out.append(table(["operation", "figure", "slope in rows", "at 1.28B", "slope in log2(rows)", "at 1.28B (log)",
-                      "target"], rows))
-    g, c = d["registration"], d.get("concurrent")
-    per = ", ".join(f"{x['to'] / 1e6:,.0f}M: {num(x['rows_per_s'])}" for x in d["growth"])
-    line = (f"Registration while growing: {num(g['rows_per_s'])} rows/s over {sum(x['rows'] for x in d['growth']):,} "
-            f"rows (rows/s of the growth reaching {per}).")
-    blocks = [x for x in d["growth"] if x.get("feature_blocks")]
-    if blocks:
-        line += (" A block write with its marker, pointer and summary (extract's per-block bookkeeping), ms per "
-                 "block written while reaching " + ", ".join(f"{x['to'] / 1e6:,.0f}M: "
-                                                            f"{num(1000 * x['feature_seconds'] / x['feature_blocks'])}"
-                                                            for x in blocks) + ".")
-    if c:
-        line += (f" {c['writers']} concurrent writer processes on a {c['store_rows_before'] / 1e6:,.0f}M-row store, "
-                 f"{c['rows_each']:,} uids each ({c['rows_registered']:,} distinct, some brought by every writer): "
-                 f"{num(c['rows_per_s'])} rows/s together, nothing lost or registered twice.")
-    out.append(line)
-    out.append("![store operations vs store size](benchmarks/results/scale.png)")
-    return "\n\n".join(out)
-
-
-def render_generic(d: dict) -> str:
-    p = d["params"]
-    shown = {k: v for k, v in p.items() if isinstance(v, (int, float, str)) and k not in ("quick",) and len(str(v)) < 80}
-    out = ["Parameters: " + ", ".join(f"{k} {num(v) if not isinstance(v, str) else v}" for k, v in shown.items()) + "."]
-    out.append(table(["figure", "value"], [[f"`{k}`", v] for k, v in d["figures"].items()]))
-    out.append(table(["ratio", "value"], [[f"`{k}`", v] for k, v in d["ratios"].items()]))
-    return "\n\n".join(out)
-
-
-def render_gpu(d: dict) -> str:
-    proj, p = d.get("projection", {}), d["params"]
-    out = []
-    sh = p.get("shapes", {})
-    if "vit" in sh and "llm" in sh:
-        v, m = sh["vit"], sh["llm"]
-        out.append(f"Images: a DINOv2-style ViT ({v['hidden_size']} hidden, {v['num_hidden_layers']} layers, "
-                   f"{v['num_attention_heads']} heads, patch 14, 224 px), random weights, batch {sh['img_batch']}, "
-                   f"{sh['images']:,} synthetic JPEGs decoded by {p.get('decode_workers')} processes; captions: a "
-                   f"Llama-shaped decoder ({m['hidden_size']} hidden, {m['num_hidden_layers']} layers, "
-                   f"{m['num_attention_heads']}/{m['num_key_value_heads']} heads, vocab {m['vocab_size']:,}), random "
-                   f"weights, batch {sh['cap_batch']} vs one caption per forward; {p.get('precision')}.")
-    out.append(render_generic(d))
-    out.append(table(["CC3M projection", "value"], [[f"`{k}`", v] for k, v in proj.items()]))
-    return "\n\n".join(out)
+from report_sections import render_extract, render_generic, render_gpu, render_scale, render_search, render_store, render_train, render_uta
 
 
 TITLES = {"store": "Store read path — `bench_store.py`", "extract": "Extraction — `bench_extract.py`",
           "train": "Training data path — `bench_train.py`", "uta": "UTA token targets — `bench_uta.py`",
           "gpu": "GPU extraction and the CC3M projection — `bench_gpu.py` (gpu.sh)",
           "scale": "Store operations vs store size — `bench_scale.py`",
-          "store.gpu": "Store read path on the GPU machine — `gpu.sh`", "train.gpu": "Training on the GPU machine — `gpu.sh`"}
+          "search": "Nearest-neighbour search vs brute force — `bench_search.py`",
+          "store.gpu": "Store read path on the GPU machine — `gpu.sh`",
+          "store.limits": "Store read path against this machine's limits — `bench_store.py --tag limits`", "train.gpu": "Training on the GPU machine — `gpu.sh`"}
 RENDER = {"store": render_store, "extract": render_extract, "train": render_train, "uta": render_uta, "scale": render_scale,
-          "gpu": render_gpu}
+          "search": render_search, "gpu": render_gpu}
 NOTES = {  # what to keep in mind reading each table (no figures here: those come from the files)
+    "store.limits": "The same harness and rows as the table above, run on its own (`--only featstore,memmap,"
+                    "memmap_threads,memcpy,disk_seq,hf_iterable --no-remote`) against the limits of "
+                    "`benchmarks/contenders/limits.py`: `memmap_threads` gathers with featstore's read_threads a "
+                    "batch ahead (the fair limit of a shuffled gather), `memcpy` copies the same bytes in order in "
+                    "RAM, `disk_seq` reads the files front to back (page cache warm, disk cold). memcpy and disk_seq "
+                    "do not shuffle: they bound bytes per second, and a shuffled epoch's reads are random.",
     "store": "`memmap` is one copy per byte straight from the mapping, in the Loader's own order, gathered by "
              "the consuming thread alone; featstore gathers the same way on a helper thread while the consumer "
              "takes the previous batch, so with two cores it can pass the single-threaded memmap. `ram` uses "
@@ -346,6 +93,18 @@ NOTES = {  # what to keep in mind reading each table (no figures here: those com
              "`blocks.npy` (40 bytes a block: 0.8 MB at 1.28B rows) and one window of at most 2^20 rows a rank; "
              "its peak RSS adds the mapped pages of the runs that window reads, page cache rather than memory "
              "the process owns.",
+    "search": "The vectors are synthetic: clusters make an inverted-file index work, and how well depends on "
+              "how clustered real embeddings are, so read recall here as this mixture's, and check it on a real "
+              "feature set (`featstore query` against a flat index). ivf_old and ivf are one index searched with "
+              "two nprobe values; from 200,000 rows `--kind auto` builds ivf with the new default nprobe "
+              "min(nlist, max(16, nlist/256)), trained on max(40·nlist, 50,000) rows (`pipelines/search_index.py`): "
+              "the default keeps recall rather than chase the 100× goal, since the settings that reach 100× here "
+              "do so in the one-pass sweep with little recall to spare on a synthetic mixture; `query(..., "
+              "nprobe=)` trades recall for speed per query. Faster settings at the same recall need finer lists "
+              "(more lists behind an HNSW quantizer) or compressed codes, whose k-means and training did not fit "
+              "this 2-core VM's time box; not measured yet. Single queries leave faiss one thread for every kind: "
+              "two threads on one query mostly waited on each other on this shared VM. Batch queries/s use both "
+              "cores, where brute force is one matrix product and gains the most.",
     "gpu": "Projection = 3.3M images at the measured end-to-end extract rate + 3.3M captions at the batched "
            "rate, on one GPU; the FLOP bound counts 2 x matmul parameters x tokens (+ attention) per item.",
 }
@@ -359,7 +118,7 @@ def section(results: Path = RESULTS) -> str:
             continue
         d = json.loads(path.read_text())
         render = RENDER.get(d["bench"], render_generic)
-        note = NOTES.get(name.split(".")[0])
+        note = NOTES.get(name, NOTES.get(name.split(".")[0]))
         parts.append(f"### {TITLES.get(name, name)}\n\nDevice: **{d['device']}** (`benchmarks/results/{path.name}`).\n\n"
                      + render(d) + (f"\n\n{note}" if note else ""))
     return "\n\n".join(parts) + "\n"

@@ -114,3 +114,28 @@ def test_bench_scale_measures_every_size_and_fits_the_curve(tmp_path):
         assert p["files"]["_index/uid"] > 0
     assert {"per_million_rows", "at_1_28B", "per_doubling", "at_1_28B_log"} <= set(d["fit"]["add_1000"]["seconds"])
     assert d["registration"]["rows_per_s"] > 0 and (tmp_path / "out" / "scale.png").stat().st_size > 0
+
+
+def test_bench_search_quick_writes_every_figure_and_flat_is_exact(tmp_path):
+    """bench_search --quick (issue 22): a real store of clustered 768-d rows, flat / ivf indexes built by
+    build_index, recall against numpy's exact top-10 (flat must find all of it), the nprobe sweep."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_search.py"), "--quick", "--rounds", "2", "--single", "5",
+           "--queries", "200", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((tmp_path / "out" / "search.quick.json").read_text())
+    assert d["bench"] == "search" and d["params"]["quick"] is True and d["params"]["rows"] == 20_000
+    assert set(d["figures"]) == {"flat", "ivf_old", "ivf"}
+    for name, f in d["figures"].items():
+        assert f["p50_ms"] > 0 and f["p99_ms"] >= f["p50_ms"] and f["batch_queries_per_s"] > 0, name
+        assert f["build_rows_per_s"] > 0 and 0 <= f["recall_at_10"] <= 1, name
+        assert d["spread"][name]["speedup"]["rounds"] == 2
+        assert d["ratios"][f"{name}_speedup_vs_flat"] > 0
+    assert d["figures"]["flat"]["recall_at_10"] == 1.0  # brute force finds numpy's exact top-10
+    assert d["figures"]["ivf"]["nprobe"] == d["params"]["builds"]["ivf"]["nprobe"] == d["params"]["ivf_rule"]["nprobe"]
+    sweep = d["sweep"]
+    assert [s["nprobe"] for s in sweep] == sorted(s["nprobe"] for s in sweep) and len(sweep) >= 5
+    assert sweep[-1]["recall_at_10"] >= sweep[0]["recall_at_10"]  # probing more lists never finds less here
+    assert set(d["goal"]) == {"recall_at_10", "speedup", "met_by_default", "sweep_settings_meeting_it"}
+    assert (tmp_path / "out" / "search.quick.png").stat().st_size > 0  # the recall / speed-up plot
+    assert not (tmp_path / "data").exists()  # the store and its indexes are removed without --keep
