@@ -10,6 +10,7 @@ import trainers/, so the two things a query may need from there come in as funct
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -133,6 +134,11 @@ def add_commands(main: click.Group, *, friendly, store, echo_json, text_tower, l
         try:
             server.serve_forever()
         except KeyboardInterrupt:
-            click.echo("stopped serving (nothing was changed)", err=True)
-        finally:
             server.server_close()
+            click.echo("stopped serving (nothing was changed)", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # read-only, nothing to save: do not wait on a handler thread still blocked in a browser's
+            # keep-alive read or a backbone load (a fresh-clone CI run once hung here for 120 s)
+            os._exit(0)
+        server.server_close()
