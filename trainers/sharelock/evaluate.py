@@ -28,13 +28,12 @@ import torch.nn.functional as F
 
 from featstore.core import format as fmt
 from featstore.errors import CheckpointError, ConfigError
-from featstore.loader import Loader
 from featstore.store import Store
 
 from featstore.trainers import checkpoint, prompts
 from featstore.trainers.backbone_link import NOT_POOLED
 from featstore.device import resolve_device
-from featstore.trainers.contrastive import caption_retrieval
+from featstore.trainers.retrieval import embed, gallery
 from featstore.trainers.sharelock.heldout import heldout_rows
 from featstore.trainers.sharelock.model import load_checkpoint
 
@@ -106,7 +105,7 @@ def evaluate(
         feats = prompts.prompt_features(store.path, trained["text"], [p for ps in per_class for p in ps], device,
                                         encoder=text_encoder, notes=result["notes"])
         classifier = zero_shot_classifier(model, feats.view(len(names), len(tpls), -1), dev)
-        z_image, row = _embed(store, image_path, model.encode_image, rows & (labels >= 0), dev, batch_size, model.embed_dim)
+        z_image, row = embed(store, image_path, model.encode_image, rows & (labels >= 0), dev, batch_size, model.embed_dim)
         if len(row):
             logits = 100.0 * F.normalize(z_image, dim=-1) @ classifier
             zs = zero_shot_metrics(logits, labels[row], names, plot_path)
@@ -118,7 +117,7 @@ def evaluate(
 
     # ---- retrieval ----------------------------------------------------------------------------
     if text_names:
-        result["retrieval"] = _retrieval(store, model, image_path, text_names, rows, dev, batch_size, result["notes"])
+        result["retrieval"] = gallery(store, model, image_path, text_names, rows, dev, batch_size, result["notes"])
     return result
 
 
@@ -223,40 +222,3 @@ def _text_sets(store: Store, ckpt, text) -> tuple[list[str], list[str]]:
         # a renamed or other caption set: the same text backbone is what matters
         checkpoint.check_identity(want, current, ckpt.path, store.path, ignore=() if name in recorded else NOT_POOLED)
     return names, notes
-
-
-def _retrieval(store, model, image_path, text_names, rows, dev, batch_size, notes) -> dict | None:
-    z_image, image_rows = _embed(store, image_path, model.encode_image, rows, dev, batch_size, model.embed_dim)
-    texts, owners = [], []
-    for name in text_names:
-        z, text_rows = _embed(store, f"{fmt.FEATURES}/{name}/pooled", model.encode_text, rows, dev, batch_size, model.embed_dim)
-        keep = np.isin(text_rows, image_rows)
-        texts.append(z[torch.from_numpy(keep)])
-        owners.append(text_rows[keep])
-    order = np.argsort(image_rows, kind="stable")
-    image_rows, z_image = image_rows[order], z_image[torch.from_numpy(order)]
-    owner_rows = np.concatenate(owners)
-    captioned = np.isin(image_rows, owner_rows)  # images without any caption are not in the gallery
-    image_rows, z_image = image_rows[captioned], z_image[torch.from_numpy(captioned)]
-    if len(image_rows) < 2:
-        notes.append("fewer than 2 images with a caption in the evaluated rows: retrieval skipped")
-        return None
-    owner = np.searchsorted(image_rows, owner_rows)
-    per_image = np.bincount(owner, minlength=len(image_rows))
-    out = {"images": int(len(image_rows)), "texts": int(len(owner)), "text_sets": list(text_names),
-           "captions_per_image": {"min": int(per_image.min()), "max": int(per_image.max()), "mean": float(per_image.mean())}}
-    out.update(caption_retrieval(z_image, torch.cat(texts), owner, ks=(1, 5, 10)))
-    return out
-
-
-@torch.no_grad()
-def _embed(store: Store, path: str, head, rows: np.ndarray, dev, batch_size: int, dim: int):
-    """Head embeddings (rows, dim) of the `rows` valid in the feature set at `path`, and those rows."""
-    loader = Loader(store, {"x": path}, batch_size, shuffle=False, rows=rows, rank=0, world_size=1)
-    out, served = [], []
-    for batch in loader:
-        out.append(head(batch["x"].to(dev).float()).float().cpu())
-        served.append(batch["row"].numpy())
-    if not out:
-        return torch.zeros(0, dim), np.zeros(0, np.int64)
-    return torch.cat(out), np.concatenate(served)
