@@ -233,22 +233,35 @@ add_commands(main, friendly=_friendly, store=STORE, echo_json=_echo_json)
 @STORE
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG of norm histograms and coverage.")
+@click.option("--plots", "set_plots", is_flag=True,
+              help="Write each feature set's summary plots (norms, PCA, per-dimension statistics of a 5,000-row "
+                   "sample) to <store>/plots/<set>/, where `featstore serve` shows them.")
 @_friendly
-def inspect(store_path, as_json, plot_path):
+def inspect(store_path, as_json, plot_path, set_plots):
     """Show rows, blocks, feature sets, coverage, failures by reason, bytes and identities."""
+    from featstore.core.files import is_url
     from featstore.tools import inspect as insp
     from featstore.store import Store
 
     store = Store.open(store_path)
+    if set_plots and (is_url(store.path) or not os.access(store.path, os.W_OK)):
+        raise click.UsageError(f"--plots writes into {store.path}/plots/, which is not a writable local folder here")
     summary = insp.summarize(store)
     if plot_path:
         summary["plot"] = insp.plot(store, plot_path)
+    if set_plots:
+        from featstore.tools.plots import write_plots
+
+        summary["plots"] = {name: write_plots(store, name) for name in store.feature_set_names()}
     if as_json:
         _echo_json(summary)
     else:
         click.echo(insp.format_summary(summary))
         if plot_path:
             click.echo(f"plot    {plot_path}")
+        for name, p in summary.get("plots", {}).items():
+            click.echo(f"plots   {name}: " + (", ".join(p["files"]) + f" ({p['rows']:,} rows sampled)" if p["files"]
+                                              else "no usable rows, no plots"))
 
 
 @main.command()

@@ -8,9 +8,10 @@
                                                           rows covered, counts (written last: the commit)
 
 `keep_rows(store, name)` is the boolean mask (True: unique rows and representatives) a trainer
-passes as `Loader(..., rows=mask)`.  A record made before the store grew, before more rows of the
-feature set were done, or for another identity of the feature set is refused by every reader
-(one line); a re-run recomputes the record from scratch (it does not extend it).
+passes as `Loader(..., rows=mask)` (the trainers' `skip_duplicates` key; reading a record is
+`featstore/read/dedup_record.py`, which trainers may import).  A record made before the store
+grew, before more rows of the feature set were done, or for another identity of the feature set
+is refused by every reader (one line); a re-run recomputes the record from scratch (it does not extend it).
 
 Steps and their costs (n rows, B = store.rows_per_shard rows per block, read one block at a time):
 
@@ -40,8 +41,10 @@ import time
 import numpy as np
 
 from featstore.core import format as fmt
-from featstore.core.files import is_url, now
+from featstore.core.files import now
 from featstore.errors import ConfigError, DedupError
+from featstore.read import dedup_record as _record
+from featstore.read.dedup_record import EXACT, EXACT_DUP, NEAR_DUP, UNIQUE, record_dir  # noqa: F401 (re-exported)
 from featstore.read.served import usable_in_block
 from featstore.store import Store
 
@@ -49,19 +52,8 @@ from . import search_index as si
 from .dedup_exact import exact_pairs
 from .summary import progress_bar
 
-DEDUP = "dedup"
-EXACT = "exact"  # the record's name when only exact duplicates are searched
-UNIQUE, EXACT_DUP, NEAR_DUP = 0, 1, 2
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_MEMORY_MB = 1024
-
-
-def record_dir(store: Store, name: str) -> str:
-    """`<store>/dedup/<name>`; refused for a store on object storage."""
-    if is_url(store.path):
-        raise DedupError(f"{store.path} is on object storage: duplicate records are kept only for local stores "
-                         "(copy the store to a local disk first)")
-    return os.path.join(store.path, DEDUP, name)
 
 
 # ---- union-find over a numpy parent array --------------------------------------------------
@@ -246,42 +238,15 @@ def _write_arrays(store: Store, folder: str, parent: np.ndarray, exact_dup: np.n
 
 # ---- readers -----------------------------------------------------------------------------------
 def read_record(store, name: str) -> dict:
-    """meta.json of the record `name` (a feature set, or 'exact'), refused when missing or stale."""
-    store = si.open_store(store)
-    path = os.path.join(record_dir(store, name), "meta.json")
-    again = f"run `featstore dedup --store {store.path}" + ("" if name == EXACT else f" --features {name}") + "`"
-    if not os.path.exists(path):
-        raise DedupError(f"{store.path} has no duplicate record '{name}': {again}")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("store_id") != store.meta.get("store_id") or meta.get("store_rows") != store.n_rows:
-        raise DedupError(f"the duplicate record '{name}' covers {meta.get('store_rows'):,} rows, the store now has "
-                         f"{store.n_rows:,}: it is stale, {again} again")
-    if meta.get("feature_set"):
-        if meta["feature_set"] not in store.feature_set_names():
-            raise DedupError(f"the duplicate record '{name}' was made from feature set '{meta['feature_set']}', "
-                             f"which the store no longer has: {again} again")
-        fs = store.feature_set(meta["feature_set"])
-        if fs.identity != meta.get("identity") or si.rows_done(fs) != meta.get("rows_done"):
-            raise DedupError(f"the duplicate record '{name}' was made before feature set '{fs.name}' was recomputed "
-                             f"or more of its rows were done: it is stale, {again} again")
-    return meta
+    return _record.read_record(si.open_store(store), name)
 
 
 def load(store, name: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(meta, group, kind) of a current record; the arrays are read-only memory maps (O(1) to open)."""
-    store = si.open_store(store)
-    meta = read_record(store, name)
-    folder = record_dir(store, name)
-    return (meta, np.load(os.path.join(folder, "group.npy"), mmap_mode="r"),
-            np.load(os.path.join(folder, "kind.npy"), mmap_mode="r"))
+    return _record.load(si.open_store(store), name)
 
 
 def keep_rows(store, name: str) -> np.ndarray:
-    """Boolean mask of the store's rows: True for unique rows and group representatives.  Pass it
-    as `Loader(..., rows=keep_rows(store, name))`; one byte per row."""
-    _, _, kind = load(store, name)
-    return np.asarray(kind == UNIQUE)
+    return _record.keep_rows(si.open_store(store), name)
 
 
 def format_result(r: dict) -> str:

@@ -183,7 +183,9 @@ def format_hits(hits: list[dict]) -> str:
 def format_built(meta: dict) -> str:
     params = ", ".join(f"{k}={meta[k]}" for k in ("nlist", "nprobe", "m", "train_rows") if k in meta)
     return (f"indexed {meta['rows_indexed']:,} rows of '{meta['feature_set']}' (dim {meta['dim']}) as {meta['kind']}"
-            + (f" ({params})" if params else "") + f" in {meta['seconds']:.1f}s -> {meta['path']}")
+            + (f" ({params})" if params else "") + f" in {meta['seconds']:.1f}s -> {meta['path']}"
+            + (f"; nprobe {c['nprobe']} measured recall@10 {c['recall']} on {c['queries']} of its rows"
+               if (c := meta.get("calibration")) else ""))
 
 
 __all__ = ["KINDS", "build_index", "query", "query_many", "head_query", "format_hits", "format_built", "encode_text",

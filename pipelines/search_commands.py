@@ -25,11 +25,13 @@ def add_commands(main: click.Group, *, friendly, store, echo_json, text_tower, l
     @click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq"]), default="auto", show_default=True,
                   help="flat: exact (auto below 200,000 rows); ivf / ivfpq: FAISS inverted lists (+ product quantization).")
     @click.option("--memory-mb", type=float, help="Memory the index may take (auto picks ivfpq when ivf would not fit; default 4096).")
+    @click.option("--target-recall", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+                  help="ivf/ivfpq: probe the fewest lists measured (on 256 of the store's rows) to reach this recall@10.")
     @click.option("--rebuild", is_flag=True, help="Build afresh instead of extending the existing index (needed after the feature set was recomputed).")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
     @friendly
-    def index(store_path, name, kind, memory_mb, rebuild, as_json, no_progress):
+    def index(store_path, name, kind, memory_mb, target_recall, rebuild, as_json, no_progress):
         """Build a nearest-neighbour index (FAISS, cosine) over a feature set's done, valid rows, kept
         in the store under indexes/NAME/ (a feature set with stored views: view 0).  Run it again after
         the store grows: only the new rows are added (an ivf/ivfpq that outgrew its training 4x, or
@@ -37,7 +39,7 @@ def add_commands(main: click.Group, *, friendly, store, echo_json, text_tower, l
         from featstore.pipelines.search import build_index, format_built
 
         meta = build_index(store_path, name, kind=kind, memory_mb=memory_mb, progress=not no_progress and not as_json,
-                           extend=not rebuild)
+                           extend=not rebuild, target_recall=target_recall)
         if as_json:
             echo_json(meta)
             return

@@ -11,19 +11,8 @@ done and valid (`featstore.read.served.usable_in_block`) are indexed; a feature 
 views indexes view 0 (the recipe's centre crop).  Vectors are L2-normalized, so the inner product
 is the cosine similarity.
 
-Kinds (`kind="auto"` follows autofaiss's rules of thumb, simplified):
-
-* flat   `IndexFlatIP` in an `IndexIDMap2`: exact; auto picks it below 200,000 rows.
-* ivf    `IndexIVFFlat`: nlist = 4*sqrt(rows) lists (at most rows/39, faiss's minimum of training
-         points per list), trained on a random sample of at most max(40*nlist, 50,000) rows (faiss's
-         k-means wants 39 to 256 per list; 256 made a 1M-row build take most of an hour on 2 cores), then the
-         rows added block by block; queries probe nprobe = min(nlist, max(16, nlist/256)) lists by
-         default: about 0.4% of the rows from 1M rows on, which benchmarks/bench_search.py measured
-         against brute force (README, "Search"); the old default nlist/8 scanned 12.5%.
-         Auto picks it from 200,000 rows when the float32 vectors fit `memory_mb` (4096 if not given).
-* ivfpq  `IndexIVFPQ`: as ivf, each vector stored as m codes of nbits (8-bit PQ, fewer bits when
-         the sample has under 256*39 rows: at least 39 training rows per centroid), m the largest
-         divisor of dim <= min(64, dim/2) whose codes fit `memory_mb`.  Auto picks it otherwise.
+Kinds and their parameters (`kind="auto"`, autofaiss's rules of thumb): `search_kinds.py`; the
+nprobe of ivf / ivfpq is measured after the build (`search_tune.py`).
 
 Rows are read one row block (`store.rows_per_shard` rows) at a time, never the whole column:
 one pass for the training sample (ivf, ivfpq), one pass adding the rows.
@@ -45,28 +34,23 @@ the old meta.json with its own covered file, and an index file whose row count t
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
 import numpy as np
 
 from featstore.core.files import is_url, now
-from featstore.errors import ConfigError, SearchIndexError
+from featstore.errors import SearchIndexError
 from featstore.read.served import usable_in_block
 from featstore.store import Store
 
+from .search_kinds import DEFAULT_MEMORY_MB, FLAT_BELOW, KINDS, choose, empty_index, factory_string, train  # noqa: F401
+from .search_tune import CALIBRATION_QUERIES, DEFAULT_TARGET, ExactTopK, tune_nprobe
 from .summary import progress_bar
 
 OUTGROWN = 4  # an ivf/ivfpq index is rebuilt once the rows exceed this many times those it was trained for
 
 INDEXES = "indexes"
-KINDS = ("auto", "flat", "ivf", "ivfpq")
-FLAT_BELOW = 200_000  # rows: auto picks an exact index below this
-DEFAULT_MEMORY_MB = 4096
-MIN_POINTS_PER_LIST = 39  # faiss warns when k-means gets fewer training points per centroid
-TRAIN_POINTS_PER_LIST = 40  # training sample: this many rows per list (faiss's k-means caps it at 256)
-NPROBE_MIN, NPROBE_FRACTION = 16, 256  # default nprobe = min(nlist, max(NPROBE_MIN, nlist / NPROBE_FRACTION))
 
 
 def open_store(store) -> Store:
@@ -111,55 +95,21 @@ def _read(fs, start: int, rows: np.ndarray) -> np.ndarray:
     return normalize(block[rows - start])
 
 
-def choose(kind: str, n: int, dim: int, memory_mb: float | None) -> dict:
-    """The index kind and its parameters for `n` rows of width `dim` (the module docstring's rules)."""
-    if kind not in KINDS:
-        raise ConfigError(f"unknown index kind {kind!r}; use one of {', '.join(KINDS)}")
-    budget = float(memory_mb if memory_mb is not None else DEFAULT_MEMORY_MB) * 2**20
-    if kind == "auto":
-        kind = "flat" if n < FLAT_BELOW else ("ivf" if n * dim * 4 <= budget else "ivfpq")
-    if kind == "flat":
-        return {"kind": "flat"}
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
-    out = {"kind": kind, "nlist": nlist, "nprobe": min(nlist, max(NPROBE_MIN, nlist // NPROBE_FRACTION)),
-           "train_rows": min(n, max(TRAIN_POINTS_PER_LIST * nlist, 50_000))}
-    if kind == "ivfpq":
-        per_row = max(1, int(budget // max(n, 1)))
-        divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= max(1, min(64, dim // 2, per_row))]
-        # 8-bit codes (256 centroids per sub-vector) want 256*39 training rows; fewer get fewer bits
-        nbits = int(min(8, max(4, math.floor(math.log2(max(out["train_rows"], 1) / MIN_POINTS_PER_LIST)))))
-        out.update(m=max(divisors), nbits=nbits)
-    return out
-
-
-def factory_string(params: dict) -> str:
-    """The faiss.index_factory description of an index kind (the factory owns every sub-index)."""
-    if params["kind"] == "flat":
-        return "IDMap2,Flat"
-    if params["kind"] == "ivf":
-        return f"IVF{params['nlist']},Flat"
-    return f"IVF{params['nlist']},PQ{params['m']}x{params['nbits']}"
-
-
-def _empty_index(params: dict, dim: int):
-    import faiss
-
-    return faiss.index_factory(dim, factory_string(params), faiss.METRIC_INNER_PRODUCT)
-
-
-def _training_sample(store: Store, fs, blocks, n: int, size: int, seed: int, progress: bool) -> np.ndarray:
-    """`size` usable rows drawn at random (seeded), read block by block."""
+def _training_sample(store: Store, fs, blocks, n: int, size: int, seed: int,
+                     progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, store rows) of `size` usable rows drawn at random (seeded), read block by block."""
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(n, size=size, replace=False))  # positions among the usable rows, in order
-    parts, seen = [], 0
+    parts, ids, seen = [], [], 0
     with progress_bar(len(blocks), f"sample {fs.name}", progress) as bar:
         for _, start, rows in blocks:
             lo, hi = np.searchsorted(pick, [seen, seen + len(rows)])
             if hi > lo:
-                parts.append(_read(fs, start, rows[pick[lo:hi] - seen]))
+                ids.append(rows[pick[lo:hi] - seen])
+                parts.append(_read(fs, start, ids[-1]))
             seen += len(rows)
             bar.update(1)
-    return np.concatenate(parts)
+    return np.concatenate(parts), np.concatenate(ids)
 
 
 def block_state(store: Store, fs) -> dict:
@@ -192,12 +142,14 @@ def read_covered(folder: str, meta: dict) -> dict | None:
 
 
 def build_index(store, feature_set: str, *, kind: str = "auto", memory_mb: float | None = None,
-                progress: bool = True, seed: int = 0, extend: bool = True) -> dict:
+                progress: bool = True, seed: int = 0, extend: bool = True,
+                target_recall: float = DEFAULT_TARGET) -> dict:
     """Index the done, valid rows of `feature_set` (cosine) and save it under
     `<store>/indexes/<feature_set>/`; returns meta.json's record plus `path`, `seconds`, `mode`
     (built / extended / unchanged), `rows_added` and `notes`.  `extend` (default): add only the
     rows of blocks changed since the existing index was built (the module docstring's rules);
-    False: build afresh (`featstore index --rebuild`)."""
+    False: build afresh (`featstore index --rebuild`).  An ivf / ivfpq index's nprobe is the
+    smallest measured to reach `target_recall` (search_tune.py)."""
     import faiss
 
     t0 = time.perf_counter()
@@ -222,18 +174,29 @@ def build_index(store, feature_set: str, *, kind: str = "auto", memory_mb: float
     dim = int(fs.array("pooled").shape[-1])
     params = choose(kind, n, dim, memory_mb)
     params["factory"] = factory_string(params)
-    index = _empty_index(params, dim)
+    index = empty_index(params, dim)
+    truth = None
     if params["kind"] != "flat":
-        sample = _training_sample(store, fs, blocks, n, params["train_rows"], seed, progress)
-        index.train(sample)
+        sample, sample_rows = _training_sample(store, fs, blocks, n, params["train_rows"], seed, progress)
+        params["trained_on"] = train(index, sample)
+        pick = np.random.default_rng(seed + 1).permutation(len(sample))[:CALIBRATION_QUERIES]
+        truth = ExactTopK(sample[pick], sample_rows[pick])
         del sample
-        index.nprobe = params["nprobe"]
     indexed = np.zeros(store.n_blocks, np.int64)
     with progress_bar(n, f"index {feature_set}", progress) as bar:
         for b, start, rows in blocks:
-            index.add_with_ids(_read(fs, start, rows), rows.astype(np.int64))
+            vectors = _read(fs, start, rows)
+            index.add_with_ids(vectors, rows.astype(np.int64))
+            if truth is not None:
+                truth.update(vectors, rows)
             indexed[b] = len(rows)
             bar.update(len(rows))
+    if truth is not None:
+        params["calibration"] = tune_nprobe(index, truth, params["nlist"], target_recall)
+        params["nprobe"] = params["calibration"]["nprobe"]
+        if not params["calibration"]["reached"]:
+            notes.append(f"no nprobe reached recall@10 {target_recall} on {len(truth.q)} of the store's rows (best "
+                         f"{params['calibration']['recall']} at nprobe {params['nprobe']}): --kind ivf or flat for more")
     os.makedirs(folder, exist_ok=True)
     meta_path = os.path.join(folder, "meta.json")
     old = _meta_or_none(meta_path)

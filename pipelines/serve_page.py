@@ -48,7 +48,7 @@ function showPlots() {
   const box = $("plots");
   box.replaceChildren();
   const s = sets.find((x) => x.name === $("set").value);
-  if (!s || !s.plots.length) { box.textContent = "no summary plots for this feature set"; return; }
+  if (!s || !s.plots.length) { box.textContent = "no summary plots for this feature set (featstore inspect --store STORE --plots draws them)"; return; }
   for (const file of s.plots) {
     const fig = document.createElement("figure");
     const img = document.createElement("img");

@@ -45,13 +45,16 @@ def text_view(z, rng=None):
 
 def make_aligned_store(path, n: int = 2000, rows_per_shard: int = 128, seed: int = 0, image_identity=None,
                        text_identity=None, image_name: str = "img", text_name: str = "txt",
-                       more_captions: tuple[str, ...] = ()) -> Store:
+                       more_captions: tuple[str, ...] = (), copies=()) -> Store:
     """`more_captions` names further text feature sets: other noisy caption views of the same rows
-    by the same text backbone (identity field "caption2", "caption3", ...), like several caption files."""
+    by the same text backbone (identity field "caption2", "caption3", ...), like several caption files.
+    `copies`: (row, of_row) pairs whose features are the same as another row's (planted duplicates)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, N_CLASSES, n)
     z = M["centres"][labels] + 0.7 * rng.standard_normal((n, LATENT))
     img, txt = image_view(z, rng).astype(np.float32), text_view(z, rng).astype(np.float32)
+    for row, of in copies:
+        img[row], txt[row], labels[row] = img[of], txt[of], labels[of]
     store = Store.create(str(path), rows_per_shard=rows_per_shard)
     store.register([f"s{i:05d}" for i in range(n)], captions=[f"a {CLASS_NAMES[y]}" for y in labels], labels=labels,
                    label_names=CLASS_NAMES)

@@ -128,6 +128,49 @@ def test_ivf_recall(tmp_path):
         assert recall >= (0.9 if kind == "ivf" else 0.6), (kind, recall)
 
 
+def test_nprobe_is_the_fewest_lists_measured_to_reach_the_target(tmp_path):
+    """build_index measures recall@10 on 256 of the store's rows (their own row left out) over an
+    nprobe sweep and keeps the first nprobe reaching the target; held-out queries from the same
+    clusters then see about that recall."""
+    from featstore.pipelines.search_tune import ExactTopK
+
+    n, dim, r = 6000, 32, 1024
+    rng = np.random.default_rng(3)
+    centres = 3 * rng.standard_normal((60, dim))
+    x = (centres[rng.integers(0, 60, n)] + rng.standard_normal((n, dim))).astype(np.float32)
+    st = Store.create(tmp_path / "tune.zarr", rows_per_shard=r)
+    st.register([f"u{i:05d}" for i in range(n)])
+    st.create_feature_set("synth", {"model": "synthetic", "dim": dim}, dim)
+    for b in range(st.n_blocks):
+        a, z = st.block_range(b)
+        write_block(st, "synth", b, {"pooled": x[a:z]}, np.ones(z - a, bool), [])
+    stored = np.asarray(st.feature_set("synth").array("pooled")[:], dtype=np.float32)
+    # the running top-k over blocks is numpy's exact top-k
+    q = stored[:5] / np.linalg.norm(stored[:5], axis=1, keepdims=True)
+    truth = ExactTopK(q, np.arange(5))
+    for a in range(0, n, 1000):
+        truth.update(stored[a:a + 1000] / np.linalg.norm(stored[a:a + 1000], axis=1, keepdims=True), np.arange(a, a + 1000))
+    order = np.argsort(-truth.scores, axis=1, kind="stable")
+    np.testing.assert_array_equal(np.take_along_axis(truth.rows, order, 1), cosine_topk(stored, stored[:5], 11)[0])
+
+    held_out = (centres[rng.integers(0, 60, 300)] + rng.standard_normal((300, dim))).astype(np.float32)
+    want = cosine_topk(stored, held_out, 10)[0]
+    picked = {}
+    for target in (0.8, 0.99):
+        meta = build_index(st.path, "synth", kind="ivf", target_recall=target, extend=False, progress=False)
+        c = meta["calibration"]
+        assert c["queries"] == 256 and c["target"] == target and c["reached"]
+        probes = [p for p, _ in c["sweep"]]
+        assert probes == [2 ** i for i in range(len(probes))]  # 1, 2, 4, ... up to the first reaching it
+        assert c["sweep"][-1] == [c["nprobe"], c["recall"]] and c["recall"] >= target
+        assert all(rec < target for _, rec in c["sweep"][:-1]) and meta["nprobe"] == c["nprobe"]
+        assert json.load(open(os.path.join(meta["path"], "meta.json")))["nprobe"] == c["nprobe"]
+        got = np.array([[h["row"] for h in hs] for hs in query_many(st.path, "synth", held_out, k=10)])
+        picked[target] = (c["nprobe"], np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)]))
+        assert picked[target][1] >= target - 0.05, (target, picked)
+    assert picked[0.8][0] < picked[0.99][0], picked  # a lower target probes fewer lists
+
+
 def test_growth_refuses_a_stale_index_until_reindexed(tmp_path, shards, tiny_dinov2_path):
     path = tmp_path / "g.zarr"
     extract(path, shards[0], tiny_dinov2_path, name="dino", rows_per_shard=8, **QUIET)

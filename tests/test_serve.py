@@ -65,9 +65,10 @@ def store(tmp_path_factory, images):
     extract(path, shards, "efficientnet-lite0", name="img", pixels="crops", batch_size=8, **QUIET)
     build_index(path, "minilm", progress=False)
     build_index(path, "img", progress=False)
+    r = subprocess.run([FEATSTORE, "inspect", "--store", str(path), "--plots"], capture_output=True, text=True)
+    assert r.returncode == 0 and "plots   img: " in r.stdout and "(14 rows sampled)" in r.stdout, r.stdout + r.stderr
     plots = path / "plots" / "minilm"
-    plots.mkdir(parents=True)
-    plot(Store.open(path), str(plots / "inspect.png"))  # a real summary plot
+    plot(Store.open(path), str(plots / "inspect.png"))  # the store-wide plot, kept beside them
     secret = tmp_path_factory.mktemp("outside") / "secret.png"
     secret.write_text(SECRET)
     os.symlink(secret, plots / "escape.png")  # a symlink out of the store: never listed nor served
@@ -125,7 +126,8 @@ def test_api_hits_equal_query(server, store):
     info = json.loads(body)
     sets = {s["name"]: s for s in info["sets"]}
     assert info["default"] == "minilm" and sets["minilm"]["indexed"] and sets["img"]["indexed"]
-    assert sets["minilm"]["plots"] == ["inspect.png"] and sets["img"]["pixels"] == "crops"
+    assert sets["minilm"]["plots"] == ["dims.png", "inspect.png", "norms.png", "pca.png"]
+    assert sets["img"]["plots"] == ["dims.png", "norms.png", "pca.png"] and sets["img"]["pixels"] == "crops"
     for path, args in (("/api/query?set=minilm&text=a+kitten+sleeping+on+the+couch&k=5",
                         dict(text="a kitten sleeping on the couch", k=5)),
                        ("/api/query?text=a%20dog%20playing%20with%20a%20disc&k=3", dict(text="a dog playing with a disc", k=3)),
@@ -156,8 +158,10 @@ def test_thumbnails_and_plots(server, store, images):
     assert cat.source_image(2) == encode(images[2][1])
     assert Image.open(io.BytesIO(thumbnail_of(cat.source_image(0)))).size[0] == 160
     assert server.request("GET", f"/thumb/{len(CAPTIONS)}")[0] == 404
-    status, ctype, body = server.request("GET", "/plots/minilm/inspect.png")
-    assert status == 200 and ctype == "image/png" and body == (store / "plots" / "minilm" / "inspect.png").read_bytes()
+    for name in ("minilm/inspect.png", "img/pca.png", "img/norms.png"):
+        status, ctype, body = server.request("GET", f"/plots/{name}")
+        assert status == 200 and ctype == "image/png" and body == (store / "plots" / name).read_bytes()
+        assert Image.open(io.BytesIO(body)).size[0] >= 400  # a real PNG
 
 
 TRAVERSALS = ["/thumb/../../etc/passwd", "/thumb/..%2f..%2fetc%2fpasswd", "/plots/x/..%2f..%2fetc%2fpasswd",
@@ -236,7 +240,7 @@ def test_browser_query_shows_the_expected_first_hit(server, images):
             page.goto(server.url)
             page.wait_for_selector("body[data-ready='1']", timeout=120_000)
             assert page.input_value("#set") == "minilm"
-            assert page.locator("#plots img").count() == 1
+            assert page.locator("#plots img").count() == 4
             page.fill("#text", "a kitten sleeping on the couch")
             page.click("#go")
             first = page.locator("#hits li.hit").first

@@ -474,3 +474,31 @@ def test_official_split_is_sharelocks_seed_42_shuffle_and_survives_growth(tmp_pa
         train_head(store.path, "img", "txt", tmp_path / "run2", overrides=TINY + ["val_split=official"], progress=False)
     with pytest.raises(ConfigError, match="val_split must be one of"):
         train_head(store.path, "img", "txt", tmp_path / "run3", overrides=TINY + ["val_split=shuffle"], progress=False)
+
+
+def test_skip_duplicates_trains_without_a_dedup_records_duplicates(tmp_path):
+    """`featstore dedup` then `train-head --set skip_duplicates=img`: the copies leave the train
+    split (their originals stay); after the store grows the stale record is refused in one line."""
+    rng = np.random.default_rng(5)
+    copies = [(int(c), int(o)) for c, o in zip(rng.choice(np.arange(300, 600), 40, replace=False),
+                                                 rng.choice(300, 40, replace=False))]
+    store = make_aligned_store(tmp_path / "s.zarr", n=600, copies=copies)
+    r = _cli("dedup", "--store", store.path, "--features", "img", "--threshold", "0.999", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["near_dup_rows"] == 40, r.stdout + r.stderr
+    run = ["train-head", "--store", store.path, "--image", "img", "--text", "txt", "--steps", "3", "--json",
+           "--set", "batch_size=32", "--set", "hidden_dim=32", "--set", "log_every=1", "--set", "warmup_steps=0"]
+    r = _cli(*run, "--out", tmp_path / "dedup", "--set", "skip_duplicates=img")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    train = split_by_uid(Store.open(store.path).uids(), 0.1)[0]
+    left_out = sum(bool(train[c]) for c, _ in copies)
+    assert f"{left_out:,} duplicate rows of the train split left out (dedup record 'img')" in summary["notes"]
+    keep = train.copy()
+    keep[[c for c, _ in copies]] = False
+    want = Loader(Store.open(store.path), {"x": "features/img/pooled"}, 32, shuffle=True, rows=keep, drop_last=True).num_rows
+    assert summary["train_rows"] == want
+    Store.open(store.path, mode="r+").register(["late-arrival"])
+    r = _cli(*run, "--out", tmp_path / "stale", "--set", "skip_duplicates=img")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "stale" in r.stderr and "featstore dedup" in r.stderr, r.stderr
+    r = _cli(*run, "--out", tmp_path / "none", "--set", "skip_duplicates=exact")
+    assert r.returncode == 2 and "no duplicate record 'exact'" in r.stderr, r.stderr

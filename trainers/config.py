@@ -44,6 +44,8 @@ class ConfigBase:
         need(self.val_every is None or self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
         need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        need(self.skip_duplicates is None or (isinstance(self.skip_duplicates, str) and self.skip_duplicates),
+             f"skip_duplicates must be a dedup record's name (exact, or a feature set) or null, got {self.skip_duplicates!r}")
 
 
     def to_dict(self) -> dict:

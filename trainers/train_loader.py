@@ -5,13 +5,18 @@
 Both loops make their training loader here: this rank's share of each epoch's order (`rank`,
 `world_size`), `cfg.batch_size / world_size` rows per batch, drop_last (every rank the same number
 of full batches, so no rank waits alone in a collective), and the config's `shuffle_window`.
+`without_duplicates` applies the config's `skip_duplicates` (a `featstore dedup` record) to the
+train split.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from featstore.loader import Loader
+from featstore.read.dedup_record import keep_rows
 
 if TYPE_CHECKING:
     from featstore.trainers.ddp import Dist
@@ -24,6 +29,19 @@ def shuffle_window(cfg) -> dict:
     more memory."""
     value = getattr(cfg, "shuffle_window", None)
     return {} if value is None else {"window": int(value)}
+
+
+def without_duplicates(store, cfg, train_mask: np.ndarray, notes: list) -> np.ndarray:
+    """The train split less the duplicates of the config's `skip_duplicates` record (its unique rows
+    and group representatives kept; a stale or missing record refused with one line).  Validation
+    rows are left as split."""
+    if not getattr(cfg, "skip_duplicates", None):
+        return train_mask
+    keep = keep_rows(store, cfg.skip_duplicates)
+    out = train_mask & keep
+    notes.append(f"{int(train_mask.sum() - out.sum()):,} duplicate rows of the train split left out "
+                 f"(dedup record '{cfg.skip_duplicates}')")
+    return out
 
 
 def train_loader(store, columns: dict, cfg, run: Dist, *, rows, pin_memory: bool = False, **kwargs) -> Loader:

@@ -13,6 +13,8 @@ from featstore.core.files import is_url as _is_url
 from featstore.store import Store
 from featstore.tokens import merge_fidelity
 
+from .plots import sample_rows
+
 
 def _bytes_on_disk(path: str) -> int | None:
     if _is_url(path):
@@ -258,16 +260,11 @@ def plot(store: Store, path: str, max_rows: int = 5000, seed: int = 0) -> str:
     names = store.feature_set_names()
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 3.4), squeeze=False)
     axes = axes[0]
-    rng = np.random.default_rng(seed)
     coverage, valid = [], []
     for ax, name in zip(axes, names):
         fs = store.feature_set(name)
-        rows = np.flatnonzero(fs.usable_rows())
-        if len(rows) > max_rows:  # read whole blocks, then sample: never per-row fancy indexing in zarr
-            rows = np.sort(rng.choice(rows, max_rows, replace=False))
+        rows, x = sample_rows(store, name, max_rows, seed)  # whole row blocks, never the column
         if len(rows):
-            lo, hi = rows.min(), rows.max() + 1
-            x = np.asarray(fs.array("pooled")[lo:hi])[rows - lo].astype(np.float32)
             ax.hist(np.linalg.norm(x, axis=-1).reshape(-1), bins=50, color="tab:blue")  # every stored view
         views = f", {fs.views} views" if fs.views > 1 else ""
         ax.set_title(f"{name}: ‖pooled‖ (n={len(rows):,}{views})", fontsize=9)

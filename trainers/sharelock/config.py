@@ -55,6 +55,7 @@ class Config(ConfigBase):
     val_rows: int | None = None  # hold out exactly this many rows (smallest uid hash) instead; ShareLock: 50000
     val_split: str = "hash"  # how val_rows are chosen: "hash" (smallest uid hash) or "official" (ShareLock's shuffle)
     val_seed: int = 42  # val_split "official": the seed of ShareLock's random.Random(seed).shuffle (its config.seed)
+    skip_duplicates: str | None = None  # a `featstore dedup` record ("exact" or a feature set): its duplicates are left out of training
     cache: str | None = None  # None streams from the store; "ram" reads the train columns once
     shuffle_window: int | None = None  # the loader's read window per rank, in rows; None = the loader's default (by bytes)
     cpu_threads: int | None = None  # torch threads when training on CPU; None = torch's default (small heads: 1 is fastest)

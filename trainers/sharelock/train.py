@@ -47,7 +47,7 @@ from featstore.trainers.config import apply
 from featstore.trainers.sharelock.config import Config, load_config
 from featstore.trainers.contrastive import info_nce, retrieval_recall
 from featstore.trainers.sharelock.heldout import heldout, heldout_rows
-from featstore.trainers.train_loader import train_loader as rank_train_loader
+from featstore.trainers.train_loader import train_loader as rank_train_loader, without_duplicates
 from featstore.trainers.sharelock.model import FORMAT, VERSION, ShareLockModel, load_checkpoint
 from featstore.trainers.sharelock.text_sets import check_modalities, check_one_backbone, text_names, train_text, val_choices, val_text
 
@@ -117,6 +117,7 @@ def train_head(
     else:
         train_mask, val_mask, heldout_record = heldout(store.uids(), cfg.val_fraction, cfg.val_rows, usable,
                                                            split=cfg.val_split, seed=cfg.val_seed)
+    train_mask = without_duplicates(store, cfg, train_mask, notes)
     train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda")
     val_loader = Loader(store, columns, cfg.batch_size, shuffle=False, rows=val_mask, cache=cfg.cache,
                         rank=0, world_size=1)  # rank 0 validates every val row

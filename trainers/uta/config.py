@@ -65,6 +65,7 @@ class UTAConfig(ConfigBase):
     # ---- data ----
     seed: int = 0  # init, masks, flips, data order
     val_fraction: float = 0.1  # held out by uid hash (featstore.split), as train-head
+    skip_duplicates: str | None = None  # a `featstore dedup` record ("exact" or a feature set): its duplicates are left out of training
     cache: str | None = None  # None streams from the store; "ram" reads the train columns once
     shuffle_window: int | None = None  # the loader's read window per rank, in rows; None = the loader's default (by bytes)
     cpu_threads: int | None = None  # torch threads on CPU; None = torch's default

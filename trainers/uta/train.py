@@ -52,7 +52,7 @@ from featstore.trainers import checkpoint, loop
 from featstore.trainers.config import apply, load_config
 from featstore.trainers.ddp import Dist, setup
 from featstore.trainers.uta.evaluate import text_set, token_metrics, zero_shot_metrics
-from featstore.trainers.train_loader import train_loader as rank_train_loader
+from featstore.trainers.train_loader import train_loader as rank_train_loader, without_duplicates
 from featstore.trainers.uta.arch import resolve_arch, same_crop
 from featstore.trainers.uta.batch import batch_pooled, interpolate_grid, loader_columns, on_device, prepare_batch
 from featstore.trainers.uta.checkpoint_format import FORMAT, load_checkpoint, VERSION
@@ -141,6 +141,7 @@ def train_uta(
     columns, dequantize = loader_columns(idesc["column"], teacher, int8_on_device=dev.type != "cpu", store=store,
                                          pooled=cfg.cls_weight > 0)
     # stored views: one per row per epoch, the same in pixels, tokens and pooled; validation on view 0
+    train_mask = without_duplicates(store, cfg, train_mask, notes)
     train_loader = rank_train_loader(store, columns, cfg, run, rows=train_mask, pin_memory=dev.type == "cuda",
                                      dequantize=dequantize, view="epoch")
     val_loader = Loader(store, {**columns, "pooled": f"{fmt.FEATURES}/{teacher}/pooled"}, cfg.batch_size,
