@@ -68,7 +68,7 @@ class ExtractSpec:
     trust_remote_code: bool = False
     store_identity: tuple | None = None  # Store.identity when the job was planned
     source_id: int | None = None  # the given source's id in the store
-    writes_in_flight: int = 1  # computed blocks that may wait for the writer thread (0: write on the forward thread)
+    writes_in_flight: int = 1  # blocks written on writer threads meanwhile (0: on the forward thread); prepare picks it
     views: dict | None = None  # stored views (ViewSpec.identity(), K > 1 only): K crops per image, `pipelines.views`
 
     def load_backbone(self) -> Backbone:

@@ -29,6 +29,7 @@ from .blocks import BlockRunner, ExtractSpec
 from .choices import FIELDS, POOLED_DTYPES, POOLINGS, PRECISIONS, SOURCE_TYPES, TOKEN_DTYPES
 from .sources import open_source
 from .summary import format_summary, progress_bar, summarize_run
+from .write_behind import default_in_flight
 from .crops import ViewSpec
 
 SOURCE_OPTIONS = ("captions", "labels", "uid_field", "image_column", "text_column", "label_column")
@@ -87,15 +88,16 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
             captions=None, labels=None, uid_field=None, image_column=None, text_column=None, label_column=None,
             rows_per_shard=None, pooling=None, layer=None, tokens=False, token_projection=True, token_dtype="float16",
             dtype=None, pixels=None, batch_size=64, device="cpu", precision="fp32", num_workers=0, overwrite=False, update_metadata=False,
-            trust_remote_code=False, token_scaling=None, writes_in_flight=1, views=1, view_seed=None,
+            trust_remote_code=False, token_scaling=None, writes_in_flight=None, views=1, view_seed=None,
             view_scale=None, view_ratio=None, view_flip=None, log=print):
     """Validate, register the source, load the backbone once and create the feature set.
 
     int8 tokens of a new feature set get token x channel scaling (`featstore.tokens`); an
     existing one keeps its own (per-token sets made before it read and resume unchanged).
     `token_scaling="token"` makes a new per-token set (the old layout, for comparison);
-    `writes_in_flight` is how many computed blocks may wait for the writer thread (0: write on
-    the forward thread).
+    `writes_in_flight` is how many computed blocks may be written on writer threads meanwhile (0:
+    write on the forward thread; None: `write_behind.default_in_flight`, by where the store is and
+    the device).
 
     `views` K > 1 stores K views per image (`pipelines.views`: view 0 the recipe's centre crop,
     the others random-resized crops + flips drawn from (view_seed, uid, k); scale, ratio and flip
@@ -114,7 +116,7 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         raise ConfigError(f"token scaling must be one of {', '.join(fmt.TOKEN_SCALINGS)}, not {token_scaling!r}")
     if token_scaling is not None and not (tokens and token_dtype == "int8"):
         raise ConfigError("a token scaling only applies to --tokens --token-dtype int8")
-    if writes_in_flight < 0:
+    if writes_in_flight is not None and writes_in_flight < 0:
         raise ConfigError(f"writes_in_flight must be >= 0, not {writes_in_flight}")
     if name is not None:
         check_name(name)
@@ -202,7 +204,8 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         store_path=store.path, name=name, source=source.spec() if source else None, backbone=backbone_arg,
         field=field, pooling=pooling, layer=layer, tokens=tokens, token_projection=token_projection,
         token_dtype=token_dtype,
-        token_scaling=token_scaling, pixels=pixels, writes_in_flight=writes_in_flight,
+        token_scaling=token_scaling, pixels=pixels,
+        writes_in_flight=default_in_flight(store.path, device) if writes_in_flight is None else int(writes_in_flight),
         batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
         trust_remote_code=trust_remote_code, store_identity=store.fresh().identity,
         source_id=registered.get("source_id"), views=view_spec.identity() if view_spec else None,

@@ -6,11 +6,19 @@
         writes.submit(item.block, job)   # waits only while `in_flight` blocks are still unwritten
     markers = writes.finish()            # every marker, in submission order
 
-While the writer thread quantizes and writes block k (`featstore.core.writes.write_rows`: the block's
+While a writer thread quantizes and writes block k (`featstore.core.writes.write_rows`: the block's
 shards whole, then its marker), the forward thread computes block k+1.  At most `in_flight`
-computed blocks wait for or are in the writer, so memory stays bounded at `in_flight + 1` blocks
-(the one being computed).  `in_flight=0` writes on the calling thread: the synchronous path, which
-writes the same bytes (a job's arrays belong to it alone once handed over).
+computed blocks are in the writers, each on a writer thread of its own (blocks are independent:
+each is written under its own lock, as concurrent jobs write them), so memory stays bounded at
+`in_flight + 1` blocks (the one being computed).  `in_flight=0` writes on the calling thread: the
+synchronous path, which writes the same bytes (a job's arrays belong to it alone once handed over).
+
+How many (`default_in_flight`, extract's `writes_in_flight=None`), from
+benchmarks/bench_write_behind.py: a store on object storage gets REMOTE_IN_FLIGHT writers, since
+a block's write there is many requests whose latency several writers overlap; a local store
+gets one writer when the forward pass runs on a GPU (the CPU is free to write meanwhile) and none
+on the CPU, where the writer's checksums and copies take cores from the forward pass and a
+writer thread measured slower than writing in line.
 
 Errors: the first write that fails stops the job.  The forward thread sees it at its next check
 (between batches) or hand-over and raises it; writes not started yet are cancelled.  A
@@ -26,7 +34,17 @@ import collections
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from featstore.core.files import is_url
 from featstore.errors import FeatstoreError, WriteFailed
+
+REMOTE_IN_FLIGHT = 4
+
+
+def default_in_flight(store_path: str, device: str) -> int:
+    """Writer threads for a job writing to `store_path` with its forward pass on `device`."""
+    if is_url(str(store_path)):
+        return REMOTE_IN_FLIGHT
+    return 1 if str(device).startswith("cuda") else 0
 
 
 class WriteBehind:
@@ -37,7 +55,7 @@ class WriteBehind:
         self.what = what
         self.markers: list[dict] = []
         self._pending: collections.deque[tuple[int, Future]] = collections.deque()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="featstore-writer") if self.in_flight else None
+        self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="featstore-writer") if self.in_flight else None
 
     def submit(self, block: int, job: Callable[[], dict]) -> None:
         """Hand block `block`'s write over; waits while `in_flight` writes are unfinished."""

@@ -50,9 +50,10 @@ def stored_bytes(path) -> dict[str, bytes]:
 
 
 def test_writes_behind_the_forward_pass_give_the_bytes_of_the_synchronous_path(tmp_path, shards, tiny_dinov2_path):
-    """0: written on the forward thread; 1 and 2 blocks in flight on the writer thread."""
+    """0: written on the forward thread; 1, 2 and 4 blocks in flight, each on a writer thread of its
+    own (4: what a store on object storage gets, blocks written concurrently)."""
     stores = {}
-    for depth in (0, 1, 2):
+    for depth in (0, 1, 2, 4):
         path = stores[depth] = tmp_path / f"w{depth}.zarr"
         s = extract(path, shards, tiny_dinov2_path, name="dino", tokens=True, token_dtype="int8", pixels="crops",
                     rows_per_shard=4, batch_size=3, writes_in_flight=depth, **QUIET)
@@ -60,7 +61,7 @@ def test_writes_behind_the_forward_pass_give_the_bytes_of_the_synchronous_path(t
         assert verify(Store.open(path))["ok"]
     ref = stored_bytes(stores[0])
     assert {"features/dino/tokens_channel_scale", "pixels/crops"} <= set(ref)
-    for depth in (1, 2):
+    for depth in (1, 2, 4):
         assert stored_bytes(stores[depth]) == ref, depth
         markers = Store.open(stores[depth]).feature_set("dino").markers()
         assert {b: m["checksums"] for b, m in markers.items()} == \
