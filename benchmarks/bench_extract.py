@@ -124,7 +124,8 @@ class Images:
         from featstore.pipelines.extract import BlockRunner, prepare
 
         spec, store, _, _ = prepare(self._store(), self.shards, self.model, name="vit", rows_per_shard=self.batch * 2,
-                                    batch_size=self.batch, precision=self.precision, log=lambda *_: None)
+                                    batch_size=self.batch, precision=self.precision, writes_in_flight=1,
+                                    log=lambda *_: None)
         runner = BlockRunner(spec, backbone=self.bb, store=store)
         t = time.perf_counter()
         runner.run(store.feature_set("vit").missing_blocks())

@@ -18,11 +18,12 @@ query is computed independently with numpy, one row block at a time (ties within
 search_index.build_index` and loaded by `load_index`:
 
     flat      kind="flat": IndexFlatIP, exact (brute force)
-    ivf_old   kind="ivf" at nprobe = nlist/8, the default before this benchmark
-    ivf       kind="ivf" at choose()'s default nprobe now (auto's choice from 200,000 rows)
+    ivf_16    kind="ivf" at nprobe 16: the fixed rule before nprobe was measured, min(nlist, max(16, nlist/256))
+    ivf       kind="ivf" at the nprobe build_index measured to reach recall@10 0.95 on 256 stored rows
+              (search_tune.py; auto's choice from 200,000 rows)
 
-ivf_old and ivf are the same index file, searched with two nprobe values.  Measured in
-interleaved rounds (flat, ivf_old, ivf, flat, ...): single-query latency (batch 1, one
+ivf_16 and ivf are the same index file, searched with two nprobe values.  Measured in
+interleaved rounds (flat, ivf_16, ivf, flat, ...): single-query latency (batch 1, one
 `index.search` per query, p50/p99 over the round's queries) and throughput of one batch of all
 queries; medians over rounds with min-max.  Speed-up = flat's p50 / the contender's p50.  A sweep
 of nprobe on the ivf index gives the recall / speed-up curve.  Batches and builds use every core
@@ -171,7 +172,7 @@ def plot(doc: dict, png: str) -> None:
     for s in sw:
         ax.annotate(str(s["nprobe"]), (s["speedup_vs_flat"], s["recall_at_10"]), fontsize=7,
                     textcoords="offset points", xytext=(3, -9))
-    for c in ("ivf_old", "ivf"):
+    for c in ("ivf_16", "ivf"):
         ax.plot(doc["ratios"][f"{c}_speedup_vs_flat"], doc["figures"][c]["recall_at_10"], "s", label=f"{c} (interleaved)")
     ax.axhline(GOAL_RECALL, color="grey", ls=":")
     ax.axvline(GOAL_SPEEDUP, color="grey", ls=":")
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
         meta = build_index(path, "emb", kind=kind, progress=False)
         builds[kind] = {"seconds": meta["seconds"], "rows_per_s": meta["rows_indexed"] / meta["seconds"],
                         "index_bytes": meta["index_bytes"], **{k: meta[k] for k in ("nlist", "nprobe", "train_rows",
-                                                                                    "factory") if k in meta}}
+                                                                                    "factory", "calibration") if k in meta}}
         print(f"built {kind}: {builds[kind]}", flush=True)
         store_dir = os.path.join(path, "indexes")
         shutil.move(os.path.join(store_dir, "emb"), os.path.join(store_dir, f"emb-{kind}"))  # keep both
@@ -238,8 +239,8 @@ def main(argv=None) -> int:
         indexes[kind] = load_index(store, "emb")[0]
         os.rename(os.path.join(path, "indexes", "emb"), os.path.join(path, "indexes", f"emb-{kind}"))
     nlist = builds["ivf"]["nlist"]
-    old_nprobe, new_nprobe = max(1, nlist // 8), builds["ivf"]["nprobe"]
-    contenders = {"flat": (indexes["flat"], None), "ivf_old": (indexes["ivf"], old_nprobe),
+    old_nprobe, new_nprobe = min(nlist, max(16, nlist // 256)), builds["ivf"]["nprobe"]
+    contenders = {"flat": (indexes["flat"], None), "ivf_16": (indexes["ivf"], old_nprobe),
                   "ivf": (indexes["ivf"], new_nprobe)}
 
     runs = {c: {"p50": [], "p99": [], "batch_qps": [], "recall": []} for c in contenders}
@@ -291,8 +292,10 @@ def main(argv=None) -> int:
                            f"per-cluster axes + isotropic noise, shared mean direction); queries held out",
               "auto": choose("auto", n, DIM, None), "ivf_rule": choose("ivf", n, DIM, None), "builds": builds,
               "contenders": {"flat": "kind=flat: IndexFlatIP (exact, brute force)",
-                             "ivf_old": f"kind=ivf at nprobe {old_nprobe} (nlist/8: the default before)",
-                             "ivf": f"kind=ivf at nprobe {new_nprobe} (choose()'s default now)"},
+                             "ivf_16": f"kind=ivf at nprobe {old_nprobe} (the fixed rule before: max(16, nlist/256))",
+                             "ivf": f"kind=ivf at nprobe {new_nprobe} (measured by build_index for recall@10 "
+                                    f"{builds['ivf']['calibration']['target']}: {builds['ivf']['calibration']['recall']} "
+                                    f"on {builds['ivf']['calibration']['queries']} stored rows)"},
               "write_seconds": wrote["seconds"], "exact_numpy_seconds": exact_s,
               "wall_seconds": None}
     params["wall_seconds"] = time.perf_counter() - t_all

@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
 HEADING = "## Measured"
-ORDER = ["store", "store.limits", "extract", "train", "uta", "scale", "search", "gpu", "store.gpu", "train.gpu"]
+ORDER = ["store", "store.limits", "extract", "write_behind", "train", "uta", "scale", "search", "gpu", "store.gpu",
+         "train.gpu"]
 INTRO = """\
 Every benchmark runs its contenders side by side in one process and reports ratios, ours ÷ theirs
 (higher is better for featstore); rounds are interleaved and figures are medians, because these
@@ -41,7 +42,8 @@ machines are shared and noisy: absolute rates drift, ratios measured together ho
 - `python benchmarks/report.py --write` regenerates this section from the results files; each table
   names its device and how each contender was used."""
 
-from report_sections import render_extract, render_generic, render_gpu, render_scale, render_search, render_store, render_train, render_uta
+from report_sections import (render_extract, render_generic, render_gpu, render_scale, render_search, render_store,
+                             render_train, render_uta, render_write_behind)
 
 
 TITLES = {"store": "Store read path — `bench_store.py`", "extract": "Extraction — `bench_extract.py`",
@@ -49,10 +51,11 @@ TITLES = {"store": "Store read path — `bench_store.py`", "extract": "Extractio
           "gpu": "GPU extraction and the CC3M projection — `bench_gpu.py` (gpu.sh)",
           "scale": "Store operations vs store size — `bench_scale.py`",
           "search": "Nearest-neighbour search vs brute force — `bench_search.py`",
+          "write_behind": "The writer thread on a local and an S3 store — `bench_write_behind.py`",
           "store.gpu": "Store read path on the GPU machine — `gpu.sh`",
           "store.limits": "Store read path against this machine's limits — `bench_store.py --tag limits`", "train.gpu": "Training on the GPU machine — `gpu.sh`"}
 RENDER = {"store": render_store, "extract": render_extract, "train": render_train, "uta": render_uta, "scale": render_scale,
-          "search": render_search, "gpu": render_gpu}
+          "search": render_search, "gpu": render_gpu, "write_behind": render_write_behind}
 NOTES = {  # what to keep in mind reading each table (no figures here: those come from the files)
     "store.limits": "The same harness and rows as the table above, run on its own (`--only featstore,memmap,"
                     "memmap_threads,memcpy,disk_seq,hf_iterable --no-remote`) against the limits of "
@@ -70,9 +73,12 @@ NOTES = {  # what to keep in mind reading each table (no figures here: those com
              "disk and vary the most. Where `hf_iterable` passes featstore cold, it is its order: shards read one "
              "after the other through a 1,000-row shuffle buffer (rows of a class-sorted shard stay together), so "
              "a cold epoch is a sequential read of the disk, while featstore's batches mix runs from across the "
-             "whole store (the shuffle figure above); a larger `window` gives longer runs. litdata's later epoch "
-             "over S3 was far slower than its first in every round and we have not found why (litdata 0.2.76 "
-             "with moto): read that ratio as unexplained, not as a margin.",
+             "whole store (the shuffle figure above); a larger `window` gives longer runs. Both featstore and "
+             "`hf_iterable` read cold at about the disk's sequential rate (`disk_seq`), which bounds every "
+             "reader, so neither can pass the other by much there. litdata over S3 (0.2.76 with moto) gave "
+             "very different rates from one full run to the next on this machine, and in an earlier run its "
+             "later epoch was slower than its first; we have not found why: read its remote ratios as unexplained, not as a "
+             "margin. The first epoch over S3 is bounded by what the server hands out (`s3_whole_objects`).",
     "extract": "`extract_vs_forward` is how much of the bare forward rate the whole job keeps (decode, forward "
                "and block writes together). `write_behind_vs_sync` is the writer thread against writes on the "
                "forward thread: on this CPU the forward pass already keeps both cores busy, so there is little "
@@ -95,16 +101,25 @@ NOTES = {  # what to keep in mind reading each table (no figures here: those com
              "the process owns.",
     "search": "The vectors are synthetic: clusters make an inverted-file index work, and how well depends on "
               "how clustered real embeddings are, so read recall here as this mixture's, and check it on a real "
-              "feature set (`featstore query` against a flat index). ivf_old and ivf are one index searched with "
-              "two nprobe values; from 200,000 rows `--kind auto` builds ivf with the new default nprobe "
-              "min(nlist, max(16, nlist/256)), trained on max(40·nlist, 50,000) rows (`pipelines/search_index.py`): "
-              "the default keeps recall rather than chase the 100× goal, since the settings that reach 100× here "
-              "do so in the one-pass sweep with little recall to spare on a synthetic mixture; `query(..., "
-              "nprobe=)` trades recall for speed per query. Faster settings at the same recall need finer lists "
-              "(more lists behind an HNSW quantizer) or compressed codes, whose k-means and training did not fit "
-              "this 2-core VM's time box; not measured yet. Single queries leave faiss one thread for every kind: "
+              "feature set (`featstore query` against a flat index). ivf_16 and ivf are one index searched with "
+              "two nprobe values; from 200,000 rows `--kind auto` builds ivf, trained on max(40·nlist, 50,000) "
+              "rows, and keeps the fewest lists it measured (on 256 of the store's own rows, their own row left "
+              "out) to reach recall@10 0.95 (`--target-recall`; `pipelines/search_tune.py`): the table's recall "
+              "is on held-out queries, a check of that measurement, and `query(..., nprobe=)` trades recall for "
+              "speed per query. Finer lists behind an HNSW quantizer or compressed codes were not tried: their "
+              "k-means and training did not fit "
+              "this 2-core VM's time box. Single queries leave faiss one thread for every kind: "
               "two threads on one query mostly waited on each other on this shared VM. Batch queries/s use both "
               "cores, where brute force is one matrix product and gains the most.",
+    "write_behind": "A block written to S3 is many requests (its lock, the store's metadata read again under it, the "
+                    "marker it reads back, every array's shard, the new marker: `core/writes.py`); on moto over loopback they are quick, so the S3 store costs "
+                    "little more than the local one (`s3_vs_local_sync`) and the writers have little to hide. With the "
+                    "delay of a store a region away (`far`), writing in line stalls the forward pass, and "
+                    "four writer threads (`REMOTE_IN_FLIGHT`), each on a block of its own, win part of it back (`far_behind` between "
+                    "`far_sync` and `local_sync`). On the local "
+                    "store the CPU forward pass keeps both cores busy and a writer thread does not pay, so "
+                    "`extract` writes in line there on a CPU and with one writer thread behind a GPU forward pass "
+                    "(`pipelines/write_behind.py:default_in_flight`; `writes_in_flight=` overrides it).",
     "gpu": "Projection = 3.3M images at the measured end-to-end extract rate + 3.3M captions at the batched "
            "rate, on one GPU; the FLOP bound counts 2 x matmul parameters x tokens (+ attention) per item.",
 }

@@ -43,8 +43,10 @@ BUCKET = "featstore-bench"
 
 
 @contextlib.contextmanager
-def s3_server():
-    """moto's S3 server on 127.0.0.1 in its own process; yields its endpoint url."""
+def s3_server(latency_ms: int = 0, slow_bucket: str | None = None):
+    """moto's S3 server on 127.0.0.1 in its own process; yields its endpoint url.  With
+    `slow_bucket`, every request on that bucket (created too) waits `latency_ms` first
+    (`slow_s3.py`: a store as far away as a region's S3), the others none."""
     try:
         import boto3  # noqa: F401
         import moto  # noqa: F401
@@ -53,8 +55,9 @@ def s3_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = ([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_s3.py"), str(port),
+            str(latency_ms), slow_bucket] if slow_bucket else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": url, "S3_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench",
            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
@@ -69,6 +72,8 @@ def s3_server():
                 raise Unavailable("moto's S3 server exited at start")
             time.sleep(0.05)
         client().create_bucket(Bucket=BUCKET)
+        if slow_bucket:
+            client().create_bucket(Bucket=slow_bucket)
         yield url
     finally:
         proc.terminate()
