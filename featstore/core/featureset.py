@@ -94,6 +94,11 @@ class FeatureSet:
     def markers(self) -> dict[int, dict]:
         return self.progress.markers()
 
+    def rows_done(self) -> int:
+        """Rows of the feature set done now (valid or with a recorded failure), from the block
+        summary: O(blocks)."""
+        return int(np.sum(self.done_summary()[0]))
+
     def done_summary(self) -> tuple[np.ndarray, list[int]]:
         """(rows done per block, the blocks done only in part) from the block summary: O(blocks)."""
         nb, r = self.store.n_blocks, self.store.rows_per_shard

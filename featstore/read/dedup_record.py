@@ -33,11 +33,6 @@ def record_dir(store, name: str) -> str:
     return os.path.join(store.path, DEDUP, name)
 
 
-def _rows_done(fs) -> int:
-    done, _ = fs.done_summary()
-    return int(np.sum(done))
-
-
 def read_record(store, name: str) -> dict:
     """meta.json of the record `name` (a feature set, or 'exact'), refused when missing or stale."""
     path = os.path.join(record_dir(store, name), "meta.json")
@@ -54,7 +49,7 @@ def read_record(store, name: str) -> dict:
             raise DedupError(f"the duplicate record '{name}' was made from feature set '{meta['feature_set']}', "
                              f"which the store no longer has: {again} again")
         fs = store.feature_set(meta["feature_set"])
-        if fs.identity != meta.get("identity") or _rows_done(fs) != meta.get("rows_done"):
+        if fs.identity != meta.get("identity") or fs.rows_done() != meta.get("rows_done"):
             raise DedupError(f"the duplicate record '{name}' was made before feature set '{fs.name}' was recomputed "
                              f"or more of its rows were done: it is stale, {again} again")
     return meta
