@@ -96,8 +96,7 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
     existing one keeps its own (per-token sets made before it read and resume unchanged).
     `token_scaling="token"` makes a new per-token set (the old layout, for comparison);
     `writes_in_flight` is how many computed blocks may be written on writer threads meanwhile (0:
-    write on the forward thread; None: `write_behind.default_in_flight`, by where the store is and
-    the device).
+    write on the forward thread; None: `write_behind.default_in_flight`, by where the store is).
 
     `views` K > 1 stores K views per image (`pipelines.views`: view 0 the recipe's centre crop,
     the others random-resized crops + flips drawn from (view_seed, uid, k); scale, ratio and flip
@@ -205,7 +204,7 @@ def prepare(store_path, source_path=None, backbone=None, *, name=None, field="im
         field=field, pooling=pooling, layer=layer, tokens=tokens, token_projection=token_projection,
         token_dtype=token_dtype,
         token_scaling=token_scaling, pixels=pixels,
-        writes_in_flight=default_in_flight(store.path, device) if writes_in_flight is None else int(writes_in_flight),
+        writes_in_flight=default_in_flight(store.path) if writes_in_flight is None else int(writes_in_flight),
         batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
         trust_remote_code=trust_remote_code, store_identity=store.fresh().identity,
         source_id=registered.get("source_id"), views=view_spec.identity() if view_spec else None,
