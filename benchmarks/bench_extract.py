@@ -18,7 +18,11 @@
       the writer thread buys) and `extract_tokens_vs_forward`.
 (b) Captions (MiniLM, the faster precision): featstore's length-sorted batches of 64 through the
     extract job (each padded to its own longest caption, the next one tokenized on a worker thread)
-    vs one caption per forward pass (ShareLock's script) → `batched_vs_one_caption`.
+    vs one caption per forward pass (ShareLock's script) → `batched_vs_one_caption`; and the bound
+    `matmul_bound`: captions/s if the encoder's linear layers ran at the rate this machine multiplies
+    one batch's (tokens x hidden) by (hidden x intermediate) in the weights' dtype (attention left
+    out) → `batched_vs_matmul_bound` (how close the batches come) and `matmul_bound_vs_one_caption`
+    (the most any batching could gain over one caption per forward, as far as those layers go).
 (c) Dask: images/s with 1 and 2 single-threaded worker processes (a pre-started LocalCluster; each
     worker loads the model once, included) → `dask_2_vs_1_workers`, `dask_scaling_efficiency`.
 
@@ -203,7 +207,7 @@ def interleave(contenders: dict, rounds: int) -> dict[str, list[float]]:
 
 
 # ---- captions -----------------------------------------------------------------------------------
-def caption_contenders(d: str, n: int, precision: str, one_n: int) -> dict:
+def caption_contenders(d: str, n: int, precision: str, one_n: int, bound_info: dict) -> dict:
     import datasets
 
     from featstore.pipelines.backbones import load_backbone
@@ -223,6 +227,31 @@ def caption_contenders(d: str, n: int, precision: str, one_n: int) -> dict:
             bb.encode_texts([c])
         return k / (time.perf_counter() - t)
 
+    # the bound: the encoder's linear layers (2 x (4h^2 + 2 h i) FLOPs a token a layer; attention
+    # left out, so it is generous) for a batch's padded tokens, at the rate this machine multiplies a
+    # (batch tokens x h) by (h x i) matrix in the weights' dtype, timed in the same round
+    cfg = bb.model.config
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    per_token = 2 * cfg.num_hidden_layers * (4 * h * h + 2 * h * inter)
+    lengths = sorted(bb.text_lengths(texts), reverse=True)
+    padded = sum(max(lengths[a:a + CAPTION_BATCH]) * len(lengths[a:a + CAPTION_BATCH])
+                 for a in range(0, n, CAPTION_BATCH)) / n  # tokens a caption, padded as featstore batches it
+    wdtype = next(m.weight.dtype for m in bb.model.modules() if isinstance(m, torch.nn.Linear))
+    xm = torch.randn(int(padded * CAPTION_BATCH), h).to(wdtype)
+    wm = torch.randn(h, inter).to(wdtype)
+    bound_info.update(flops_per_token=per_token, padded_tokens_per_caption=round(padded, 2), dtype=str(wdtype),
+                      shape=[int(xm.shape[0]), h, inter])
+
+    def matmul_bound():
+        with torch.inference_mode():
+            for _ in range(3):
+                xm @ wm
+            reps, t = 40, time.perf_counter()
+            for _ in range(reps):
+                xm @ wm
+            flops_per_s = reps * 2 * xm.shape[0] * h * inter / (time.perf_counter() - t)
+        return flops_per_s / (per_token * padded)  # captions/s if every linear FLOP ran at that rate
+
     def batched():
         state["round"] += 1
         path = os.path.join(d, f"cap-{state['round']}.zarr")
@@ -233,7 +262,7 @@ def caption_contenders(d: str, n: int, precision: str, one_n: int) -> dict:
         runner.run(store.feature_set("minilm").missing_blocks())
         return n / (time.perf_counter() - t)
 
-    return {"one_caption": one, "batched": batched}
+    return {"one_caption": one, "batched": batched, "matmul_bound": matmul_bound}
 
 
 def bench_dask(d: str, shards: str, model: str, n: int, batch: int, precision: str) -> dict:
@@ -291,12 +320,14 @@ def main() -> None:
                       "extract_tokens_sync": images.extract_tokens_sync, "extract_e2e": images.extract_e2e,
                       "hf_map": images.hf_map}, rounds)
     print(f"captions: {n_cap}, MiniLM, {text_precision}", flush=True)
-    cap = interleave(caption_contenders(d, n_cap, text_precision, 16 if args.quick else 256), rounds)
+    bound: dict = {}
+    cap = interleave(caption_contenders(d, n_cap, text_precision, 16 if args.quick else 256, bound), rounds)
     dask = {} if args.quick and not args.dask else bench_dask(d, images.shards, model, n_img, batch, precision)
 
     med = {k: statistics.median(v) for k, v in {**img, **cap}.items()}
     fig = {f"{k}_images_per_s": v for k, v in med.items() if k in img}
-    fig.update({"one_caption_per_s": med["one_caption"], "batched_captions_per_s": med["batched"], **dask})
+    fig.update({"one_caption_per_s": med["one_caption"], "batched_captions_per_s": med["batched"],
+                "matmul_bound_captions_per_s": med["matmul_bound"], **dask})
     fig.update({f"probe_forward_{k}_images_per_s": v for k, v in img_probe.items()})
     fig.update({f"probe_minilm_{k}_captions_per_s": v for k, v in text_probe.items()})
     spread = {k: {"min": round(min(v), 2), "max": round(max(v), 2), "rounds": len(v)} for k, v in {**img, **cap}.items()}
@@ -310,6 +341,8 @@ def main() -> None:
         "extract_tokens_vs_forward": paired("extract_tokens", "forward", img),
         "write_behind_vs_sync": paired("extract_tokens", "extract_tokens_sync", img),
         "batched_vs_one_caption": paired("batched", "one_caption", cap),
+        "batched_vs_matmul_bound": paired("batched", "matmul_bound", cap),
+        "matmul_bound_vs_one_caption": paired("matmul_bound", "one_caption", cap),
     }
     if dask:
         ratios["dask_2_vs_1_workers"] = dask["dask_2_workers_images_per_s"] / dask["dask_1_workers_images_per_s"]
@@ -319,7 +352,7 @@ def main() -> None:
     print_table([{"figure": k, "value": v} for k, v in fig.items()], "extraction throughput")
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], "ratios (ours / theirs)")
     params = {"images": n_img, "batch": batch, "precision": precision, "rounds": rounds, "captions": n_cap,
-              "caption_batch": CAPTION_BATCH, "caption_precision": text_precision,
+              "caption_batch": CAPTION_BATCH, "caption_precision": text_precision, "caption_bound": bound,
               "caption_tokenize": "a block's captions sorted by token length (longest first), batches of "
                                   f"{CAPTION_BATCH} padded to their own longest caption, the next batch tokenized "
                                   "on a worker thread during the forward pass; bf16: linear weights cast once "

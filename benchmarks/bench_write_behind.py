@@ -2,8 +2,8 @@
 
 featstore's block runner (`pipelines/blocks.py`) hands each computed row block to writer threads
 (`pipelines/write_behind.py`) and goes on with the next block's forward pass; `writes_in_flight=0`
-writes on the forward thread instead.  `_behind` is writes_in_flight 1 for the local store (what
-a GPU job gets) and REMOTE_IN_FLIGHT (4: what `default_in_flight` gives a store on object storage)
+writes on the forward thread instead.  `_behind` is writes_in_flight 1 for the local store (the
+default there) and REMOTE_IN_FLIGHT (4: what `default_in_flight` gives a store on object storage)
 for the S3 ones.  Six contenders, the same images, backbone and settings:
 
     local_sync / local_behind   a store on local disk, writes_in_flight 0 / 1
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
               "stored": "pooled + patch tokens float16", "torch_threads": torch.get_num_threads(),
               "s3": "moto's S3 server in a child process on 127.0.0.1", "latency_ms": a.latency_ms,
               "contenders": {"local_sync": "block runner, local store, writes_in_flight=0",
-                             "local_behind": "block runner, local store, writes_in_flight=1 (one writer thread: a GPU job's default)",
+                             "local_behind": "block runner, local store, writes_in_flight=1 (one writer thread: the default there)",
                              "s3_sync": "block runner, s3:// store on moto, writes_in_flight=0",
                              "s3_behind": f"block runner, s3:// store on moto, writes_in_flight={REMOTE_IN_FLIGHT} (the default there)",
                              "far_sync": f"block runner, s3:// store on moto with {a.latency_ms} ms before every request, "

@@ -117,9 +117,10 @@ NOTES = {  # what to keep in mind reading each table (no figures here: those com
                     "delay of a store a region away (`far`), writing in line stalls the forward pass, and "
                     "four writer threads (`REMOTE_IN_FLIGHT`), each on a block of its own, win part of it back (`far_behind` between "
                     "`far_sync` and `local_sync`). On the local "
-                    "store the CPU forward pass keeps both cores busy and a writer thread does not pay, so "
-                    "`extract` writes in line there on a CPU and with one writer thread behind a GPU forward pass "
-                    "(`pipelines/write_behind.py:default_in_flight`; `writes_in_flight=` overrides it).",
+                    "store the CPU forward pass keeps both cores busy and a writer thread neither wins nor loses "
+                    "beyond the noise (`behind_vs_sync_local` here, `write_behind_vs_sync` in the extraction "
+                    "table), so `extract` keeps one there, as behind a GPU forward pass, where the CPU is free to "
+                    "write (`pipelines/write_behind.py:default_in_flight`; `writes_in_flight=` overrides it).",
     "gpu": "Projection = 3.3M images at the measured end-to-end extract rate + 3.3M captions at the batched "
            "rate, on one GPU; the FLOP bound counts 2 x matmul parameters x tokens (+ attention) per item.",
 }
