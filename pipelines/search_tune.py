@@ -2,12 +2,12 @@
 
 autofaiss tunes an index's search parameters after building it; so does `featstore index`, for
 recall: `CALIBRATION_QUERIES` rows of the training sample are the queries.  Their exact top-k is
-kept while the build adds the rows block by block (one matrix product a block: about
-queries x dim multiply-adds a row, a few percent of what assigning the row to its list costs, and
-no extra pass over the store), then nprobe is swept over powers of two and the smallest whose
-recall@k reaches `target` is kept.  A query is a stored row, so its own row (and any row tied
-with it at the top) is left out of both lists: recall is measured on its other neighbours, as a
-held-out query would see them.
+kept while the build adds the rows block by block (one matrix product a block: queries x dim
+multiply-adds a row, beside the nlist x dim that assigning the row to its list takes, and no
+extra pass over the store), then nprobe is swept over powers of two and the smallest whose
+recall@k reaches `target` is kept.  A query is a stored row, so its own row is left out of both
+lists: recall is measured on its other neighbours, as a held-out query would see them.  An
+extended index keeps the nprobe measured when it was built.
 
 When no nprobe up to nlist reaches the target (an ivfpq index is capped by its codes' precision),
 the smallest nprobe within 0.005 of the best recall is kept and the record says so.

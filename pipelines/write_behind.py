@@ -1,4 +1,4 @@
-"""Block writes on one thread behind the forward pass.
+"""Block writes on writer threads behind the forward pass.
 
     writes = WriteBehind(in_flight=1, what="features/dino")
     for item in items:
@@ -19,6 +19,14 @@ REMOTE_IN_FLIGHT writers, since a block's write there is many requests whose lat
 writers overlap; a local store gets one (on this 2-core CPU a writer thread measured 1.00 with
 float16 tokens and 1.10 with int8 tokens quantized on it, an earlier run 0.92: within the noise,
 for one block of memory, and behind a GPU forward pass the CPU is free to write).
+
+Errors: the first write that fails stops the job.  The forward thread sees it at its next check
+(between batches) or hand-over and raises it; writes not started yet are cancelled (writes
+already running on other writer threads finish: their blocks are computed and correct).  A
+FeatstoreError keeps its one line; anything else becomes `WriteFailed`, one line naming the block.
+An error on the forward side (or Ctrl-C) lets the writes already handed over finish (their blocks
+are computed and correct), then raises.  Kill safety is the writer's own: a kill at any moment
+leaves blocks without a marker at most, which a re-run computes.
 """
 
 from __future__ import annotations

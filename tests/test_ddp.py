@@ -258,6 +258,7 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_and_resume_finishes(head_run
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
+    assert (out / "last" / "checkpoint.json").exists(), (child.returncode, stderr[-3000:])
     stopped = json.load(open(out / "last" / "checkpoint.json"))["step"]
     ours = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
     assert ours == [f"interrupted: stopped at step {stopped}, checkpoint saved in {out}/last: re-run the same "

@@ -6,8 +6,8 @@
                                 dims.png   per-dimension mean and standard deviation, each sorted:
                                            dead or collapsed dimensions show at one end
 
-The sample is at most `max_rows` usable rows (done and valid) from row blocks taken in a seeded
-random order, each block read whole (one slice), until the sample is full: O(sample) reading,
+The sample is at most `max_rows` usable rows (done and valid) from the row blocks with done rows
+(the block summary), taken in a seeded random order, each block read whole (one slice), until the sample is full: O(sample) reading,
 never the column, whatever the store's size.  `featstore serve` lists these PNGs beside the
 feature set.  Written to a temp name and renamed, so a reader never sees half a PNG.
 """
@@ -30,7 +30,8 @@ def sample_rows(store, name: str, max_rows: int = MAX_ROWS, seed: int = 0) -> tu
     fs = store.feature_set(name)
     pooled = fs.array("pooled")
     rows, parts, have = [], [], 0
-    for b in np.random.default_rng(seed).permutation(store.n_blocks).tolist():
+    done = np.flatnonzero(fs.done_summary()[0] > 0)  # blocks with done rows, from the block summary
+    for b in np.random.default_rng(seed).permutation(done).tolist():
         mask = usable_in_block(store, [name], b)
         if not mask.any():
             continue
