@@ -45,11 +45,8 @@ def _ahead(make, count: int, pool: ThreadPoolExecutor):
         yield cur
 
 
-class MemmapThreads(Contender):
-    name = "memmap_threads"
-    settings = (f"np.load(mmap_mode='r') of .npy files, the Loader's order; each batch's rows split over {THREADS} "
-                "threads gathering with np.take(out=) into one fresh tensor per column, the next batch gathered "
-                "while the current one is consumed (featstore's read_threads and prefetch)")
+class _Limit(Contender):
+    """A limit read from the bench's .npy files with THREADS threads (nothing to build)."""
 
     def build(self) -> None:
         pass
@@ -59,6 +56,13 @@ class MemmapThreads(Contender):
 
     def describe(self) -> dict:
         return {"settings": self.settings, "threads": THREADS}
+
+
+class MemmapThreads(_Limit):
+    name = "memmap_threads"
+    settings = (f"np.load(mmap_mode='r') of .npy files, the Loader's order; each batch's rows split over {THREADS} "
+                "threads gathering with np.take(out=) into one fresh tensor per column, the next batch gathered "
+                "while the current one is consumed (featstore's read_threads and prefetch)")
 
     def open(self):
         cols = {k: self.data.column(k) for k in DIMS}
@@ -93,7 +97,7 @@ class MemmapThreads(Contender):
         return epoch()
 
 
-class Memcpy(Contender):
+class Memcpy(_Limit):
     name = "memcpy"
     settings = (f"the same bytes already in RAM, copied in row order batch by batch into fresh tensors by {THREADS} "
                 "threads (np.copyto): the machine's copy bandwidth for an epoch's bytes, no gather, no files")
@@ -108,9 +112,6 @@ class Memcpy(Contender):
 
     def files(self):
         return []
-
-    def describe(self) -> dict:
-        return {"settings": self.settings, "threads": THREADS}
 
     def open(self):
         arrays, n, bs, pin = self.arrays, self.data.n, self.data.batch_size, self.data.pin_memory
@@ -141,20 +142,11 @@ class Memcpy(Contender):
         return epoch()
 
 
-class DiskSequential(Contender):
+class DiskSequential(_Limit):
     name = "disk_seq"
     settings = (f"the .npy files read front to back, each batch of rows as {THREADS} parallel preadv() calls per column "
                 "straight into a fresh tensor, the next batch read ahead: the page cache's (warm) and the disk's "
                 "(cold) sequential rate for an epoch's bytes, at featstore's read_threads")
-
-    def build(self) -> None:
-        pass
-
-    def files(self):
-        return [self.data.npy]
-
-    def describe(self) -> dict:
-        return {"settings": self.settings, "threads": THREADS}
 
     def open(self):
         n, bs, pin = self.data.n, self.data.batch_size, self.data.pin_memory
