@@ -6,7 +6,7 @@
 
 `attrs.featstore` holds the format, the row grid, `n_rows` (the commit point of a registration:
 arrays may be longer after a crash mid-registration; the next registration overwrites the tail),
-the store's identity (`store_id`, `created`, `generation`, bumped by every registration) and
+the store's identity (`store_id`, `created`, `generation`, bumped by every registration and feature-set removal) and
 `sources`, every source rows were registered from (`featstore.core.registration`).  Registration,
 feature-set creation and manifest updates hold the store lock (`Store.lock`); feature rows are
 written one whole row block at a time by `featstore.core.writes` under that block's lock.
@@ -150,7 +150,7 @@ class Store:
     @property
     def identity(self) -> tuple:
         """What a cached view of this store must match to still be current: path, creation,
-        and the registration generation (every registration bumps it)."""
+        and the generation (every registration and every feature-set removal bumps it)."""
         m = self.meta
         return (self.path, m.get("store_id") or m.get("created"), int(m.get("generation", 0)), self.n_rows)
 
@@ -345,6 +345,8 @@ class Store:
             del cur.root[fmt.FEATURES][name]
             if fmt.PROMPTS in cur.root and name in cur.root[fmt.PROMPTS]:
                 del cur.root[fmt.PROMPTS][name]
+            meta = cur.meta  # a new generation: writers holding a view of the old feature set re-open
+            cur.root.attrs["featstore"] = {**meta, "generation": int(meta.get("generation", 0)) + 1}
             cur.keep_consolidated()
         self.root = cur.root
 

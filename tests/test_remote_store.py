@@ -174,3 +174,43 @@ def test_progress_reads_cost_the_same_few_requests_whatever_the_number_of_blocks
                                       for r in s3.requests if r.touches(prefix))
     assert cost[1] == cost[3], cost
     assert len(cost[1]) <= 8, cost[1]  # a listing and blocks.npy or the index: plan, summary, compaction
+
+
+def test_a_block_write_costs_its_own_requests_and_a_kept_view_follows_growth_and_removal(s3):
+    """On object storage a block write re-reads only the root zarr.json under its lock (not
+    every group's and array's metadata): each block costs the same few requests whatever the
+    store holds.  A writer's kept view re-opens when the store grew (it writes the new block)
+    and when its feature set was removed (refused, not written into a deleted folder)."""
+    from featstore.errors import UnknownFeatureSet
+    from featstore.store import Store
+    from featstore.core.writes import write_block, write_rows
+
+    url = f"s3://{BUCKET}/writes.zarr"
+    writer = Store.create(url, rows_per_shard=8)
+    writer.register(np.array([f"u{i}" for i in range(32)]))
+    writer = Store.open(url, mode="r+")
+    for k in range(4):
+        writer.create_feature_set(f"f{k}", {"backbone": f"x{k}"}, 16)
+    rows = lambda n: {"pooled": np.full((n, 16), 0.5, np.float16)}  # noqa: E731
+    write_block(writer, "f0", 0, rows(8), np.ones(8, bool))  # the view is opened once here
+    cost = []
+    for block in (1, 2, 3):
+        s3.requests.clear()
+        write_block(writer, "f0", block, rows(8), np.ones(8, bool))
+        cost.append(list(s3.requests))
+    assert len({len(c) for c in cost}) == 1 and len(cost[0]) <= 24, [len(c) for c in cost]
+    meta = [r.key for c in cost for r in c if r.key.endswith("zarr.json") and r.key != "writes.zarr/zarr.json"]
+    assert meta == [], meta
+
+    other = Store.open(url, mode="r+")
+    other.register(np.array([f"u{i}" for i in range(32, 40)]))
+    m = write_rows(writer, "f0", 4, np.arange(32, 40), rows(8), np.ones(8, bool))  # the writer's own view: 32 rows
+    assert m["n_done"] == 8 and m["rows"] == [32, 40]
+    fresh = Store.open(url).feature_set("f0")
+    assert fresh.rows_done() == 40
+    assert np.all(np.asarray(fresh.array("pooled")[32:40]) == np.float16(0.5))
+
+    other.remove_feature_set("f0")
+    with pytest.raises(UnknownFeatureSet):
+        write_block(writer, "f0", 0, rows(8), np.ones(8, bool))
+    assert not s3.fs.exists(f"{BUCKET}/writes.zarr/_progress/f0")

@@ -16,6 +16,7 @@ done & valid, which every reader (the loader, export, eval) serves.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,7 +71,7 @@ class FeatureSet:
         """What the rows were computed from: "image" or "caption" (samples/caption)."""
         return self.identity.get("field", "image")
 
-    @property
+    @functools.cached_property
     def progress(self) -> Progress:
         return Progress(self.store.files, self.name)
 

@@ -83,6 +83,7 @@ class Progress:
         self.files = files
         self.name = name
         self.prefix = f"{fmt.PROGRESS}/{name}"
+        self._pointers = False  # `layout` seen: it is never removed but with the folder
 
     def _versions(self, names: list[str]) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
@@ -131,8 +132,9 @@ class Progress:
         return f"{self.prefix}/{POINTERS}/{block}.json"
 
     def has_pointers(self) -> bool:
-        """Whether every marker of this folder has its pointer (`layout`)."""
-        return self.files.read_json(f"{self.prefix}/{LAYOUT}") is not None
+        """Whether every marker of this folder has its pointer (`layout`); read until it is seen."""
+        self._pointers = self._pointers or self.files.read_json(f"{self.prefix}/{LAYOUT}") is not None
+        return self._pointers
 
     def start(self) -> None:
         """Mark a new (empty) folder as one whose markers all have pointers."""

@@ -6,7 +6,11 @@ This is the only place feature bytes enter the store.  Under the block's lock:
     read back the rows it names as done -> place the new rows beside them -> write every array
     over the block's whole extent -> write marker version + 1 (done = old done + new rows)
 
-so a block that gained rows, or gets rows from a second source, is rewritten with its done rows
+The view under the lock is re-opened only when the store's committed layout changed (`_view`:
+one read of zarr.json otherwise), so a block write on object storage costs its own requests:
+the lock, the marker, the shards, the new marker.
+
+So a block that gained rows, or gets rows from a second source, is rewritten with its done rows
 copied byte for byte: growth never changes a computed row.  Rows a writer brings that are
 already done are left as they are (two runs of one feature set lose nothing and never write a
 row twice).  A kill before the marker leaves the old marker, still true for the rows it names
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import threading
+import weakref
 
 import numpy as np
 
@@ -69,8 +75,8 @@ def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray
     valid = np.asarray(valid, dtype=bool)
     if valid.shape != rows.shape:
         raise ValueError(f"block {block}: {len(rows)} rows but valid has shape {valid.shape}")
-    fs0 = store.feature_set(name)
-    expected = _expected_paths(fs0)
+    _, fs0, arrays0 = _view(store, name, check=False)
+    expected = list(arrays0)
     given = {_path(fs0, k): np.asarray(v) for k, v in columns.items()}
     unknown = sorted(set(given) - set(expected))
     if unknown:
@@ -79,14 +85,13 @@ def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray
     if missing:
         raise ValueError(f"block {block} of '{name}' is missing arrays: {', '.join(missing)}")
     for path, value in given.items():
-        tail = fs0.arrays()[path].shape[1:]
+        tail = arrays0[path].shape[1:]
         if value.shape != (len(rows),) + tail:
             raise ValueError(f"{path}: expected shape {(len(rows),) + tail}, got {value.shape}")
     failures = list(failures or [])
 
     with store.block_lock(name, block):
-        cur = store.fresh()
-        fs = cur.feature_set(name)
+        cur, fs, arrays = _view(store, name, check=True)
         start, stop = cur.block_range(block)
         if len(rows) and (rows.min() < start or rows.max() >= stop):
             raise ValueError(f"rows {rows.min()}..{rows.max()} are not all in block {block} (rows {start}-{stop})")
@@ -99,22 +104,22 @@ def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray
         new = np.zeros(stop - start, bool)
         new[local[take]] = True
         ok = valid[take]
-        data = _read_back(fs, start, stop, done)
+        data = _read_back(arrays, start, stop, done)
         vpath = f"{fmt.FEATURES}/{name}/valid"
         data[vpath][local[take]] = ok
         for path, value in given.items():
             v = value[take].astype(data[path].dtype, copy=True)
             v[~ok] = 0
             data[path][local[take]] = v
-        arrays = fs.arrays()
         for path, value in data.items():
             arrays[path][start:stop] = value  # the block's whole extent: one shard, written whole
 
         taken_rows = set(rows[take].tolist())
         added_failures = sorted((f for f in failures if f["row"] in taken_rows), key=lambda f: f["row"])
-        uids = cur.samples(fmt.UID, start, stop)
-        for f in added_failures:
-            f.setdefault("uid", str(uids[f["row"] - start]))
+        if added_failures:
+            uids = cur.samples(fmt.UID, start, stop)
+            for f in added_failures:
+                f.setdefault("uid", str(uids[f["row"] - start]))
         kept_failures = [f for f in (old or {}).get("failures", []) if done[f["row"] - start]] if old else []
         all_done = done | new
         sources = {k: list(v) for k, v in ((old or {}).get("sources") or {}).items()}
@@ -151,8 +156,7 @@ def reset_rows(store, name: str, block: int, rows) -> int:
     """Send `rows` of block `block` back to to-do (their bytes zeroed, the marker rewritten).
     Used when a row's input changed (a caption filled later).  Returns how many were done."""
     with store.block_lock(name, block):
-        cur = store.fresh()
-        fs = cur.feature_set(name)
+        cur, fs, arrays = _view(store, name, check=True)
         start, stop = cur.block_range(block)
         old = fs.progress.latest(block)
         if old is None:
@@ -164,8 +168,7 @@ def reset_rows(store, name: str, block: int, rows) -> int:
         if not len(hit):
             return 0
         done[hit] = False
-        data = _read_back(fs, start, stop, done)
-        arrays = fs.arrays()
+        data = _read_back(arrays, start, stop, done)
         for path, value in data.items():
             arrays[path][start:stop] = value
         vpath = f"{fmt.FEATURES}/{name}/valid"
@@ -188,10 +191,10 @@ def reset_rows(store, name: str, block: int, rows) -> int:
         return int(len(hit))
 
 
-def _read_back(fs, start: int, stop: int, done: np.ndarray) -> dict[str, np.ndarray]:
+def _read_back(arrays: dict, start: int, stop: int, done: np.ndarray) -> dict[str, np.ndarray]:
     """Every array of the feature set over [start, stop): the done rows as stored, the rest zero."""
     out = {}
-    for path, arr in fs.arrays().items():
+    for path, arr in arrays.items():
         shape = (stop - start,) + arr.shape[1:]
         if done.any():
             value = np.array(arr[start:stop], copy=True)
@@ -202,8 +205,32 @@ def _read_back(fs, start: int, stop: int, done: np.ndarray) -> dict[str, np.ndar
     return out
 
 
-def _expected_paths(fs) -> list[str]:
-    return list(fs.arrays())
+_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store -> {(thread, name): view}
+
+
+def _view(store, name: str, *, check: bool):
+    """(store view, feature set, its arrays) for writing feature set `name`, kept per store and
+    writer thread.  `check` (under the block lock): first read the committed identity from
+    zarr.json (store id, generation, n_rows: every registration and every feature-set removal
+    changes it) and re-open when it is not the view's.  Arrays are resized before a registration
+    commits, so a kept view's arrays always span its n_rows, as a fresh open's do."""
+    kept = _VIEWS.setdefault(store, {})
+    key = (threading.get_ident(), name)
+    got = kept.get(key)
+    if got is not None and check and got[0] != _committed_identity(store):
+        got = None
+    if got is None:
+        cur = store.fresh()
+        fs = cur.feature_set(name)
+        got = kept[key] = (cur.identity, cur, fs, fs.arrays())
+    return got[1:]
+
+
+def _committed_identity(store) -> tuple:
+    """`Store.identity` as zarr.json says now: one read."""
+    meta = ((store.files.read_json("zarr.json") or {}).get("attributes") or {}).get("featstore") or {}
+    return (store.path, meta.get("store_id") or meta.get("created"), int(meta.get("generation", 0)),
+            int(meta.get("n_rows", -1)))
 
 
 def _path(fs, key: str) -> str:
