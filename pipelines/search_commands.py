@@ -127,6 +127,10 @@ def add_commands(main: click.Group, *, friendly, store, echo_json, text_tower, l
         plots (PNGs under STORE/plots/NAME/).  Serves until Ctrl-C."""
         from featstore.pipelines.serve import is_loopback, make_server
 
+        import faulthandler
+        import signal
+
+        faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: a hang diagnosed
         server = make_server(store_path, name, host=host, port=port, text_tower=text_tower)
         if not is_loopback(host):
             click.echo(f"warning: bound to {host}, not loopback: anyone who can reach this machine can read the store's "

@@ -13,6 +13,7 @@ import queue
 import signal
 import socket
 import subprocess
+import time
 import sys
 import threading
 
@@ -106,10 +107,34 @@ class Server:
         return out
 
     def stop(self):
-        """Ctrl-C: the server stops, says so in one line, exit 0."""
+        """Ctrl-C: the server stops, says so in one line, exit 0.  Waits on the process itself, not
+        on its pipes' EOF; if it has not exited in 120 s, SIGUSR1 makes it print every thread's
+        stack (faulthandler, registered by `featstore serve`) into the failure."""
         self.proc.send_signal(signal.SIGINT)
-        _, err = self.proc.communicate(timeout=120)
-        return self.proc.returncode, err
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)  # a diagnosis of a hang already found: the stacks need a moment to be written
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"serve did not exit after Ctrl-C; its threads:\n{self._stderr()}") from None
+        return self.proc.returncode, self._stderr()
+
+    def _stderr(self) -> str:
+        """What the server wrote to stderr, read without blocking (the process has ended)."""
+        fd = self.proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
