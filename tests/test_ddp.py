@@ -47,6 +47,7 @@ from featstore.trainers.uta.train import train_uta
 from featstore.core.writes import write_block
 
 from sharelock_data import make_aligned_store, one_thread
+from signals import default_sigint
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 BIN = os.path.dirname(sys.executable)
@@ -247,7 +248,8 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_and_resume_finishes(head_run
     cmd = [os.path.join(BIN, "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "featstore", *args]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=default_sigint)  # SIGINT not ignored, however pytest was started
     try:
         deadline = time.time() + TIMEOUT_S  # a guard against a hung test, not a timing assertion
         while not ((out / "metrics.jsonl").exists() and len(_metrics(out)) > 3):

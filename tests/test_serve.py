@@ -27,6 +27,7 @@ from featstore.pipelines.serve import Catalog, is_loopback, thumbnail_of
 from featstore.store import Store
 from featstore.tools.inspect import plot
 from imagedata import encode, real_images, write_shard
+from signals import default_sigint
 
 FEATSTORE = os.path.join(os.path.dirname(sys.executable), "featstore")
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -82,6 +83,7 @@ class Server:
 
     def __init__(self, *args):
         self.proc = subprocess.Popen([FEATSTORE, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=default_sigint,  # Ctrl-C must reach it, however pytest was started
                                      text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout] + [lines.put(None)], daemon=True).start()

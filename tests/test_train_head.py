@@ -22,6 +22,7 @@ from featstore.trainers.loop import lr_at
 from featstore.trainers.sharelock.train import train_head
 
 from sharelock_data import IMAGE_IDENTITY, RUN_OVERRIDES, FakeTextBackbone, make_aligned_store, one_thread, trained_run
+from signals import default_sigint
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -373,7 +374,7 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_continues_exactly(tmp_path_factor
 
     out = tmp_path / "stopped"
     cmd = [FEATSTORE, *head, "--out", str(out), *CLI_RUN]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + 300  # a guard against a hung test, not a timing assertion
         while not (os.path.exists(out / "metrics.jsonl") and len(_metrics(out)) > 30):
