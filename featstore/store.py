@@ -151,8 +151,13 @@ class Store:
     def identity(self) -> tuple:
         """What a cached view of this store must match to still be current: path, creation,
         and the generation (every registration and every feature-set removal bumps it)."""
-        m = self.meta
-        return (self.path, m.get("store_id") or m.get("created"), int(m.get("generation", 0)), self.n_rows)
+        return _identity(self.path, self.meta)
+
+    def committed_identity(self) -> tuple:
+        """`identity` as the store's zarr.json says now (other writers may have changed it): one
+        read, without re-opening the store."""
+        meta = ((self.files.read_json("zarr.json") or {}).get("attributes") or {}).get("featstore") or {}
+        return _identity(self.path, meta)
 
     def block_range(self, block: int) -> tuple[int, int]:
         return fmt.block_range(block, self.rows_per_shard, self.n_rows)
@@ -423,3 +428,7 @@ def _may_become_store(path: str) -> bool:
     if is_url(path):
         return True
     return os.path.isdir(path) and set(os.listdir(path)) <= {fmt.PROGRESS}
+
+
+def _identity(path: str, meta: dict) -> tuple:
+    return (path, meta.get("store_id") or meta.get("created"), int(meta.get("generation", 0)), int(meta.get("n_rows", -1)))

@@ -217,20 +217,13 @@ def _view(store, name: str, *, check: bool):
     kept = _VIEWS.setdefault(store, {})
     key = (threading.get_ident(), name)
     got = kept.get(key)
-    if got is not None and check and got[0] != _committed_identity(store):
+    if got is not None and check and got[0] != store.committed_identity():
         got = None
     if got is None:
         cur = store.fresh()
         fs = cur.feature_set(name)
         got = kept[key] = (cur.identity, cur, fs, fs.arrays())
     return got[1:]
-
-
-def _committed_identity(store) -> tuple:
-    """`Store.identity` as zarr.json says now: one read."""
-    meta = ((store.files.read_json("zarr.json") or {}).get("attributes") or {}).get("featstore") or {}
-    return (store.path, meta.get("store_id") or meta.get("created"), int(meta.get("generation", 0)),
-            int(meta.get("n_rows", -1)))
 
 
 def _path(fs, key: str) -> str:
