@@ -198,9 +198,14 @@ def test_a_block_write_costs_its_own_requests_and_a_kept_view_follows_growth_and
         s3.requests.clear()
         write_block(writer, "f0", block, rows(8), np.ones(8, bool))
         cost.append(list(s3.requests))
-    assert len({len(c) for c in cost}) == 1 and len(cost[0]) <= 24, [len(c) for c in cost]
+    # lock, zarr.json, pointer (absent: a new block), two shards, marker, pointer, unlock: 8
+    assert [len(c) for c in cost] == [8, 8, 8], [[(r.method, r.key) for r in c] for c in cost]
     meta = [r.key for c in cost for r in c if r.key.endswith("zarr.json") and r.key != "writes.zarr/zarr.json"]
     assert meta == [], meta
+    probes = [(r.method, r.key) for c in cost for r in c if r.method == "HEAD" or r.is_listing]
+    assert probes == [], probes  # no size probe before a GET, no read-back of a shard replaced whole
+    shards = [(r.method, r.key) for c in cost for r in c if "/c/" in r.key]
+    assert {m for m, _ in shards} == {"PUT"} and len(shards) == 6, shards
 
     other = Store.open(url, mode="r+")
     other.register(np.array([f"u{i}" for i in range(32, 40)]))

@@ -39,6 +39,14 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def one_get(fs) -> dict:
+    """Keyword arguments for fsspec's cat_file/get_file that fetch a whole object in one GET.
+    s3fs otherwise asks for the object's size first (a HEAD, and a listing when it is absent) to
+    split a large object into concurrent ranged GETs: files here are small or fetched concurrently
+    already, so that is one or two needless requests per read."""
+    return {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
+
+
 class StoreFiles:
     """The plain files under a store's root (local path or fsspec URL)."""
 
@@ -89,7 +97,8 @@ class StoreFiles:
         """Bytes [start, stop) of a file (all of it by default): one ranged request remotely."""
         path = self.path(key)
         if self.fs is not None:
-            return self.fs.cat_file(path, start=start, end=stop)
+            whole = start is None and stop is None
+            return self.fs.cat_file(path, start=start, end=stop, **(one_get(self.fs) if whole else {}))
         with open(path, "rb") as f:
             f.seek(start or 0)
             return f.read(-1 if stop is None else stop - (start or 0))
@@ -116,7 +125,7 @@ class StoreFiles:
         path = self.path(key)
         try:
             if self.fs is not None:
-                return json.loads(self.fs.cat_file(path))
+                return json.loads(self.fs.cat_file(path, **one_get(self.fs)))
             with open(path, "rb") as f:
                 return json.loads(f.read())
         except FileNotFoundError:

@@ -34,7 +34,7 @@ import tempfile
 import numpy as np
 
 from featstore.core import uidhash
-from featstore.core.files import StoreFiles
+from featstore.core.files import StoreFiles, one_get
 
 PREFIX = "_index/uid"
 FORMAT = 1
@@ -319,7 +319,7 @@ class _Inputs:
             path = self.files.path(key)
             if self.tmp is not None:
                 path = os.path.join(self.tmp.name, f"{int(e['file'])}.bin")
-                self.files.fs.get_file(self.files.path(key), path)
+                self.files.fs.get_file(self.files.path(key), path, **one_get(self.files.fs))
             mm = np.memmap(path, dtype="<u8", mode="r", shape=(2 * n,))
             self.maps.append((mm[:n], mm[n:]))
         return self

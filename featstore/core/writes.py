@@ -7,8 +7,9 @@ This is the only place feature bytes enter the store.  Under the block's lock:
     over the block's whole extent -> write marker version + 1 (done = old done + new rows)
 
 The view under the lock is re-opened only when the store's committed layout changed (`_view`:
-one read of zarr.json otherwise), so a block write on object storage costs its own requests:
-the lock, the marker, the shards, the new marker.
+one read of zarr.json otherwise), and shards are written whole without reading the old ones
+back (`_ShardsReplacedWhole`), so a block write on object storage costs its own requests: the
+lock, zarr.json, the pointer and marker, one PUT per shard, the new marker and pointer.
 
 So a block that gained rows, or gets rows from a second source, is rewritten with its done rows
 copied byte for byte: growth never changes a computed row.  Rows a writer brings that are
@@ -26,6 +27,8 @@ import threading
 import weakref
 
 import numpy as np
+import zarr
+from zarr.storage import StorePath, WrapperStore
 
 from featstore.core import format as fmt
 from featstore.core.files import now, owner
@@ -75,7 +78,7 @@ def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray
     valid = np.asarray(valid, dtype=bool)
     if valid.shape != rows.shape:
         raise ValueError(f"block {block}: {len(rows)} rows but valid has shape {valid.shape}")
-    _, fs0, arrays0 = _view(store, name, check=False)
+    _, fs0, arrays0, _ = _view(store, name, check=False)
     expected = list(arrays0)
     given = {_path(fs0, k): np.asarray(v) for k, v in columns.items()}
     unknown = sorted(set(given) - set(expected))
@@ -91,7 +94,7 @@ def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray
     failures = list(failures or [])
 
     with store.block_lock(name, block):
-        cur, fs, arrays = _view(store, name, check=True)
+        cur, fs, arrays, writers = _view(store, name, check=True)
         start, stop = cur.block_range(block)
         if len(rows) and (rows.min() < start or rows.max() >= stop):
             raise ValueError(f"rows {rows.min()}..{rows.max()} are not all in block {block} (rows {start}-{stop})")
@@ -112,7 +115,7 @@ def write_rows(store, name: str, block: int, rows, columns: dict[str, np.ndarray
             v[~ok] = 0
             data[path][local[take]] = v
         for path, value in data.items():
-            arrays[path][start:stop] = value  # the block's whole extent: one shard, written whole
+            writers[path][start:stop] = value  # the block's whole extent: one shard, written whole
 
         taken_rows = set(rows[take].tolist())
         added_failures = sorted((f for f in failures if f["row"] in taken_rows), key=lambda f: f["row"])
@@ -156,7 +159,7 @@ def reset_rows(store, name: str, block: int, rows) -> int:
     """Send `rows` of block `block` back to to-do (their bytes zeroed, the marker rewritten).
     Used when a row's input changed (a caption filled later).  Returns how many were done."""
     with store.block_lock(name, block):
-        cur, fs, arrays = _view(store, name, check=True)
+        cur, fs, arrays, writers = _view(store, name, check=True)
         start, stop = cur.block_range(block)
         old = fs.progress.latest(block)
         if old is None:
@@ -170,7 +173,7 @@ def reset_rows(store, name: str, block: int, rows) -> int:
         done[hit] = False
         data = _read_back(arrays, start, stop, done)
         for path, value in data.items():
-            arrays[path][start:stop] = value
+            writers[path][start:stop] = value
         vpath = f"{fmt.FEATURES}/{name}/valid"
         sources = {k: ranges_of(mask_of(v, start, stop) & done, start) for k, v in (old.get("sources") or {}).items()}
         marker = {
@@ -209,8 +212,8 @@ _VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store -> {(
 
 
 def _view(store, name: str, *, check: bool):
-    """(store view, feature set, its arrays) for writing feature set `name`, kept per store and
-    writer thread.  `check` (under the block lock): first read the committed identity from
+    """(store view, feature set, its arrays, their whole-shard writers) for writing feature set
+    `name`, kept per store and writer thread.  `check` (under the block lock): first read the committed identity from
     zarr.json (store id, generation, n_rows: every registration and every feature-set removal
     changes it) and re-open when it is not the view's.  Arrays are resized before a registration
     commits, so a kept view's arrays always span its n_rows, as a fresh open's do."""
@@ -222,8 +225,36 @@ def _view(store, name: str, *, check: bool):
     if got is None:
         cur = store.fresh()
         fs = cur.feature_set(name)
-        got = kept[key] = (cur.identity, cur, fs, fs.arrays())
+        arrays = fs.arrays()
+        writers = {path: _whole_shard_writer(arr, cur.rows_per_shard) for path, arr in arrays.items()}
+        got = kept[key] = (cur.identity, cur, fs, arrays, writers)
     return got[1:]
+
+
+class _ShardsReplacedWhole(WrapperStore):
+    """A store on which every shard reads as absent, for writing shards that are replaced whole.
+
+    zarr reads a shard back before it writes any part of it, even a write that covers it whole:
+    a GET of bytes about to be overwritten (and, for a new shard on S3, a HEAD and a listing).
+    A block write covers each of its shards whole (one shard per row block, every column;
+    `_read_back` has read the done rows already), so that read is only cost.  Never read
+    through this store: it would return fill values."""
+
+    async def get(self, key, prototype, byte_range=None):
+        return None
+
+    async def get_partial_values(self, prototype, key_ranges):
+        return [None for _ in key_ranges]
+
+
+def _whole_shard_writer(arr: zarr.Array, rows_per_shard: int) -> zarr.Array:
+    """`arr` for writing whole row blocks without zarr's read-back (`_ShardsReplacedWhole`);
+    `arr` itself where a shard is not exactly one row block of every column."""
+    if arr.shards is None or arr.shards != (rows_per_shard,) + tuple(arr.shape[1:]):
+        return arr
+    a = arr._async_array
+    path = StorePath(_ShardsReplacedWhole(a.store_path.store), a.store_path.path)
+    return zarr.Array(zarr.AsyncArray(a.metadata, path, a.config))
 
 
 def _path(fs, key: str) -> str:

@@ -20,6 +20,7 @@ import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from featstore.core.files import one_get
 from featstore.errors import CacheFull, ConfigError, FeatstoreError, FetchFailed
 
 MARGIN = 1 << 30  # disk space the cache leaves free
@@ -167,10 +168,9 @@ class DiskCache:
 
 
 def _download(fs, remote: str, local: str) -> None:
-    """The whole object in one GET, streamed to `local` (s3fs would split a large object into
-    concurrent ranged GETs: objects are fetched concurrently already, and one GET is one request)."""
-    kw = {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
-    fs.get_file(remote, local, **kw)
+    """The whole object in one GET, streamed to `local` (objects are fetched concurrently already:
+    `one_get`)."""
+    fs.get_file(remote, local, **one_get(fs))
 
 
 def _verify(fs, path: str, e: Entry, check) -> str | None:
