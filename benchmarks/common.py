@@ -4,7 +4,7 @@ Importing: a benchmark run as `python benchmarks/bench_x.py` has `benchmarks/` f
 `sys.path`, so it just does `from common import device_string, drop_cache, ...`.  Anything else
 (a test, a notebook) puts `benchmarks/` on `sys.path` first.  Only the standard library is used.
 
-    device_string()          "cpu: 2 cores AMD EPYC" (+ ", cuda: <name>" when asked about a GPU)
+    device_string()          "cpu: 2 cores AMD EPYC, AVX2" (+ ", cuda: <name>" when asked about a GPU)
     bench_parser(doc)        argparse with --quick, --data-dir, --keep
     data_dir(args, bench)    a fresh scratch directory (bench_data/<bench>/ by default; gitignored)
     files(*paths)            every regular file under the given files and directories
@@ -36,18 +36,23 @@ RESULTS = Path(os.environ.get("FEATSTORE_BENCH_RESULTS") or HERE / "results")  #
 
 
 def device_string(gpu: str | None = None) -> str:
-    """ "cpu: <n> cores <model name from /proc/cpuinfo>", plus the GPU's name when one is used."""
-    model = "unknown cpu"
+    """ "cpu: <n> cores <model name from /proc/cpuinfo>, <widest vector ISA>", plus the GPU's name
+    when one is used.  The ISA matters: bf16 is faster than fp32 with AVX-512 BF16 or AMX and
+    several times slower with AVX2 alone, and shared VMs of one model name come with either."""
+    model, flags = "unknown cpu", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and model == "unknown cpu":
                     model = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    isa = next((name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                                        ("avx2", "AVX2")) if flag in flags), None)
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = f"cpu: {n} cores {model}"
+    out = f"cpu: {n} cores {model}" + (f", {isa}" if isa else "")
     return f"{out}, cuda: {gpu}" if gpu else out
 
 
