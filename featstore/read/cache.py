@@ -98,6 +98,12 @@ class CachedShards:
         for b in blocks:
             self._future(int(b))
 
+    def fetched_all(self) -> bool:
+        """Every object of this array fetched (and mapped) already: a later epoch schedules nothing."""
+        with self._lock:
+            return all((f := self._futures.get(b)) is not None and f.done() and f.exception() is None
+                       for b in self.entries)
+
     def wait(self, blocks) -> None:
         """Return once these blocks can be read (raises what their fetch raised)."""
         for b in blocks:
@@ -191,8 +197,9 @@ def attach(sources, store, blocks, cache: DiskCache) -> None:
 
 def fetch_in_read_order(sources, windows, rows_per_shard: int) -> None:
     """Start fetching the blocks these windows read, the first window's first, for every cached
-    source (a window's reads wait for all of its blocks, so their order inside it is free)."""
-    cached = [s.cached for s in sources if getattr(s, "cached", None) is not None]
+    source (a window's reads wait for all of its blocks, so their order inside it is free).  Once
+    every object is fetched (later epochs) the windows are not walked: the epoch starts at once."""
+    cached = [c for s in sources if (c := getattr(s, "cached", None)) is not None and not c.fetched_all()]
     seen: set = set()
     for w in windows if cached else ():
         for b in np.unique(np.concatenate(w) // rows_per_shard).tolist():

@@ -167,10 +167,29 @@ class DiskCache:
         return True
 
 
+# a fetched object is written into the cache in pieces of this size (a multiple of 2 MiB): see _download
+WRITE_BYTES = 8 << 20
+
+
 def _download(fs, remote: str, local: str) -> None:
-    """The whole object in one GET, streamed to `local` (objects are fetched concurrently already:
-    `one_get`)."""
-    fs.get_file(remote, local, **one_get(fs))
+    """The whole object in one GET (objects are fetched concurrently already: `one_get`), then
+    copied into `local` by writes of `WRITE_BYTES`.  The page cache keeps a file as folios the
+    size of the writes that filled it: s3fs writes 64 KiB pieces, whose small folios the Loader's
+    mapping can only map as 4 KiB pages, while large writes give large folios it maps as 2 MiB
+    pages (`read/mapping.py`), as it does a local store's shards (zarr writes each whole): later
+    epochs from the cache ran slower than from a local store before this copy (their gather
+    time, examples/remote_ratios.py's store, 65,536 rows)."""
+    part = f"{local}.part"
+    try:
+        fs.get_file(remote, part, **one_get(fs))
+        buf = bytearray(WRITE_BYTES)
+        with open(part, "rb", buffering=0) as src, open(local, "wb", buffering=0) as dst:
+            while n := src.readinto(buf):
+                view, done = memoryview(buf)[:n], 0
+                while done < n:
+                    done += dst.write(view[done:])
+    finally:
+        remove(part)
 
 
 def _verify(fs, path: str, e: Entry, check) -> str | None:
