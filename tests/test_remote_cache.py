@@ -77,8 +77,10 @@ def test_cached_batches_are_the_local_bytes_and_each_object_is_fetched_once(s3, 
     assert loader.columns[2].source.by_row is not None  # the 128-d column: its shards mapped, one np.take
     assert loader.columns[0].source.by_row is None  # 8-d: a 256-byte block cannot be mapped: pread
     mine = Loader(local, COLUMNS, 7, seed=3)
+    cached = [s.cached for c in loader.columns for s in c.sources() if s.cached is not None]
     for _ in range(2):  # two epochs (different orders), each the local store's bytes
         assert_same(batches(loader), batches(mine))
+        assert all(c.fetched_all() for c in cached)  # so the second epoch schedules nothing
     objects = cached_objects(server)
     gets = shard_gets(server)
     assert sorted(gets) == sorted(k.split("/", 1)[1] for k in objects)  # each object once, whole

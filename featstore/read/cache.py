@@ -23,7 +23,9 @@ serve from there), for featstore's own shard objects:
   (DataLoader workers, the ranks of a node) lock each entry while one of them fetches it.
 - **Read like a local store.** A fetched shard is mapped into its array's view
   (`featstore.read.mapping`), so batches are one np.take from the page cache: the local store's
-  one-copy path (a layout that cannot be mapped is read with pread into window buffers).  The
+  one-copy path (a layout that cannot be mapped is read with pread into window buffers).  It is
+  written into the cache in large writes, so its pages map as 2 MiB pages, as a local store's
+  shards do (`disk_cache._download`).  The
   first epoch runs at the server's speed; later epochs, and later loaders, at local speed.
 - **Bounded.** `cache_limit` bytes (default: no limit of its own; the disk keeps 1 GiB free).
   Making a loader marks its entries used, removes the entries of older versions of its objects,
@@ -101,8 +103,8 @@ class CachedShards:
     def fetched_all(self) -> bool:
         """Every object of this array fetched (and mapped) already: a later epoch schedules nothing."""
         with self._lock:
-            return all((f := self._futures.get(b)) is not None and f.done() and f.exception() is None
-                       for b in self.entries)
+            return all((f := self._futures.get(b)) is not None and f.done() and not f.cancelled()
+                       and f.exception() is None for b in self.entries)
 
     def wait(self, blocks) -> None:
         """Return once these blocks can be read (raises what their fetch raised)."""
